@@ -1,0 +1,35 @@
+"""The ``vllm.general_plugins`` entry point of hippo_vllm.
+
+vLLM calls :func:`register` once per process (API server, engine core, workers),
+and again in a fresh process after a fork or spawn, so it must be cheap and
+idempotent. vLLM lets an exception from a general plugin abort start-up, so an
+unsupported vLLM must not raise here: it only stands the plugin down with a
+warning, and a later request for ``"method": "hippo"`` is refused with the
+version message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("hippo_vllm")
+
+_registered: bool | None = None  # None: not yet called in this process
+
+
+def register() -> bool:
+    """Activate hippo_vllm in this process; returns whether it is active."""
+    global _registered
+    if _registered is not None:
+        return _registered
+
+    from hippo_vllm.vllm.version_gate import UnsupportedVllmVersion, check_vllm_version
+
+    try:
+        check_vllm_version()
+    except UnsupportedVllmVersion as exc:
+        logger.warning("hippo_vllm is inactive: %s", exc)
+        _registered = False
+        return False
+    _registered = True
+    return True

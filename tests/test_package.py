@@ -1,0 +1,85 @@
+"""Packaging contract: lazy vLLM import, the plugin entry point, the version gate."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from hippo_vllm.vllm import version_gate
+from hippo_vllm.vllm.version_gate import UnsupportedVllmVersion, check_vllm_version
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hippo_vllm"
+
+
+def test_importing_the_package_and_core_does_not_import_vllm():
+    code = (
+        "import sys, hippo_vllm, hippo_vllm.core, hippo_vllm.vllm, hippo_vllm.vllm.plugin\n"
+        "heavy = [m for m in ('vllm', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print(hippo_vllm.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_never_imports_vllm_even_lazily():
+    offenders = {
+        str(p.relative_to(PACKAGE)): sorted(_imported_modules(p) & {"vllm", "transformers"})
+        for p in (PACKAGE / "core").rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_vllm_imports_stay_inside_the_vllm_subpackage():
+    allowed = PACKAGE / "vllm"
+    outside = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if allowed not in p.parents and "vllm" in _imported_modules(p)
+    ]
+    assert outside == []
+
+
+def test_plugin_entry_point_is_registered():
+    hippo = [e for e in entry_points(group="vllm.general_plugins") if e.name == "hippo"]
+    assert [e.value for e in hippo] == ["hippo_vllm.vllm.plugin:register"]
+
+
+def test_register_is_idempotent_and_active_on_the_installed_vllm():
+    from hippo_vllm.vllm.plugin import register
+
+    assert register() is True
+    assert register() is True
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1+cpu", "0.33.0", "0.33.2rc1"])
+def test_supported_versions_pass(version, monkeypatch):
+    monkeypatch.delenv(version_gate.SKIP_VERSION_CHECK_ENV, raising=False)
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.34.0", "1.0.0"])
+def test_unsupported_version_is_refused_with_the_allowed_list(version, monkeypatch):
+    monkeypatch.delenv(version_gate.SKIP_VERSION_CHECK_ENV, raising=False)
+    with pytest.raises(UnsupportedVllmVersion, match=rf"{version}.*0\.32\.x, 0\.33\.x|0\.32\.x, 0\.33\.x.*{version}"):
+        check_vllm_version(version)
+
+
+def test_version_check_can_be_overridden(monkeypatch):
+    monkeypatch.setenv(version_gate.SKIP_VERSION_CHECK_ENV, "1")
+    check_vllm_version("9.9.9")
