@@ -1,0 +1,165 @@
+"""HippoConfig: the user-facing keys of ``"method": "hippo"``, validated.
+
+Users write these keys in vLLM's ``--speculative-config`` JSON (or the
+``speculative_config`` dict of ``LLM``). Every key is checked here, before any
+model is loaded, and a bad one stops start-up with a message naming the key, the
+value and what is allowed. Nothing is silently ignored: an unknown key is an
+error, because a typo such as ``keep_rato`` would otherwise run a different
+experiment than the user asked for.
+
+This module never imports vLLM, so the same validation serves the plugin, the
+benchmarks and the unit tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hippo_vllm.core.pruning import PRUNING_METHODS, SELECTION_MODES
+
+METHOD_NAME = "hippo"
+SIGNALS = ("attn", "temp", "spa")
+
+
+class HippoConfigError(ValueError):
+    """A ``hippo`` speculative-config key has a value that is not allowed."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> HippoConfigError:
+    return HippoConfigError(
+        f'speculative_config["{key}"]={value!r} is not allowed: {allowed}.'
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class HippoConfig:
+    """Validated hippo settings; see the README's configuration table."""
+
+    model: str
+    num_speculative_tokens: int = 5
+    keep_ratio: float = 0.1
+    score_weights: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"attn": 1.0, "temp": 1.0, "spa": 1.0}
+    )
+    attn_layers: str | tuple[int, ...] = "all"
+    crop_size: int = 5
+    selection: str = "global"
+    pruning: str = "holistic"
+    parallel: bool = True
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_speculative_config(cls, raw: Mapping[str, Any]) -> HippoConfig:
+        """Build from the user's dict (``method`` may be present; it must be hippo)."""
+        if not isinstance(raw, Mapping):
+            raise HippoConfigError(
+                f"speculative_config must be a JSON object, got {type(raw).__name__}."
+            )
+        # vLLM converts dashes to underscores for its own keys; do the same.
+        values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        method = values.pop("method", METHOD_NAME)
+        if method != METHOD_NAME:
+            raise _fail("method", method, f'this parser handles only "{METHOD_NAME}"')
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise HippoConfigError(
+                f"Unknown key(s) {unknown} in the hippo speculative_config. "
+                f"Allowed keys: {['method', *cls.keys()]}."
+            )
+        if "model" not in values:
+            raise HippoConfigError(
+                'speculative_config["model"] is required for method "hippo": '
+                "the path or name of a Qwen2.5-VL-family draft checkpoint."
+            )
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise _fail("model", self.model, "a non-empty checkpoint path or name")
+        k = self.num_speculative_tokens
+        if not _is_int(k) or k < 1:
+            raise _fail("num_speculative_tokens", k, "an integer >= 1 (tokens drafted per round)")
+        r = self.keep_ratio
+        if not _is_number(r) or not (0.0 < float(r) <= 1.0) or math.isnan(r):
+            raise _fail("keep_ratio", r, "a number in (0, 1] (share of video tokens the draft sees)")
+        object.__setattr__(self, "keep_ratio", float(r))
+        object.__setattr__(self, "score_weights", self._checked_weights(self.score_weights))
+        object.__setattr__(self, "attn_layers", self._checked_layers(self.attn_layers))
+        m = self.crop_size
+        if not _is_int(m) or m < 3 or m % 2 == 0:
+            raise _fail("crop_size", m, "an odd integer >= 3 (the M of the MxM neighbourhood)")
+        if self.selection not in SELECTION_MODES:
+            raise _fail("selection", self.selection, f"one of {list(SELECTION_MODES)}")
+        if self.pruning not in PRUNING_METHODS:
+            raise _fail("pruning", self.pruning, f"one of {list(PRUNING_METHODS)}")
+        if not isinstance(self.parallel, bool):
+            raise _fail("parallel", self.parallel, "true or false")
+
+    @staticmethod
+    def _checked_weights(weights: Any) -> dict[str, float]:
+        allowed = 'an object {"attn": w, "temp": w, "spa": w} of numbers >= 0, not all 0'
+        if not isinstance(weights, Mapping):
+            raise _fail("score_weights", weights, allowed)
+        unknown = sorted(set(weights) - set(SIGNALS))
+        if unknown:
+            raise _fail("score_weights", dict(weights), f"{allowed}; unknown signal(s) {unknown}")
+        checked = {}
+        for name in SIGNALS:
+            w = weights.get(name, 1.0)
+            if not _is_number(w) or not math.isfinite(w) or w < 0:
+                raise _fail("score_weights", dict(weights), f"{allowed}; {name}={w!r}")
+            checked[name] = float(w)
+        if not any(checked.values()):
+            raise _fail("score_weights", dict(weights), allowed)
+        return checked
+
+    @staticmethod
+    def _checked_layers(layers: Any) -> str | tuple[int, ...]:
+        allowed = '"all" or a non-empty list of distinct target layer indices >= 0'
+        if layers == "all":
+            return "all"
+        if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+            raise _fail("attn_layers", layers, allowed)
+        if not all(_is_int(i) and i >= 0 for i in layers) or len(set(layers)) != len(layers):
+            raise _fail("attn_layers", layers, allowed)
+        return tuple(sorted(layers))
+
+    def resolve_attn_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        """The layer indices to capture, checked against the target's depth."""
+        if self.attn_layers == "all":
+            return tuple(range(num_target_layers))
+        too_deep = [i for i in self.attn_layers if i >= num_target_layers]
+        if too_deep:
+            raise _fail(
+                "attn_layers",
+                list(self.attn_layers),
+                f"indices must be < {num_target_layers}, the target's number of layers "
+                f"(out of range: {too_deep})",
+            )
+        return self.attn_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (vLLM hashes ``additional_config`` into its config key)."""
+        d = dataclasses.asdict(self)
+        d["score_weights"] = dict(self.score_weights)
+        if self.attn_layers != "all":
+            d["attn_layers"] = list(self.attn_layers)
+        return d
+
+    @property
+    def weights_tuple(self) -> tuple[float, float, float]:
+        return tuple(self.score_weights[s] for s in SIGNALS)  # type: ignore[return-value]

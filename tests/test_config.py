@@ -1,0 +1,72 @@
+"""HippoConfig: defaults, accepted values, and one clear message per bad value."""
+
+import pytest
+
+from hippo_vllm.config import HippoConfig, HippoConfigError
+
+
+def test_defaults_match_the_documented_table():
+    cfg = HippoConfig.from_speculative_config({"method": "hippo", "model": "/ckpt/draft"})
+    assert cfg.num_speculative_tokens == 5
+    assert cfg.keep_ratio == 0.1
+    assert cfg.score_weights == {"attn": 1.0, "temp": 1.0, "spa": 1.0}
+    assert cfg.attn_layers == "all"
+    assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", True)
+
+
+def test_every_key_round_trips_through_to_dict():
+    raw = {
+        "model": "d", "num_speculative_tokens": 3, "keep_ratio": 1, "crop_size": 3,
+        "score_weights": {"attn": 0, "temp": 2}, "attn_layers": [2, 0], "selection": "per_frame",
+        "pruning": "specvlm", "parallel": False,
+    }
+    cfg = HippoConfig.from_speculative_config(raw)
+    assert cfg.score_weights == {"attn": 0.0, "temp": 2.0, "spa": 1.0}
+    assert cfg.attn_layers == (0, 2)
+    assert HippoConfig(**cfg.to_dict()) == cfg
+
+
+def test_dashed_keys_are_accepted_like_vllm_does():
+    cfg = HippoConfig.from_speculative_config({"model": "d", "keep-ratio": 0.5})
+    assert cfg.keep_ratio == 0.5
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"model": "d", "keep_rato": 0.1}, r"Unknown key\(s\) \['keep_rato'\].*Allowed keys"),
+        ({"keep_ratio": 0.1}, r'\["model"\] is required'),
+        ({"model": ""}, r'\["model"\]=\'\''),
+        ({"model": "d", "keep_ratio": 0}, r'\["keep_ratio"\]=0 .*\(0, 1\]'),
+        ({"model": "d", "keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\(0, 1\]'),
+        ({"model": "d", "keep_ratio": float("nan")}, r'\["keep_ratio"\]=nan'),
+        ({"model": "d", "keep_ratio": "0.1"}, r'\["keep_ratio"\]=\'0.1\''),
+        ({"model": "d", "keep_ratio": True}, r'\["keep_ratio"\]=True'),
+        ({"model": "d", "num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0 .*>= 1'),
+        ({"model": "d", "num_speculative_tokens": 2.0}, r'\["num_speculative_tokens"\]=2.0'),
+        ({"model": "d", "crop_size": 4}, r'\["crop_size"\]=4 .*odd integer >= 3'),
+        ({"model": "d", "crop_size": 1}, r'\["crop_size"\]=1 '),
+        ({"model": "d", "selection": "local"}, r"\['global', 'per_frame'\]"),
+        ({"model": "d", "pruning": "random"}, r"'holistic'.*'none'"),
+        ({"model": "d", "parallel": "yes"}, r'\["parallel"\]=\'yes\' .*true or false'),
+        ({"model": "d", "score_weights": {"attn": 0, "temp": 0, "spa": 0}}, r"not all 0"),
+        ({"model": "d", "score_weights": {"motion": 1}}, r"unknown signal\(s\) \['motion'\]"),
+        ({"model": "d", "score_weights": {"attn": -1}}, r"attn=-1"),
+        ({"model": "d", "score_weights": [1, 1, 1]}, r'\["score_weights"\]=\[1, 1, 1\]'),
+        ({"model": "d", "attn_layers": []}, r'\["attn_layers"\]=\[\]'),
+        ({"model": "d", "attn_layers": [0, 0]}, r"distinct"),
+        ({"model": "d", "attn_layers": "first"}, r'\["attn_layers"\]=\'first\''),
+        ({"model": "d", "method": "draft_model"}, r'\["method"\]=\'draft_model\''),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):
+    with pytest.raises(HippoConfigError, match=needle):
+        HippoConfig.from_speculative_config(raw)
+
+
+def test_attn_layers_are_checked_against_the_target_depth():
+    cfg = HippoConfig(model="d", attn_layers=[0, 5])
+    assert HippoConfig(model="d").resolve_attn_layers(3) == (0, 1, 2)
+    assert cfg.resolve_attn_layers(6) == (0, 5)
+    with pytest.raises(HippoConfigError, match=r"< 3.*out of range: \[5\]"):
+        cfg.resolve_attn_layers(3)
