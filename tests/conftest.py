@@ -5,7 +5,8 @@ import os
 # Must happen before anything imports vLLM (it reads these at import/engine start).
 # setdefault: a developer may still override them from the shell.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: 3 s init, not 17 s
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; engines also pass kv_cache_memory_bytes
+# VLLM_CPU_KVCACHE_SPACE is deliberately not set: on CPU it overrides every engine's
+# kv_cache_memory_bytes, and the preemption tests need a cache of a few blocks.
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the fast tokenizer
 

@@ -2,7 +2,9 @@
 
 vLLM calls :func:`register` once per process (API server, engine core, workers),
 and again in a fresh process after a fork or spawn, so it must be cheap and
-idempotent. vLLM lets an exception from a general plugin abort start-up, so an
+idempotent. It installs the one process-wide patch (the rewrite of
+``"method": "hippo"`` into a configuration vLLM accepts; see the patch index);
+the draft itself lives in the hippo worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
 unsupported vLLM must not raise here: it only stands the plugin down with a
 warning, and a later request for ``"method": "hippo"`` is refused with the
 version message.
@@ -31,5 +33,8 @@ def register() -> bool:
         logger.warning("hippo_vllm is inactive: %s", exc)
         _registered = False
         return False
+    from hippo_vllm.vllm import config_rewrite
+
+    config_rewrite.install()
     _registered = True
     return True

@@ -1,0 +1,193 @@
+"""s_attn from the target's own prefill: post-RoPE text queries against video keys.
+
+No attention backend returns probabilities, so the text→video block is rebuilt
+from the q and k that reach each chosen layer's ``impl.forward`` (Qwen2 applies
+M-RoPE before ``self.attn``, so they are post-RoPE, as the model used them). The
+wrapper is per instance (no class patching) and costs nothing unless a step
+carries a request whose prompt prefill includes video or the text after it.
+
+Chunked prefill may put a video's keys and the question's queries in different
+steps. Video keys seen in an earlier chunk are kept (for the configured layers
+only) until the request's prefill ends; when the whole prompt fits one chunk they
+are used in place, without a copy. Reading them back from the paged KV cache is
+avoided on purpose: its layout is backend- and ISA-specific (the CPU kernel stores
+K transposed or VNNI-packed).
+
+A request whose video was not computed in this run (its prompt prefix came from
+vLLM's prefix cache) has no keys to score; it is reported as incomplete and the
+draft view then prunes on the visual signals alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import torch
+
+from hippo_vllm.core import AttentionScoreAccumulator
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
+
+
+@dataclasses.dataclass
+class _VideoCapture:
+    offset: int
+    length: int
+    query_positions: torch.Tensor  # prompt positions of the text after this video
+    accumulator: AttentionScoreAccumulator
+    keys: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> [N, Hkv, d]
+    keys_seen: dict[int, int] = dataclasses.field(default_factory=dict)  # layer -> rows stored
+    missing_keys: bool = False
+
+
+@dataclasses.dataclass
+class _RequestCapture:
+    prompt_len: int
+    videos: list[_VideoCapture]
+
+
+def text_positions_after(offset: int, length: int, prompt_len: int, mm_ranges) -> torch.Tensor:
+    """Prompt positions after a video that hold text (not another mm item's rows)."""
+    mask = torch.zeros(prompt_len, dtype=torch.bool)
+    mask[offset + length :] = True
+    for start, n in mm_ranges:
+        mask[start : start + n] = False
+    return torch.nonzero(mask).flatten()
+
+
+class TargetAttentionCapture:
+    """Accumulates s_attn per request and video across the target's prefill steps."""
+
+    def __init__(self, attention_layers: dict[int, Any], layer_indices: tuple[int, ...]):
+        self.layers = {i: attention_layers[i] for i in layer_indices}
+        self._requests: dict[str, _RequestCapture] = {}
+        self._step_rows: dict[str, tuple[int, int, int]] | None = None  # req -> (row, start, n)
+        self._step_source = None
+        for index, layer in self.layers.items():
+            self._wrap(index, layer.impl)
+
+    @staticmethod
+    def find_text_attention_layers(static_forward_context: dict[str, Any]) -> dict[int, Any]:
+        """Decoder self-attention layers by index (the vision tower's are not matched)."""
+        found = {}
+        for name, layer in static_forward_context.items():
+            match = _LAYER_NAME.search(name)
+            if match and hasattr(layer, "impl"):
+                found[int(match.group(1))] = layer
+        return found
+
+    def _wrap(self, index: int, impl: Any) -> None:
+        original = impl.forward
+        capture = self
+
+        def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            if attn_metadata is not None and capture._step_source is not None:
+                capture._observe(index, impl, query, key)
+            return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+
+        impl.forward = forward
+
+    # -- request lifecycle -------------------------------------------------------------
+
+    def track(self, req_id: str, prompt_len: int, videos: list[tuple[int, int]], mm_ranges) -> None:
+        """Start accumulating for a request's videos ``[(offset, length), ...]``."""
+        self._requests[req_id] = _RequestCapture(
+            prompt_len,
+            [
+                _VideoCapture(
+                    off, n, text_positions_after(off, n, prompt_len, mm_ranges),
+                    AttentionScoreAccumulator(n),
+                )
+                for off, n in videos
+            ],
+        )
+
+    def is_tracking(self, req_id: str) -> bool:
+        return req_id in self._requests
+
+    def finish(self, req_id: str) -> list[torch.Tensor | None] | None:
+        """Final s_attn per video ([N_v] float32; None where it could not be built)."""
+        state = self._requests.pop(req_id, None)
+        if state is None:
+            return None
+        scores = []
+        for video in state.videos:
+            complete = (
+                not video.missing_keys
+                and video.accumulator.num_layers == len(self.layers)
+                and len(video.query_positions) > 0
+            )
+            scores.append(video.accumulator.scores() if complete else None)
+        return scores
+
+    def drop(self, req_id: str) -> None:
+        self._requests.pop(req_id, None)
+
+    @property
+    def num_tracked(self) -> int:
+        return len(self._requests)
+
+    # -- per step ------------------------------------------------------------------------
+
+    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
+        """Remember the step so the first observed layer can map rows to requests."""
+        self._step_source = (runner, scheduler_output) if self._requests else None
+        self._step_rows = None
+
+    def end_step(self) -> None:
+        self._step_source = None
+        self._step_rows = None
+
+    def _rows(self) -> dict[str, tuple[int, int, int]]:
+        # Resolved at forward time, after vLLM has (re)ordered its persistent batch:
+        # the flattened tokens follow input_batch.req_ids.
+        if self._step_rows is None:
+            runner, scheduler_output = self._step_source
+            rows, row = {}, 0
+            for req_id in runner.input_batch.req_ids:
+                n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                if req_id in self._requests:
+                    rows[req_id] = (row, runner.requests[req_id].num_computed_tokens, n)
+                row += n
+            self._step_rows = rows
+        return self._step_rows
+
+    def _observe(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:
+        num_heads, num_kv_heads, head_size = impl.num_heads, impl.num_kv_heads, impl.head_size
+        for req_id, (row, start, n) in self._rows().items():
+            state = self._requests[req_id]
+            end = min(start + n, state.prompt_len)
+            if end <= start:
+                continue
+            q = query[row : row + end - start].view(-1, num_heads, head_size)
+            k = key[row : row + end - start].view(-1, num_kv_heads, head_size)
+            for video in state.videos:
+                keys = self._video_keys(video, layer_index, k, start, end, state.prompt_len)
+                wanted = video.query_positions
+                wanted = wanted[(wanted >= start) & (wanted < end)]
+                if len(wanted) == 0:
+                    continue
+                if keys is None:
+                    video.missing_keys = True
+                    continue
+                video.accumulator.add_layer(q[wanted - start], keys, scale=impl.scale, layer=layer_index)
+
+    @staticmethod
+    def _video_keys(video, layer_index, k, start, end, prompt_len) -> torch.Tensor | None:
+        """The video's complete keys for this layer, or None if some were never seen."""
+        lo, hi = max(video.offset, start), min(video.offset + video.length, end)
+        whole_here = lo == video.offset and hi == video.offset + video.length
+        if whole_here and end >= prompt_len:
+            return k[lo - start : hi - start]  # everything in this chunk: no copy
+        if hi > lo:
+            stash = video.keys.get(layer_index)
+            if stash is None:
+                stash = k.new_empty((video.length, *k.shape[1:]))
+                video.keys[layer_index] = stash
+            stash[lo - video.offset : hi - video.offset] = k[lo - start : hi - start]
+            video.keys_seen[layer_index] = video.keys_seen.get(layer_index, 0) + hi - lo
+        if video.keys_seen.get(layer_index, 0) < video.length:
+            return None
+        return video.keys[layer_index]

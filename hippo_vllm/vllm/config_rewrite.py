@@ -1,0 +1,155 @@
+"""Turn ``"method": "hippo"`` into a configuration vLLM accepts.
+
+vLLM's ``SpeculativeConfig`` knows a closed list of methods and forbids unknown
+keys, so a hippo config cannot reach it as is. Before vLLM builds its config,
+:func:`rewrite_hippo_engine_args` validates the user's keys (``HippoConfig``) and
+rewrites the engine arguments to:
+
+- ``speculative_config = {"method": "custom_class", "model": <HippoProposer path>,
+  "num_speculative_tokens": K}``: vLLM's official seam for an external proposer.
+  It gives hippo vLLM's scheduling of spec tokens, rejection sampler (lossless for
+  greedy and sampling, the draft counting as a one-hot proposal) and spec-decode
+  metrics, without vLLM loading a draft into its own KV pool;
+- ``additional_config["hippo"]``: the validated hippo settings, which vLLM ships to
+  every process and includes in its config hash;
+- ``worker_cls``: the hippo worker, whose runner owns the draft engine.
+
+The draft checkpoint is checked against the target here too (family, vocabulary),
+so a wrong pair stops ``vllm serve`` with one clear message instead of a worker
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hippo_vllm.config import METHOD_NAME, HippoConfig, HippoConfigError
+
+logger = logging.getLogger("hippo_vllm")
+
+PROPOSER_CLASS_PATH = "hippo_vllm.vllm.proposer.HippoProposer"
+CPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoCPUWorker"
+GPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoGPUWorker"
+ADDITIONAL_CONFIG_KEY = "hippo"
+
+# Draft and target must be vision-language models whose vLLM class hippo knows how
+# to feed (own vision encoder, M-RoPE positions of kept tokens).
+SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+def hippo_settings(vllm_config: Any) -> HippoConfig | None:
+    """The HippoConfig carried by a VllmConfig, or None when hippo is not in use."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    raw = extra.get(ADDITIONAL_CONFIG_KEY)
+    return None if raw is None else HippoConfig(**raw)
+
+
+def _worker_path() -> str:
+    from vllm.platforms import current_platform
+
+    return CPU_WORKER_PATH if current_platform.is_cpu() else GPU_WORKER_PATH
+
+
+def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
+    """Rewrite ``engine_args`` in place when it asks for hippo; return the settings."""
+    spec = engine_args.speculative_config
+    if not isinstance(spec, dict) or spec.get("method") != METHOD_NAME:
+        return None
+    from hippo_vllm.vllm.version_gate import check_vllm_version
+
+    check_vllm_version()
+    hippo = HippoConfig.from_speculative_config(spec)
+    if engine_args.worker_cls not in ("auto", _worker_path()):
+        raise HippoConfigError(
+            f"--worker-cls={engine_args.worker_cls!r} cannot be combined with "
+            f'"method": "{METHOD_NAME}", which runs its draft inside its own worker class; '
+            f"leave --worker-cls at its default."
+        )
+    if not hippo.parallel:
+        logger.info("hippo: draft-then-verify scheduling (parallel=false)")
+    else:
+        logger.warning(
+            "hippo: parallel drafting (VPSD) is not available yet; "
+            "running draft-then-verify scheduling. Set \"parallel\": false to silence this."
+        )
+    engine_args.speculative_config = {
+        "method": "custom_class",
+        "model": PROPOSER_CLASS_PATH,
+        "num_speculative_tokens": hippo.num_speculative_tokens,
+    }
+    engine_args.additional_config = {
+        **(engine_args.additional_config or {}),
+        ADDITIONAL_CONFIG_KEY: hippo.to_dict(),
+    }
+    engine_args.worker_cls = _worker_path()
+    return hippo
+
+
+def _text_vocab_size(hf_config: Any) -> int:
+    text = getattr(hf_config, "text_config", None)
+    return getattr(text, "vocab_size", None) or hf_config.vocab_size
+
+
+def _text_num_layers(hf_config: Any) -> int:
+    text = getattr(hf_config, "text_config", None)
+    return getattr(text, "num_hidden_layers", None) or hf_config.num_hidden_layers
+
+
+def _architecture(hf_config: Any) -> str:
+    archs = getattr(hf_config, "architectures", None) or ["<none>"]
+    return archs[0]
+
+
+def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> None:
+    """Refuse a draft that cannot serve this target, naming what is wrong."""
+    from transformers import AutoConfig
+
+    try:
+        draft_config = AutoConfig.from_pretrained(
+            hippo.model, trust_remote_code=target_model_config.trust_remote_code
+        )
+    except Exception as exc:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} could not be loaded as a '
+            f"checkpoint: {exc}"
+        ) from exc
+    target_hf = target_model_config.hf_config
+    for role, config in (("target", target_hf), ("draft", draft_config)):
+        arch = _architecture(config)
+        if arch not in SUPPORTED_ARCHITECTURES or getattr(config, "vision_config", None) is None:
+            subject = (
+                f'speculative_config["model"]={hippo.model!r}'
+                if role == "draft"
+                else f"the target model {target_model_config.model!r}"
+            )
+            raise HippoConfigError(
+                f"{subject} is a {arch}, not a vision-language model hippo can run as "
+                f"the {role}; supported architectures: {list(SUPPORTED_ARCHITECTURES)}."
+            )
+    target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
+    if target_vocab != draft_vocab:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} has vocabulary size {draft_vocab}, '
+            f"the target {target_vocab}; draft and target must share one vocabulary."
+        )
+    hippo.resolve_attn_layers(_text_num_layers(target_hf))
+
+
+def install() -> None:
+    """Wrap ``EngineArgs.create_engine_config`` (listed in the patch index)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from hippo_vllm.vllm.patching import patch_attribute
+
+    original = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        hippo = rewrite_hippo_engine_args(self)
+        vllm_config = original(self, *args, **kwargs)
+        if hippo is not None:
+            check_draft_against_target(hippo, vllm_config.model_config)
+        return vllm_config
+
+    create_engine_config.__doc__ = original.__doc__
+    patch_attribute(EngineArgs, "create_engine_config", create_engine_config)

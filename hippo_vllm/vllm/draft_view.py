@@ -1,0 +1,120 @@
+"""The draft's view of a prompt: text unchanged, each video pruned to keep_ratio.
+
+The draft runs its own vision encoder on the request's video inputs (the target's
+embeddings have another width), scores each video's tokens with the core's
+selection (holistic by default, a baseline for ablation), and keeps the chosen
+rows in their original order. Every kept row keeps its original M-RoPE (t, h, w)
+position, so text after the video and every generated token sit at the same
+positions as in the target; only the draft's KV index (its compact length)
+differs. Images and text-only prompts are drafted in full.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from hippo_vllm.config import HippoConfig
+from hippo_vllm.core import VideoGrid, select_video_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftView:
+    """What the draft sees of one request's prompt."""
+
+    keep_rows: torch.Tensor  # [Pc] int64 prompt rows kept, ascending
+    prompt_len: int  # P, the full prompt length (target side)
+    video_tokens: int  # video tokens in the prompt
+    video_tokens_seen: int  # of which the draft sees
+    pruning_seconds: float  # scoring + selection (draft vision encoder included)
+    attention_used: bool  # s_attn from the target was available for every video
+
+    @property
+    def compact_len(self) -> int:
+        return int(self.keep_rows.numel())
+
+
+def mm_item_grid(feature: Any, spatial_merge_size: int) -> VideoGrid:
+    thw = feature.data["video_grid_thw"].data
+    return VideoGrid.from_thw(tuple(int(x) for x in thw.flatten().tolist()), spatial_merge_size)
+
+
+def needs_target_attention(hippo: HippoConfig) -> bool:
+    if hippo.pruning in ("attention", "specvlm"):
+        return True
+    return hippo.pruning == "holistic" and hippo.score_weights["attn"] > 0
+
+
+def video_spans(mm_features: list[Any]) -> list[tuple[int, int]]:
+    return [
+        (f.mm_position.offset, f.mm_position.length) for f in mm_features if f.modality == "video"
+    ]
+
+
+def build_draft_view(
+    hippo: HippoConfig,
+    prompt_len: int,
+    mm_features: list[Any],
+    item_embeds: list[torch.Tensor],
+    attention: list[torch.Tensor | None] | None,
+    spatial_merge_size: int,
+) -> DraftView:
+    """Choose the prompt rows the draft keeps.
+
+    ``item_embeds`` are the draft's encoder outputs, one per mm item in
+    ``mm_features`` order; ``attention`` holds s_attn per *video* (None entries
+    where the target's attention could not be captured).
+    """
+    start = time.perf_counter()
+    keep = torch.ones(prompt_len, dtype=torch.bool)
+    total = seen = 0
+    video_index = 0
+    attention_used = True
+    for feature, embeds in zip(mm_features, item_embeds):
+        if feature.modality != "video":
+            continue
+        attn = attention[video_index] if attention else None
+        video_index += 1
+        grid = mm_item_grid(feature, spatial_merge_size)
+        pos = feature.mm_position
+        if grid.num_tokens != pos.length or embeds.shape[0] != pos.length:
+            raise ValueError(
+                f"video at prompt offset {pos.offset}: {pos.length} placeholder tokens, "
+                f"grid {grid} and {embeds.shape[0]} draft embeddings disagree"
+            )
+        pruning = hippo.pruning
+        if attn is None and needs_target_attention(hippo):
+            attention_used = False
+            # Without the target's attention the attention-only baselines have
+            # nothing to rank by; holistic falls back to its visual signals.
+            pruning = "holistic" if pruning == "holistic" else "uniform"
+        weights = dict(hippo.score_weights)
+        if attn is None:
+            weights["attn"] = 0.0
+        if pruning == "holistic" and not any(weights.values()):
+            pruning = "uniform"  # attention was the only enabled signal
+        kept = select_video_tokens(
+            pruning,
+            grid,
+            hippo.keep_ratio,
+            video_embeds=embeds,
+            attn=attn,
+            weights=weights,
+            crop=hippo.crop_size,
+            selection=hippo.selection,
+        ).cpu()
+        keep[pos.offset : pos.offset + pos.length] = False
+        keep[pos.offset + kept] = True
+        total += pos.length
+        seen += int(kept.numel())
+    return DraftView(
+        keep_rows=torch.nonzero(keep).flatten(),
+        prompt_len=prompt_len,
+        video_tokens=total,
+        video_tokens_seen=seen,
+        pruning_seconds=time.perf_counter() - start,
+        attention_used=attention_used,
+    )

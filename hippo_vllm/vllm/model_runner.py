@@ -1,0 +1,48 @@
+"""The hippo model runner: vLLM's V1 runner plus the draft's per-step hooks.
+
+Subclassing (not patching) keeps vLLM's own step intact: the target forward,
+sampling, rejection sampling and bookkeeping run unchanged. The mixin only
+
+- tells the proposer about each step before the target forward (so the attention
+  capture can map batch rows to requests, and finished or preempted requests
+  release their draft state), and
+- routes vLLM's ``custom_class`` drafting call to ``HippoProposer.propose_batch``
+  with the runner, which the stock call does not pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from hippo_vllm.vllm.proposer import HippoProposer
+
+
+class HippoRunnerMixin:
+    """Mixed in front of GPUModelRunner or CPUModelRunner (V1)."""
+
+    def _hippo(self) -> HippoProposer | None:
+        drafter = getattr(self, "drafter", None)
+        return drafter if isinstance(drafter, HippoProposer) else None
+
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any):
+        proposer = self._hippo()
+        if proposer is None:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        proposer.begin_step(self, scheduler_output)
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            proposer.end_step()
+
+    def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any):
+        proposer = self._hippo()
+        if proposer is None:
+            return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        return proposer.propose_batch(self, sampled_token_ids)
+
+
+@functools.cache
+def hippo_runner_class(base: type) -> type:
+    """``HippoRunnerMixin`` in front of ``base``, built once per base class."""
+    return type(f"Hippo{base.__name__}", (HippoRunnerMixin, base), {"__module__": __name__})

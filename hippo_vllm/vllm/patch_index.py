@@ -1,0 +1,50 @@
+"""Every change hippo_vllm makes to vLLM, why, and when it can go.
+
+``tests/vllm/test_patch_index.py`` checks that this list and the patch calls in
+the code name the same targets, and that applying the plugin patches exactly
+these. Prefer official hooks (worker_cls, additional_config, custom_class) before
+adding an entry here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEntry:
+    target: str  # "module:Qualified.attribute" as patching.target_name() spells it
+    module: str  # the hippo_vllm module that applies it
+    why: str
+    remove_when: str
+    temporary: bool = False  # only replaced for the duration of one call
+
+
+PATCHES: tuple[PatchEntry, ...] = (
+    PatchEntry(
+        target="vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        module="hippo_vllm.vllm.config_rewrite",
+        why=(
+            'SpeculativeConfig is a closed pydantic Literal: "method": "hippo" and its keys '
+            "(keep_ratio, ...) fail validation. The wrapper validates them as HippoConfig, "
+            "moves them to additional_config['hippo'], and hands vLLM an equivalent "
+            "custom_class config plus the hippo worker class, before vLLM reads either."
+        ),
+        remove_when="vLLM offers a registry for model-based speculative methods (RFC #36219).",
+    ),
+    PatchEntry(
+        target="vllm.v1.worker.cpu_worker:CPUModelRunner",
+        module="hippo_vllm.vllm.worker",
+        why=(
+            "CPUWorker.init_device builds CPUModelRunner through this module global and has no "
+            "_make_model_runner hook like the GPU Worker; it is swapped for the hippo runner "
+            "only while init_device runs."
+        ),
+        remove_when="CPUWorker constructs its runner through an overridable method.",
+        temporary=True,
+    ),
+)
+
+
+def entries_by_target() -> dict[str, PatchEntry]:
+    return {p.target: p for p in PATCHES}

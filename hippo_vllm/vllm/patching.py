@@ -1,0 +1,67 @@
+"""The one way hippo_vllm changes an attribute of vLLM.
+
+Every patch goes through :func:`patch_attribute` or :func:`temporarily_patched` and
+is named in :mod:`hippo_vllm.vllm.patch_index` (a test keeps the two in sync).
+Patching is idempotent: vLLM loads plugins once per process but may call
+``register()`` again after a fork, and a second application must neither wrap the
+wrapper nor fail. Patching an attribute that someone else already replaced is
+refused, because stacking on an unknown wrapper is how plugins silently break
+each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+# target ("module:Qualified.attr") -> original value, for every patch applied here.
+_APPLIED: dict[str, Any] = {}
+_MARK = "__hippo_vllm_patch__"
+
+
+class PatchConflict(RuntimeError):
+    """The attribute to patch was already replaced by another party."""
+
+
+def target_name(owner: Any, name: str) -> str:
+    """"module:Class.attr" for a class attribute, "module:attr" for a module global."""
+    if isinstance(owner, types.ModuleType):
+        return f"{owner.__name__}:{name}"
+    return f"{owner.__module__}:{owner.__qualname__}.{name}"
+
+
+def patch_attribute(owner: Any, name: str, replacement: Any) -> str:
+    """Replace ``owner.name`` for the rest of the process; returns the target name."""
+    target = target_name(owner, name)
+    current = getattr(owner, name)
+    if getattr(current, _MARK, None) == target:
+        return target  # already ours
+    if target in _APPLIED:
+        raise PatchConflict(f"{target} was replaced after hippo_vllm patched it")
+    setattr(replacement, _MARK, target)
+    _APPLIED[target] = current
+    setattr(owner, name, replacement)
+    return target
+
+
+@contextlib.contextmanager
+def temporarily_patched(owner: Any, name: str, replacement: Any) -> Iterator[str]:
+    """Replace ``owner.name`` only inside the ``with`` block (restored on exit)."""
+    target = target_name(owner, name)
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    _APPLIED.setdefault(target, original)
+    try:
+        yield target
+    finally:
+        setattr(owner, name, original)
+
+
+def original_of(target: str) -> Any:
+    return _APPLIED[target]
+
+
+def applied_targets() -> set[str]:
+    return set(_APPLIED)

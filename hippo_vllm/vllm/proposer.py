@@ -1,0 +1,280 @@
+"""HippoProposer: drafts tokens for every request of a vLLM step.
+
+vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
+the hippo model runner drives it: ``begin_step`` before the target forward (track
+requests whose prefill needs s_attn, release finished and preempted ones) and
+``propose_batch`` after sampling, with the tokens each request committed.
+
+Per request the draft keeps, in its own KV cache, the compact prompt (the draft
+view) followed by generated tokens. Each step it first rolls back to the longest
+prefix of what it fed that the target actually committed, feeds the committed
+tokens it has not seen, and drafts greedily from there: a greedy draft is a
+one-hot proposal, which vLLM's rejection sampler verifies exactly for greedy and
+random sampling alike. A failure while drafting one request only stops drafting
+for that request; the target's outputs never depend on the draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
+from hippo_vllm.vllm.config_rewrite import hippo_settings
+from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.draft_view import (
+    DraftView,
+    build_draft_view,
+    needs_target_attention,
+    video_spans,
+)
+from hippo_vllm.vllm.metrics import HippoStats
+
+logger = logging.getLogger("hippo_vllm")
+
+
+@dataclasses.dataclass
+class _DraftRequest:
+    view: DraftView
+    mrope_delta: int
+    fed_outputs: list[int] = dataclasses.field(default_factory=list)  # output ids in draft KV
+    prefilled: bool = False
+
+
+class HippoProposer:
+    """The custom_class proposer object vLLM builds; driven by the hippo runner."""
+
+    def __init__(self, vllm_config: Any):
+        self.vllm_config = vllm_config
+        hippo = hippo_settings(vllm_config)
+        if hippo is None:
+            raise RuntimeError(
+                "HippoProposer is configured through "
+                '--speculative-config \'{"method": "hippo", ...}\'; it cannot be used as a '
+                "plain custom_class proposer."
+            )
+        self.hippo = hippo
+        self.num_speculative_tokens = hippo.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.engine: DraftEngine | None = None
+        self.capture: TargetAttentionCapture | None = None
+        self.stats = HippoStats()
+        self._requests: dict[str, _DraftRequest] = {}
+        self._views: dict[str, DraftView] = {}  # survives preemption, freed on finish
+        self._failed: set[str] = set()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def load_model(self, target_model: Any) -> None:
+        """Called by vLLM's runner after the target is loaded."""
+        config = self.vllm_config
+        hf_text = config.model_config.hf_text_config
+        self.spatial_merge_size = config.model_config.hf_config.vision_config.spatial_merge_size
+        layers = TargetAttentionCapture.find_text_attention_layers(
+            config.compilation_config.static_forward_context
+        )
+        if needs_target_attention(self.hippo):
+            indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
+            self.capture = TargetAttentionCapture(layers, indices)
+        self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
+        logger.info(
+            "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
+            self.hippo.model, self.hippo.keep_ratio, self.hippo.pruning, self.num_speculative_tokens,
+        )
+
+    def _draft_num_blocks(self, block_size: int = 32) -> int:
+        # Room for every running request at full length, as if nothing were pruned
+        # (keep_ratio 1.0 and text prompts need it), plus the k drafted tokens.
+        sched = self.vllm_config.scheduler_config
+        tokens = sched.max_num_seqs * (self.max_model_len + self.num_speculative_tokens + 1)
+        return -(-tokens // block_size)
+
+    def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
+        raise RuntimeError(
+            "HippoProposer needs the hippo model runner (worker_cls "
+            "hippo_vllm.vllm.worker.*); it was called by a stock runner."
+        )
+
+    # -- per step ------------------------------------------------------------------------
+
+    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
+        for req_id in scheduler_output.finished_req_ids:
+            self.release(req_id, finished=True)
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            self.release(req_id, finished=False)
+        if self.capture is None:
+            return
+        # The runner adds new requests to runner.requests only inside execute_model,
+        # so they are read from the scheduler output; resumed ones are still there.
+        for new_req in scheduler_output.scheduled_new_reqs:
+            self._maybe_track(new_req.req_id, new_req.prompt_token_ids, new_req.mm_features)
+        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            state = runner.requests.get(req_id)
+            if state is not None:
+                self._maybe_track(req_id, state.prompt_token_ids, state.mm_features)
+        self.capture.begin_step(runner, scheduler_output)
+
+    def end_step(self) -> None:
+        if self.capture is not None:
+            self.capture.end_step()
+
+    def _maybe_track(self, req_id: str, prompt_token_ids: Any, mm_features: list[Any]) -> None:
+        if req_id in self._views or prompt_token_ids is None or self.capture.is_tracking(req_id):
+            return
+        spans = video_spans(mm_features)
+        if spans:
+            ranges = [(f.mm_position.offset, f.mm_position.length) for f in mm_features]
+            self.capture.track(req_id, len(prompt_token_ids), spans, ranges)
+
+    def release(self, req_id: str, finished: bool) -> None:
+        """Free the request's draft KV; a finished request also loses its view."""
+        if self.engine is not None:
+            self.engine.free(req_id)
+        self._requests.pop(req_id, None)
+        if finished:
+            self._views.pop(req_id, None)
+            self._failed.discard(req_id)
+        if self.capture is not None:
+            self.capture.drop(req_id)
+
+    def propose_batch(self, runner: Any, sampled_token_ids: list[list[int]]) -> list[list[int]]:
+        """Draft tokens for each request of the batch, in ``input_batch`` order."""
+        batch = runner.input_batch
+        drafts: list[list[int]] = [[] for _ in batch.req_ids]
+        active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
+        for i, req_id in enumerate(batch.req_ids):
+            if not sampled_token_ids[i] or req_id in self._failed:
+                continue
+            budget = self._draft_budget(runner, i, req_id)
+            if budget <= 0:
+                # The request ends within one more token: nothing to draft, and its
+                # draft state can go now rather than when vLLM reports it finished.
+                self.release(req_id, finished=False)
+                continue
+            try:
+                self._ensure_prefilled(runner, req_id)
+            except DraftCapacityError:
+                continue
+            except Exception:
+                logger.exception("hippo: drafting disabled for request %s", req_id)
+                self._failed.add(req_id)
+                self.release(req_id, finished=False)
+                continue
+            active.append((i, req_id, budget))
+        if active:
+            self._draft(runner, active, drafts)
+        return drafts
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _draft_budget(self, runner: Any, index: int, req_id: str) -> int:
+        """Tokens worth drafting: beyond max_tokens or max_model_len they are discarded."""
+        num_tokens = int(runner.input_batch.num_tokens_no_spec[index])
+        budget = min(self.num_speculative_tokens, self.max_model_len - num_tokens)
+        params = runner.requests[req_id].sampling_params
+        if params is not None and params.max_tokens is not None:
+            produced = len(runner.requests[req_id].output_token_ids)
+            # A step commits the accepted drafts plus one token of the target's own.
+            budget = min(budget, params.max_tokens - produced - 1)
+        return budget
+
+
+    def _ensure_prefilled(self, runner: Any, req_id: str) -> None:
+        if req_id in self._requests and self._requests[req_id].prefilled:
+            return
+        state = runner.requests[req_id]
+        engine = self.engine
+        prompt = torch.tensor(state.prompt_token_ids, dtype=torch.long)
+        view = self._views.get(req_id)
+        item_embeds = engine.embed_multimodal(state.mm_features) if state.mm_features else []
+        if view is None:
+            attention = self.capture.finish(req_id) if self.capture is not None else None
+            view = build_draft_view(
+                self.hippo, len(prompt), state.mm_features, item_embeds, attention,
+                self.spatial_merge_size,
+            )
+            self._views[req_id] = view
+            self.stats.record_view(view)
+        embeds = engine.embed_prompt(prompt, state.mm_features, item_embeds)[view.keep_rows]
+        positions = self._prompt_positions(state, len(prompt))[:, view.keep_rows]
+        engine.free(req_id)
+        engine.run([DraftInput(req_id, positions, inputs_embeds=embeds)])
+        self._requests[req_id] = _DraftRequest(view, self._mrope_delta(state), prefilled=True)
+
+    @staticmethod
+    def _prompt_positions(state: Any, prompt_len: int) -> torch.Tensor:
+        if state.mrope_positions is not None:
+            return state.mrope_positions[:, :prompt_len].to(torch.long)
+        return torch.arange(prompt_len).expand(3, -1)
+
+    @staticmethod
+    def _mrope_delta(state: Any) -> int:
+        return int(state.mrope_position_delta or 0)
+
+    def _draft(self, runner: Any, active: list[tuple[int, str, int]], drafts: list[list[int]]) -> None:
+        engine = self.engine
+        batch = runner.input_batch
+        inputs, order = [], []
+        for i, req_id, budget in active:
+            req = self._requests[req_id]
+            n_prompt = req.view.prompt_len
+            n_tokens = int(batch.num_tokens_no_spec[i])
+            outputs = batch.token_ids_cpu[i, n_prompt:n_tokens].tolist()
+            # Keep what the draft fed that the target committed, but always refeed
+            # the last committed token: its logits give the first draft token.
+            common = 0
+            limit = min(len(req.fed_outputs), len(outputs) - 1)
+            while common < limit and req.fed_outputs[common] == outputs[common]:
+                common += 1
+            engine.truncate(req_id, req.view.compact_len + common)
+            new = outputs[common:]
+            positions = torch.arange(n_prompt + common, n_prompt + len(outputs)) + req.mrope_delta
+            inputs.append(
+                DraftInput(req_id, positions.expand(3, -1), token_ids=torch.tensor(new, dtype=torch.long))
+            )
+            req.fed_outputs = outputs[:common]  # mirrors the draft KV until run() succeeds
+            order.append((i, req_id, budget, new))
+        try:
+            logits = engine.run(inputs)
+        except DraftCapacityError:
+            return
+        for (i, req_id, _, new), token in zip(order, logits.argmax(dim=-1).tolist()):
+            self._requests[req_id].fed_outputs.extend(new)
+            drafts[i].append(token)
+        # Further steps only for requests that still want tokens.
+        for step in range(1, max(budget for _, _, budget, _ in order)):
+            step_inputs, step_order = [], []
+            for i, req_id, budget, _ in order:
+                if step >= budget:
+                    continue
+                req = self._requests[req_id]
+                position = req.view.prompt_len + len(req.fed_outputs) + req.mrope_delta
+                step_inputs.append(
+                    DraftInput(
+                        req_id,
+                        torch.full((3, 1), position, dtype=torch.long),
+                        token_ids=torch.tensor([drafts[i][-1]], dtype=torch.long),
+                    )
+                )
+                step_order.append((i, req))
+            try:
+                logits = engine.run(step_inputs)
+            except DraftCapacityError:
+                break
+            for (i, req), token in zip(step_order, logits.argmax(dim=-1).tolist()):
+                req.fed_outputs.append(drafts[i][-1])
+                drafts[i].append(token)
+        self.stats.record_drafts(sum(len(d) for d in drafts))
+
+    # -- introspection (tests, metrics) ---------------------------------------------------
+
+    @property
+    def num_draft_requests(self) -> int:
+        return len(self._requests)
+
+    @property
+    def num_views(self) -> int:
+        return len(self._views)

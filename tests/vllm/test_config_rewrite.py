@@ -1,0 +1,82 @@
+"""`"method": "hippo"` becomes a config vLLM accepts, and bad input stops start-up clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from hippo_vllm.config import HippoConfigError
+from hippo_vllm.vllm.config_rewrite import CPU_WORKER_PATH, PROPOSER_CLASS_PATH, hippo_settings
+
+
+def engine_config(target, speculative_config, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import hippo_vllm.vllm.plugin as plugin
+
+    plugin.register()
+    args = EngineArgs(model=str(target), max_model_len=1024, enforce_eager=True,
+                      speculative_config=speculative_config, **kwargs)
+    return args.create_engine_config()
+
+
+def test_hippo_is_rewritten_to_custom_class_with_settings_in_additional_config(tiny):
+    config = engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft),
+                                         "num_speculative_tokens": 4, "keep_ratio": 0.25})
+    assert config.speculative_config.method == "custom_class"
+    assert config.speculative_config.model == PROPOSER_CLASS_PATH
+    assert config.speculative_config.num_speculative_tokens == 4
+    assert config.parallel_config.worker_cls == CPU_WORKER_PATH
+    hippo = hippo_settings(config)
+    assert (hippo.model, hippo.keep_ratio, hippo.num_speculative_tokens) == (str(tiny.draft), 0.25, 4)
+
+
+def test_other_methods_pass_through_untouched(tiny):
+    config = engine_config(tiny.target, {"method": "ngram", "num_speculative_tokens": 2,
+                                         "prompt_lookup_max": 2})
+    assert config.speculative_config.method == "ngram"
+    assert hippo_settings(config) is None
+
+
+def _draft_with(tmp_path, tiny, **changes):
+    path = tmp_path / "draft"
+    shutil.copytree(tiny.draft, path)
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        section, _, name = key.rpartition(".")
+        (cfg[section] if section else cfg)[name] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\(0, 1\]'),
+        ({"keep_rato": 0.1}, r"Unknown key\(s\) \['keep_rato'\]"),
+        ({"num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0'),
+        ({"attn_layers": [0, 9]}, r"< 3, the target's number of layers \(out of range: \[9\]\)"),
+        ({"model": "/nonexistent/draft"}, r"'/nonexistent/draft' could not be loaded"),
+    ],
+)
+def test_bad_keys_and_values_stop_start_up_naming_them(tiny, overrides, message):
+    with pytest.raises(HippoConfigError, match=message):
+        engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft), **overrides})
+
+
+def test_a_text_only_draft_is_refused(tiny):
+    with pytest.raises(HippoConfigError, match=r"is a Qwen2ForCausalLM, not a vision-language model"):
+        engine_config(tiny.target, {"method": "hippo", "model": str(tiny.text_draft)})
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+    draft = _draft_with(tmp_path, tiny, **{"text_config.vocab_size": 576, "vocab_size": 576})
+    with pytest.raises(HippoConfigError, match=r"vocabulary size 576, the target 512"):
+        engine_config(tiny.target, {"method": "hippo", "model": str(draft)})
+
+
+def test_a_custom_worker_class_cannot_be_combined(tiny):
+    with pytest.raises(HippoConfigError, match=r"--worker-cls='my.Worker' cannot be combined"):
+        engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, worker_cls="my.Worker")

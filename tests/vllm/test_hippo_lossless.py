@@ -1,0 +1,207 @@
+"""Serving with "method": "hippo" is lossless against the same engine without speculation.
+
+Every engine here is the real vLLM engine in-process on the tiny offline
+checkpoints (float32, greedy unless stated). The baseline outputs come from the
+target alone with the same settings.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_utils import engine, generate_ids, greedy, text_request, video_request
+
+pytestmark = pytest.mark.engine
+
+K = 3
+LONG = 100  # tokens per request in the preemption test
+TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * 4  # layers x (K, V) x kv heads x head_dim x fp32
+QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?")
+
+
+def hippo_config(model, **overrides):
+    return {"method": "hippo", "model": str(model), "num_speculative_tokens": K,
+            "parallel": False, **overrides}
+
+
+def proposer_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def spec_counters(llm) -> dict[str, float]:
+    wanted = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+              "vllm:spec_decode_num_accepted_tokens")
+    return {m.name: m.value for m in llm.get_metrics() if m.name in wanted}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def requests(tiny, tokenizer):
+    """Text and video prompts, two different videos, mixed lengths."""
+    videos = tiny.synthetic_videos
+    reqs = [video_request(tokenizer, QUESTIONS[i % 3], videos[i % len(videos)]) for i in range(4)]
+    reqs += [text_request(tokenizer, q) for q in QUESTIONS]
+    reqs.append(video_request(tokenizer, "Tell me everything about the objects and their motion.", videos[0]))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny, requests):
+    with engine(tiny.target) as llm:
+        single = generate_ids(llm, requests, max_tokens=24)
+        mixed = _mixed_batch(llm, requests)
+        long = generate_ids(llm, requests, max_tokens=LONG)
+    return {"single": single, "mixed": mixed, "long": long}
+
+
+def _mixed_batch(llm, requests):
+    """All requests at once, each with its own max_tokens (some end mid-draft)."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=5 + 3 * i, ignore_eos=True)
+              for i in range(len(requests))]
+    outputs = llm.generate(requests, params, use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(tiny, requests, baseline):
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        assert _mixed_batch(llm, requests) == baseline["mixed"]
+        counters = spec_counters(llm)
+        proposer = proposer_of(llm)
+        stats = proposer.stats
+    assert counters["vllm:spec_decode_num_draft_tokens"] > 0
+    assert stats.video_tokens_total > 0
+    # keep_ratio 0.1 of each 64-token video: 7 tokens seen per video prompt
+    assert stats.video_tokens_seen == 7 * (stats.video_tokens_total // 64)
+    assert stats.views_without_target_attention == 0
+
+
+def test_self_draft_keep_all_accepts_everything(tiny, requests, baseline):
+    config = hippo_config(tiny.target, keep_ratio=1.0)
+    with engine(tiny.target, speculative_config=config) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        counters = spec_counters(llm)
+    drafted = counters["vllm:spec_decode_num_draft_tokens"]
+    accepted = counters["vllm:spec_decode_num_accepted_tokens"]
+    assert drafted > 0 and accepted / drafted >= 0.99, counters
+
+
+def test_self_draft_pruned_is_lossless_and_sees_a_tenth(tiny, requests, baseline):
+    with engine(tiny.target, speculative_config=hippo_config(tiny.target, keep_ratio=0.1)) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+
+
+def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(tiny, requests, baseline):
+    # Views are freed when requests finish; keep them by reading during generation.
+    kept = {}
+    for label, chunk in (("whole", 1024), ("chunked", 40)):
+        overrides = {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True}
+        with engine(tiny.target, speculative_config=hippo_config(tiny.draft), **overrides) as llm:
+            proposer = proposer_of(llm)
+            seen = []
+            original = proposer.stats.record_view
+            proposer.stats.record_view = lambda view: (seen.append(view.keep_rows.tolist()), original(view))
+            assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+            assert proposer.stats.views_without_target_attention == 0
+            kept[label] = seen
+    assert kept["whole"] == kept["chunked"]
+
+
+def test_preemption_under_a_small_kv_cache_is_lossless(tiny, requests, baseline):
+    # Three 128-token blocks for up to four running requests of ~200 tokens each:
+    # the scheduler has to preempt and later recompute requests.
+    overrides = {"kv_cache_memory_bytes": 3 * 128 * TARGET_KV_BYTES_PER_TOKEN, "max_model_len": 256,
+                 "max_num_batched_tokens": 256}
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft), **overrides) as llm:
+        assert generate_ids(llm, requests, max_tokens=LONG) == baseline["long"]
+        preemptions = counter(llm, "vllm:num_preemptions")
+
+        drafted = spec_counters(llm)["vllm:spec_decode_num_draft_tokens"]
+    assert preemptions > 0 and drafted > 0
+
+
+def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(tiny, requests, baseline):
+    from vllm import SamplingParams
+
+    reference = baseline["single"]
+    # Stop on a token that the target emits mid-output, and on a string it writes.
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[ids[9]])
+        for ids in reference
+    ]
+    with engine(tiny.target, speculative_config=hippo_config(tiny.target, keep_ratio=1.0)) as llm:
+        hippo_stop = llm.generate(requests, params, use_tqdm=False)
+        texts = [o.outputs[0].text for o in llm.generate(requests, greedy(24), use_tqdm=False)]
+        string_params = [SamplingParams(temperature=0.0, max_tokens=24, stop=[t[len(t) // 2:][:3]])
+                         for t in texts]
+        hippo_string = llm.generate(requests, string_params, use_tqdm=False)
+        accepted = spec_counters(llm)["vllm:spec_decode_num_accepted_tokens"]
+    with engine(tiny.target) as llm:
+        target_stop = llm.generate(requests, params, use_tqdm=False)
+        target_string = llm.generate(requests, string_params, use_tqdm=False)
+    assert accepted > 0
+    for ours, theirs in zip(hippo_stop + hippo_string, target_stop + target_string):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        assert ours.outputs[0].text == theirs.outputs[0].text
+        assert ours.outputs[0].finish_reason == theirs.outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"pruning": "attention"},
+        {"pruning": "uniform"},
+        {"pruning": "temporal"},
+        {"pruning": "specvlm"},
+        {"pruning": "none"},
+        {"score_weights": {"attn": 0, "temp": 1, "spa": 0}, "selection": "per_frame"},
+    ],
+    ids=["attention", "uniform", "temporal", "specvlm", "none", "temp-only-per-frame"],
+)
+def test_pruning_baselines_and_ablations_are_lossless(tiny, requests, baseline, overrides):
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, **overrides)) as llm:
+        assert generate_ids(llm, requests[:4], max_tokens=24) == baseline["single"][:4]
+        stats = proposer_of(llm).stats
+    # 64 tokens per video in 4 frames of 16: ceil(0.1 * 64) = 7 kept globally,
+    # ceil(0.1 * 16) = 2 per frame with the per-frame quota.
+    per_video = {"none": 64}.get(overrides.get("pruning"), 8 if "selection" in overrides else 7)
+    assert stats.video_tokens_seen == per_video * stats.video_tokens_total // 64
+
+
+def test_random_aborts_release_every_draft_request(tiny, requests):
+    rng = random.Random(0)
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+        core = llm.llm_engine
+        live = []
+        for n in range(100):
+            req_id = f"r{n}"
+            core.add_request(req_id, requests[n % len(requests)], greedy(rng.randint(1, 12)))
+            live.append(req_id)
+            core.step()
+            if rng.random() < 0.4:
+                core.abort_request([live.pop(rng.randrange(len(live)))])
+        while core.has_unfinished_requests():
+            core.step()
+        # vLLM reports finished requests to the worker with the next scheduled step;
+        # a last one-token request is that step (and itself needs no draft).
+        core.add_request("last", requests[0], greedy(1))
+        while core.has_unfinished_requests():
+            core.step()
+        proposer = proposer_of(llm)
+        assert proposer.stats.draft_tokens > 0
+        assert proposer.num_draft_requests == 0
+        assert proposer.num_views == 0
+        assert proposer.engine.num_requests == 0
+        assert proposer.engine.num_used_blocks == 0
