@@ -27,6 +27,7 @@ from hippo_vllm.core.pruning import PRUNING_METHODS, select_video_tokens
 from hippo_vllm.core.selection import SELECTION_MODES, num_kept, select_tokens
 from hippo_vllm.core.video_grid import VideoGrid
 from hippo_vllm.core.visual_scores import spatial_scores, temporal_scores
+from hippo_vllm.core.vpsd import Mode, RoundStats, VpsdRequest, autoregressive, simulate
 
 __all__ = [
     "PRUNING_METHODS",
@@ -49,4 +50,9 @@ __all__ = [
     "select_video_tokens",
     "spatial_scores",
     "temporal_scores",
+    "Mode",
+    "RoundStats",
+    "VpsdRequest",
+    "autoregressive",
+    "simulate",
 ]

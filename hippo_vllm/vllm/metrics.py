@@ -1,8 +1,36 @@
-"""Hippo's own figures, counted in the worker: how much video the draft saw."""
+"""Hippo's own figures, counted in the worker: how much video the draft saw.
+
+``HippoStats`` holds the cumulative counters; ``EXPORTED_STATS`` is the one table
+of what leaves the worker. Each row is a ``HippoStats`` field and its description;
+the field name makes the Prometheus name (``draft_views`` ->
+``vllm:hippo_draft_views_total``), so a new figure is a new field plus a new row,
+and the snapshot file, the Prometheus collector and ``LLM.get_metrics()`` pick it
+up without further code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+
+METRIC_PREFIX = "vllm:hippo_"  # vLLM's namespace, so dashboards and get_metrics() see them
+
+EXPORTED_STATS: dict[str, str] = {
+    "draft_views": "Requests whose draft view (pruned prompt) was built.",
+    "video_tokens_total": "Video tokens in the prompts of those requests (the target sees all).",
+    "video_tokens_seen": "Of those video tokens, the ones the draft saw.",
+    "pruning_seconds": "Time spent scoring and selecting video tokens (draft vision encoding excluded).",
+    "views_without_target_attention": (
+        "Draft views of videos built without the target's attention signal "
+        "(e.g. after a prefix-cache hit)."
+    ),
+    "draft_tokens": "Tokens the draft proposed.",
+}
+
+
+def metric_name(field: str) -> str:
+    """The Prometheus counter name of an exported field, with the ``_total`` suffix."""
+    name = METRIC_PREFIX + field
+    return name if name.endswith("_total") else name + "_total"
 
 
 @dataclasses.dataclass
@@ -29,3 +57,7 @@ class HippoStats:
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    def exported(self) -> dict[str, float]:
+        """The ``EXPORTED_STATS`` fields and their current values."""
+        return {field: getattr(self, field) for field in EXPORTED_STATS}

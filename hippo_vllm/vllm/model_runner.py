@@ -5,9 +5,11 @@ sampling, rejection sampling and bookkeeping run unchanged. The mixin only
 
 - tells the proposer about each step before the target forward (so the attention
   capture can map batch rows to requests, and finished or preempted requests
-  release their draft state), and
+  release their draft state),
 - routes vLLM's ``custom_class`` drafting call to ``HippoProposer.propose_batch``
-  with the runner, which the stock call does not pass.
+  with the runner, which the stock call does not pass, and
+- keeps the proposer's figures exported to process 0 (``stats_export``) until the
+  runner shuts down.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 from typing import Any
 
 from hippo_vllm.vllm.proposer import HippoProposer
+from hippo_vllm.vllm.stats_export import ensure_exporting, stop_exporting
 
 
 class HippoRunnerMixin:
@@ -39,7 +42,12 @@ class HippoRunnerMixin:
         proposer = self._hippo()
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
         return proposer.propose_batch(self, sampled_token_ids)
+
+    def shutdown(self) -> None:
+        stop_exporting(self._hippo())  # the stats snapshot goes with the engine
+        super().shutdown()
 
 
 @functools.cache

@@ -43,6 +43,34 @@ PATCHES: tuple[PatchEntry, ...] = (
         remove_when="CPUWorker constructs its runner through an overridable method.",
         temporary=True,
     ),
+    PatchEntry(
+        target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
+        module="hippo_vllm.vllm.stat_logger",
+        why=(
+            "The vllm.stat_logger_plugins entry point is loaded only by AsyncLLM, not by "
+            "LLMEngine (LLM), and once installed it forces stats on for every AsyncLLM. The "
+            "wrapper adds HippoStatLogger (hippo's log line and Prometheus collector) after "
+            "vLLM's own loggers, for hippo configurations only, in both engines."
+        ),
+        remove_when=(
+            "LLMEngine loads stat logger plugins too and a plugin can decline per config "
+            "(or hippo becomes a vLLM speculative method with its own metrics)."
+        ),
+    ),
+    PatchEntry(
+        target="vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
+        module="hippo_vllm.vllm.cpu_sampling_fix",
+        why=(
+            "On CPU, vLLM's replacement of the Triton expand_kernel writes into int64 copies "
+            "and drops the result, so temperatures/top-k/top-p of draft tokens are garbage and "
+            "speculative sampling (temperature > 0) is not lossless for any method. Replaced "
+            "by the same computation in torch, CPU platform only."
+        ),
+        remove_when=(
+            "vllm.utils.cpu_triton_utils._expand_kernel_impl copies its result back "
+            "(tests/vllm/test_cpu_sampling_fix.py then fails on the defect check)."
+        ),
+    ),
 )
 
 

@@ -2,9 +2,10 @@
 
 vLLM calls :func:`register` once per process (API server, engine core, workers),
 and again in a fresh process after a fork or spawn, so it must be cheap and
-idempotent. It installs the one process-wide patch (the rewrite of
-``"method": "hippo"`` into a configuration vLLM accepts; see the patch index);
-the draft itself lives in the hippo worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
+idempotent. It installs the process-wide patches of the patch index: the rewrite
+of ``"method": "hippo"`` into a configuration vLLM accepts, hippo's stat logger
+next to vLLM's, and the CPU sampling fix. The draft itself lives in the hippo
+worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
 unsupported vLLM must not raise here: it only stands the plugin down with a
 warning, and a later request for ``"method": "hippo"`` is refused with the
 version message.
@@ -33,8 +34,10 @@ def register() -> bool:
         logger.warning("hippo_vllm is inactive: %s", exc)
         _registered = False
         return False
-    from hippo_vllm.vllm import config_rewrite
+    from hippo_vllm.vllm import config_rewrite, cpu_sampling_fix, stat_logger
 
     config_rewrite.install()
+    cpu_sampling_fix.install()
+    stat_logger.install()
     _registered = True
     return True

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
+from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.config_rewrite import hippo_settings
 from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
 from hippo_vllm.vllm.draft_view import (
@@ -35,13 +37,33 @@ from hippo_vllm.vllm.metrics import HippoStats
 
 logger = logging.getLogger("hippo_vllm")
 
+RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 
-@dataclasses.dataclass
-class _DraftRequest:
-    view: DraftView
-    mrope_delta: int
-    fed_outputs: list[int] = dataclasses.field(default_factory=list)  # output ids in draft KV
-    prefilled: bool = False
+
+class _LruCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+def _prompt_key(state: Any) -> tuple:
+    return tuple(state.prompt_token_ids), tuple(f.identifier for f in state.mm_features)
+
+
+def _attention_missing(attention: list | None) -> bool:
+    return attention is not None and any(a is None for a in attention)
 
 
 class HippoProposer:
@@ -62,9 +84,13 @@ class HippoProposer:
         self.engine: DraftEngine | None = None
         self.capture: TargetAttentionCapture | None = None
         self.stats = HippoStats()
-        self._requests: dict[str, _DraftRequest] = {}
+        self._requests: dict[str, DraftState] = {}
         self._views: dict[str, DraftView] = {}  # survives preemption, freed on finish
         self._failed: set[str] = set()
+        # A prompt served from vLLM's prefix cache is not recomputed, so the target's
+        # attention to its video cannot be captured again; an identical prompt seen
+        # recently reuses its view (same prompt, same selection).
+        self._recent_views = _LruCache(RECENT_VIEWS)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -80,6 +106,7 @@ class HippoProposer:
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
             self.capture = TargetAttentionCapture(layers, indices)
         self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
+        self.chunks = ChunkDrafter(self.engine)
         logger.info(
             "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
             self.hippo.model, self.hippo.keep_ratio, self.hippo.pruning, self.num_speculative_tokens,
@@ -183,7 +210,7 @@ class HippoProposer:
 
 
     def _ensure_prefilled(self, runner: Any, req_id: str) -> None:
-        if req_id in self._requests and self._requests[req_id].prefilled:
+        if req_id in self._requests:
             return
         state = runner.requests[req_id]
         engine = self.engine
@@ -192,17 +219,21 @@ class HippoProposer:
         item_embeds = engine.embed_multimodal(state.mm_features) if state.mm_features else []
         if view is None:
             attention = self.capture.finish(req_id) if self.capture is not None else None
-            view = build_draft_view(
-                self.hippo, len(prompt), state.mm_features, item_embeds, attention,
-                self.spatial_merge_size,
-            )
+            key = _prompt_key(state)
+            view = self._recent_views.get(key) if _attention_missing(attention) else None
+            if view is None:
+                view = build_draft_view(
+                    self.hippo, len(prompt), state.mm_features, item_embeds, attention,
+                    self.spatial_merge_size,
+                )
+            self._recent_views.put(key, view)
             self._views[req_id] = view
             self.stats.record_view(view)
         embeds = engine.embed_prompt(prompt, state.mm_features, item_embeds)[view.keep_rows]
         positions = self._prompt_positions(state, len(prompt))[:, view.keep_rows]
         engine.free(req_id)
         engine.run([DraftInput(req_id, positions, inputs_embeds=embeds)])
-        self._requests[req_id] = _DraftRequest(view, self._mrope_delta(state), prefilled=True)
+        self._requests[req_id] = DraftState(view, self._mrope_delta(state))
 
     @staticmethod
     def _prompt_positions(state: Any, prompt_len: int) -> torch.Tensor:
@@ -215,58 +246,19 @@ class HippoProposer:
         return int(state.mrope_position_delta or 0)
 
     def _draft(self, runner: Any, active: list[tuple[int, str, int]], drafts: list[list[int]]) -> None:
-        engine = self.engine
         batch = runner.input_batch
-        inputs, order = [], []
+        requests = []
         for i, req_id, budget in active:
-            req = self._requests[req_id]
-            n_prompt = req.view.prompt_len
+            state = self._requests[req_id]
             n_tokens = int(batch.num_tokens_no_spec[i])
-            outputs = batch.token_ids_cpu[i, n_prompt:n_tokens].tolist()
-            # Keep what the draft fed that the target committed, but always refeed
-            # the last committed token: its logits give the first draft token.
-            common = 0
-            limit = min(len(req.fed_outputs), len(outputs) - 1)
-            while common < limit and req.fed_outputs[common] == outputs[common]:
-                common += 1
-            engine.truncate(req_id, req.view.compact_len + common)
-            new = outputs[common:]
-            positions = torch.arange(n_prompt + common, n_prompt + len(outputs)) + req.mrope_delta
-            inputs.append(
-                DraftInput(req_id, positions.expand(3, -1), token_ids=torch.tensor(new, dtype=torch.long))
-            )
-            req.fed_outputs = outputs[:common]  # mirrors the draft KV until run() succeeds
-            order.append((i, req_id, budget, new))
+            outputs = batch.token_ids_cpu[i, state.view.prompt_len : n_tokens].tolist()
+            requests.append(ChunkRequest(req_id, state, outputs, budget))
         try:
-            logits = engine.run(inputs)
+            pending = self.chunks.launch(requests)
         except DraftCapacityError:
             return
-        for (i, req_id, _, new), token in zip(order, logits.argmax(dim=-1).tolist()):
-            self._requests[req_id].fed_outputs.extend(new)
-            drafts[i].append(token)
-        # Further steps only for requests that still want tokens.
-        for step in range(1, max(budget for _, _, budget, _ in order)):
-            step_inputs, step_order = [], []
-            for i, req_id, budget, _ in order:
-                if step >= budget:
-                    continue
-                req = self._requests[req_id]
-                position = req.view.prompt_len + len(req.fed_outputs) + req.mrope_delta
-                step_inputs.append(
-                    DraftInput(
-                        req_id,
-                        torch.full((3, 1), position, dtype=torch.long),
-                        token_ids=torch.tensor([drafts[i][-1]], dtype=torch.long),
-                    )
-                )
-                step_order.append((i, req))
-            try:
-                logits = engine.run(step_inputs)
-            except DraftCapacityError:
-                break
-            for (i, req), token in zip(step_order, logits.argmax(dim=-1).tolist()):
-                req.fed_outputs.append(drafts[i][-1])
-                drafts[i].append(token)
+        for (i, _, _), tokens in zip(active, pending.tokens()):
+            drafts[i] = tokens
         self.stats.record_drafts(sum(len(d) for d in drafts))
 
     # -- introspection (tests, metrics) ---------------------------------------------------

@@ -1,0 +1,91 @@
+"""What the draft sees of different prompts: several videos, images, prefix-cache hits.
+
+Each case is checked for losslessness against the target alone and for the
+draft view hippo built (which rows of the prompt the draft kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engine_utils import engine, generate_ids, video_request
+
+from hippo_vllm.fixtures import load_video
+
+pytestmark = pytest.mark.engine
+
+MM_LIMITS = {"image": 1, "video": 2}
+
+
+def hippo_config(model, **overrides):
+    return {"method": "hippo", "model": str(model), "num_speculative_tokens": 3,
+            "parallel": False, **overrides}
+
+
+def proposer_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def recording_views(llm) -> list:
+    """Every draft view the proposer builds from now on, in order."""
+    stats = proposer_of(llm).stats
+    views, record = [], stats.record_view
+    stats.record_view = lambda view: (views.append(view), record(view))
+    return views
+
+
+def chat(tokenizer, parts: list[dict], question: str) -> str:
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_media_requests(tiny, tiny_tokenizer):
+    videos = [load_video(v, 8) for v in tiny.synthetic_videos[:2]]
+    image = np.asarray(videos[0][0][0])  # a 112x112 RGB frame as an image
+    return [
+        {"prompt": chat(tiny_tokenizer, [{"type": "video"}, {"type": "video"}], "Compare the videos."),
+         "multi_modal_data": {"video": videos}},
+        {"prompt": chat(tiny_tokenizer, [{"type": "image"}], "Describe the picture."),
+         "multi_modal_data": {"image": image}},
+    ]
+
+
+def test_each_video_is_pruned_and_images_are_drafted_in_full(tiny, mixed_media_requests):
+    with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS) as llm:
+        expected = generate_ids(llm, mixed_media_requests, max_tokens=20)
+    config = hippo_config(tiny.draft)
+    with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS, speculative_config=config) as llm:
+        views = recording_views(llm)
+        assert generate_ids(llm, mixed_media_requests, max_tokens=20) == expected
+        drafted = proposer_of(llm).stats.draft_tokens
+    two_videos, image = sorted(views, key=lambda v: -v.video_tokens)
+    assert drafted > 0
+    # Two 64-token videos, each pruned to ceil(0.1 * 64) = 7 tokens.
+    assert (two_videos.video_tokens, two_videos.video_tokens_seen) == (128, 14)
+    assert two_videos.compact_len == two_videos.prompt_len - 128 + 14
+    assert image.video_tokens == 0
+    assert image.keep_rows.tolist() == list(range(image.prompt_len))
+
+
+def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(tiny, tiny_tokenizer):
+    # 16 frames -> 128 video tokens: the prompt spans a full 128-token KV block,
+    # which vLLM's prefix cache serves to the next request with the same video.
+    video = tiny.synthetic_videos[0]
+    first = video_request(tiny_tokenizer, "Describe this video.", video, num_frames=16)
+    other_question = video_request(tiny_tokenizer, "What colours move?", video, num_frames=16)
+    sequence = [first, first, other_question]
+    with engine(tiny.target) as llm:
+        expected = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+        views = recording_views(llm)
+        got = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
+        stats = proposer_of(llm).stats
+        hits = sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+    assert got == expected
+    assert hits > 0
+    # The repeated prompt reuses its view; the new question on the cached video
+    # cannot see the target's attention to it and prunes on the visual signals.
+    assert views[0].keep_rows.tolist() == views[1].keep_rows.tolist()
+    assert stats.views_without_target_attention == 1
+    assert not views[2].attention_used

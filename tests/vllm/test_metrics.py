@@ -1,0 +1,320 @@
+"""Spec-decode and hippo metrics: correct, and visible in logs, /metrics and get_metrics().
+
+The spec-decode counters are checked against counts that do not come from vLLM's
+stats: with a self-draft that sees everything (float32, greedy) every draft is
+accepted, so each round commits k + 1 tokens and the number of rounds follows from
+max_tokens alone; drafted tokens also equal the proposer's own count. The hippo
+figures are checked against the proposer's ``HippoStats`` in the worker, in-process
+and across the processes of ``vllm serve``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine_utils import engine, generate_ids, text_request, video_request
+
+K = 3
+VIDEO_TOKENS = 64  # 8 frames of 112x112 -> grid (4, 8, 8)
+# Prefill commits 1 token, each fully accepted round k + 1, the last step 1: with
+# max_tokens = 2 + n (k + 1) every round can draft all k tokens.
+ROUNDS = 6
+MAX_TOKENS = 2 + ROUNDS * (K + 1)
+
+SPEC = "vllm:spec_decode_num_"
+
+
+def hippo_config(model, **overrides):
+    return {"method": "hippo", "model": str(model), "num_speculative_tokens": K,
+            "parallel": False, **overrides}
+
+
+def proposer_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def metrics_by_name(llm) -> dict:
+    """get_metrics() as name -> value (counters) or values (vectors); one engine."""
+    return {m.name: getattr(m, "values", getattr(m, "value", None)) for m in llm.get_metrics()}
+
+
+def settled_metrics(llm, stats) -> dict:
+    """get_metrics() once the worker's snapshot has caught up with its counters."""
+    def caught_up():
+        metrics = metrics_by_name(llm)
+        return metrics if metrics.get("vllm:hippo_draft_tokens") == stats.draft_tokens else None
+
+    return wait_for(caught_up, timeout=5)
+
+
+def wait_for(condition, timeout: float, interval: float = 0.1):
+    """Poll until condition() is truthy (returned) or fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() > deadline:
+            assert result, f"condition not met within {timeout} s"
+            return result
+        time.sleep(interval)
+
+
+def prometheus_samples(text: str) -> dict[str, list]:
+    """Exposition text as sample name -> [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def check_spec_counters(drafts, drafted, accepted, per_pos):
+    assert drafted > 0 and 0 <= accepted <= drafted <= drafts * K
+    assert len(per_pos) == K and sum(per_pos) == accepted
+    assert all(a >= b for a, b in zip(per_pos, per_pos[1:])), per_pos  # position i needs i-1
+
+
+class LogLines(logging.Handler):
+    """Collects the hippo stats lines printed through vLLM's logger tree."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        self.log = logging.getLogger("vllm.hippo")
+        self.level = self.log.level
+        self.log.setLevel(logging.INFO)
+        self.log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.log.removeHandler(self)
+        self.log.setLevel(self.level)
+
+
+@pytest.fixture(scope="module")
+def requests(tiny, tiny_tokenizer):
+    videos = tiny.synthetic_videos
+    return [
+        video_request(tiny_tokenizer, "Describe this video.", videos[0]),
+        video_request(tiny_tokenizer, "What moves in the video?", videos[1 % len(videos)]),
+        text_request(tiny_tokenizer, "Which colours are warm?"),
+    ]
+
+
+# -- without an engine -----------------------------------------------------------------
+
+
+def test_every_counter_is_exported_under_vllm_names():
+    from hippo_vllm.vllm.metrics import EXPORTED_STATS, HippoStats, metric_name
+
+    assert set(EXPORTED_STATS) == set(HippoStats().as_dict())
+    assert {metric_name(field) for field in EXPORTED_STATS} >= {
+        "vllm:hippo_video_tokens_total", "vllm:hippo_video_tokens_seen_total",
+        "vllm:hippo_pruning_seconds_total", "vllm:hippo_draft_views_total",
+        "vllm:hippo_views_without_target_attention_total"}
+
+
+def test_snapshot_round_trip_survives_a_bad_file_and_is_removed_on_close(tmp_path, caplog):
+    from hippo_vllm.vllm.metrics import HippoStats
+    from hippo_vllm.vllm.stats_export import SnapshotReader, StatsPublisher
+
+    class Proposer:  # what the publisher needs of HippoProposer
+        stats = HippoStats(draft_views=2, video_tokens_total=128, video_tokens_seen=14)
+
+    proposer, path = Proposer(), tmp_path / "snapshot.json"
+    reader = SnapshotReader(path)
+    assert reader.read()["draft_views"] == 0  # nothing published yet: zeros
+    publisher = StatsPublisher(proposer, path, interval=0.05)
+    publisher.start()
+    wait_for(lambda: reader.read()["video_tokens_seen"] == 14, timeout=2)
+    proposer.stats.record_drafts(5)
+    wait_for(lambda: reader.read()["draft_tokens"] == 5, timeout=2)
+    path.write_text("{not json")  # a reader must keep the last good values
+    with caplog.at_level(logging.ERROR, logger="hippo_vllm"):
+        assert reader.read()["draft_tokens"] == 5 and reader.read()["draft_tokens"] == 5
+    assert len([r for r in caplog.records if "snapshot" in r.getMessage()]) == 1
+    publisher.close()
+    assert not path.exists()
+
+
+def test_log_line_reads_like_vllms_stats_lines():
+    from hippo_vllm.vllm.stat_logger import format_log_line
+
+    delta = {"draft_views": 4, "video_tokens_total": 64, "video_tokens_seen": 7,
+             "pruning_seconds": 0.0048, "views_without_target_attention": 1, "draft_tokens": 30}
+    fmt, args = format_log_line(delta)
+    assert fmt % tuple(args) == (
+        "hippo: draft saw 7/64 video tokens (10.9%), 4 views, pruning 1.2 ms/view, "
+        "1 without target attention")
+    fmt, args = format_log_line({**delta, "video_tokens_total": 0, "video_tokens_seen": 0,
+                                 "views_without_target_attention": 0})
+    assert fmt % tuple(args) == "hippo: draft saw 0/0 video tokens, 4 views, pruning 1.2 ms/view"
+
+
+# -- in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by conftest) ----------------
+
+
+@pytest.mark.engine
+def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_process_0(tiny, requests):
+    from prometheus_client import REGISTRY, generate_latest
+
+    from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
+    from hippo_vllm.vllm.stats_export import worker_snapshot_path
+
+    config = hippo_config(tiny.target, keep_ratio=1.0)
+    with engine(tiny.target, speculative_config=config) as llm, LogLines() as log:
+        outputs = generate_ids(llm, requests, max_tokens=MAX_TOKENS)
+        assert all(len(ids) == MAX_TOKENS for ids in outputs)
+        stats = proposer_of(llm).stats
+        metrics = settled_metrics(llm, stats)
+        llm.llm_engine.do_log_stats()
+        llm.llm_engine.do_log_stats()  # nothing new since the last line: no second hippo line
+        exposition = prometheus_samples(generate_latest(REGISTRY).decode())
+        snapshot = worker_snapshot_path(proposer_of(llm).vllm_config)
+        assert snapshot.exists()
+
+    drafts, drafted = metrics[SPEC + "drafts"], metrics[SPEC + "draft_tokens"]
+    accepted, per_pos = metrics[SPEC + "accepted_tokens"], metrics[SPEC + "accepted_tokens_per_pos"]
+    check_spec_counters(drafts, drafted, accepted, per_pos)
+    # The self-draft sees the whole prompt: every token is accepted, so each request
+    # takes exactly ROUNDS rounds of K tokens.
+    assert accepted == drafted == drafts * K == len(requests) * ROUNDS * K
+    assert per_pos == [len(requests) * ROUNDS] * K
+    assert drafted == stats.draft_tokens
+
+    videos = sum("multi_modal_data" in request for request in requests)
+    assert stats.video_tokens_total == videos * VIDEO_TOKENS
+    for field in EXPORTED_STATS:
+        sample = metric_name(field)  # get_metrics() names the family, without "_total"
+        if field != "pruning_seconds":  # get_metrics() truncates counters to int
+            assert metrics[sample.removesuffix("_total")] == getattr(stats, field), field
+        [(labels, value)] = exposition[sample]
+        assert labels == {"model_name": str(tiny.target), "engine": "0"}
+        assert value == pytest.approx(getattr(stats, field)), field
+    assert metrics["vllm:hippo_video_tokens_seen"] == metrics["vllm:hippo_video_tokens"]
+
+    [line] = [line for line in log.lines if line.startswith("hippo:")]
+    assert re.fullmatch(
+        rf"hippo: draft saw {videos * VIDEO_TOKENS}/{videos * VIDEO_TOKENS} video tokens \(100\.0%\), "
+        rf"{len(requests)} views, pruning \d+\.\d ms/view", line), line
+    assert not snapshot.exists()  # the engine's shutdown removed it
+
+
+# -- vllm serve, default multiprocess mode ------------------------------------------------
+
+VLLM = Path(sys.executable).with_name("vllm")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60) -> str:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read().decode()
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            http(url + "/health", timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"vllm serve not healthy after {timeout} s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's whole group (engine core, worker too); SIGKILL after 30 s."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.mark.engine
+def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_the_line(tiny, tmp_path):
+    """API server, engine core and worker are three processes; the tiny draft sees a tenth."""
+    from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
+
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO",
+           "VLLM_LOG_STATS_INTERVAL": "1"}
+    command = [
+        str(VLLM), "serve", str(tiny.target), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+        "--max-model-len", "1024", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20),
+        "--limit-mm-per-prompt", '{"image": 0, "video": 1}',
+        "--media-io-kwargs", '{"video": {"num_frames": 8}}',
+        "--speculative-config", json.dumps(hippo_config(tiny.draft)),
+    ]
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)  # own process group: engine core + worker
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(server, url, log_path, timeout=150)
+        video = base64.b64encode(tiny.synthetic_videos[0].read_bytes()).decode()
+        reply = json.loads(http(url + "/v1/chat/completions", {
+            "model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}},
+                {"type": "text", "text": "Describe this video."}]}],
+        }))
+        assert reply["usage"]["completion_tokens"] == MAX_TOKENS
+
+        def scraped():
+            samples = prometheus_samples(http(url + "/metrics", timeout=10))
+            ours = samples.get("vllm:hippo_draft_tokens_total", [])
+            drafted = samples.get(SPEC + "draft_tokens_total", [(None, 0)])[0][1]
+            return samples if ours and ours[0][1] == drafted > 0 else None
+
+        samples = wait_for(scraped, timeout=10, interval=0.5)
+        value = {name: entries[0][1] for name, entries in samples.items() if len(entries) == 1}
+        per_pos = [v for _, v in sorted(samples[SPEC + "accepted_tokens_per_pos_total"],
+                                        key=lambda entry: int(entry[0]["position"]))]
+        drafted, accepted = value[SPEC + "draft_tokens_total"], value[SPEC + "accepted_tokens_total"]
+        check_spec_counters(value[SPEC + "drafts_total"], drafted, accepted, per_pos)
+        assert accepted < drafted  # the tiny draft is not the target
+        for field in EXPORTED_STATS:
+            [(labels, _)] = samples[metric_name(field)]
+            assert labels == {"model_name": "tiny", "engine": "0"}
+        total, seen = value["vllm:hippo_video_tokens_total"], value["vllm:hippo_video_tokens_seen_total"]
+        assert value["vllm:hippo_draft_views_total"] == 1 and total > 0
+        assert seen == -(-total // 10)  # keep_ratio 0.1, rounded up
+        assert value["vllm:hippo_pruning_seconds_total"] > 0
+        wait_for(lambda: f"hippo: draft saw {int(seen)}/{int(total)} video tokens" in log_path.read_text(),
+                 timeout=10, interval=0.5)
+    finally:
+        stop_process_group(server)
