@@ -108,6 +108,13 @@ class HippoConfig:
             raise _fail("pruning", self.pruning, f"one of {list(PRUNING_METHODS)}")
         if not isinstance(self.parallel, bool):
             raise _fail("parallel", self.parallel, "true or false")
+        if self.parallel and k < 2:
+            raise HippoConfigError(
+                f'speculative_config["num_speculative_tokens"]={k} is too small for '
+                f'"parallel": true, which verifies the chunk\'s first token on the side and '
+                f"the other num_speculative_tokens - 1 in the next step: use >= 2, or "
+                f'"parallel": false.'
+            )
 
     @staticmethod
     def _checked_weights(weights: Any) -> dict[str, float]:
@@ -159,6 +166,11 @@ class HippoConfig:
         if self.attn_layers != "all":
             d["attn_layers"] = list(self.attn_layers)
         return d
+
+    @property
+    def vllm_num_speculative_tokens(self) -> int:
+        """Spec tokens vLLM verifies per step: γ serially, γ−1 in parallel mode."""
+        return self.num_speculative_tokens - 1 if self.parallel else self.num_speculative_tokens
 
     @property
     def weights_tuple(self) -> tuple[float, float, float]:

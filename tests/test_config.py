@@ -44,6 +44,7 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "keep_ratio": True}, r'\["keep_ratio"\]=True'),
         ({"model": "d", "num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0 .*>= 1'),
         ({"model": "d", "num_speculative_tokens": 2.0}, r'\["num_speculative_tokens"\]=2.0'),
+        ({"model": "d", "num_speculative_tokens": 1}, r'=1 is too small for "parallel": true.*"parallel": false'),
         ({"model": "d", "crop_size": 4}, r'\["crop_size"\]=4 .*odd integer >= 3'),
         ({"model": "d", "crop_size": 1}, r'\["crop_size"\]=1 '),
         ({"model": "d", "selection": "local"}, r"\['global', 'per_frame'\]"),
@@ -62,6 +63,11 @@ def test_dashed_keys_are_accepted_like_vllm_does():
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):
     with pytest.raises(HippoConfigError, match=needle):
         HippoConfig.from_speculative_config(raw)
+
+
+def test_vllm_verifies_one_token_less_per_step_in_parallel_mode():
+    assert HippoConfig(model="d", num_speculative_tokens=4).vllm_num_speculative_tokens == 3
+    assert HippoConfig(model="d", num_speculative_tokens=1, parallel=False).vllm_num_speculative_tokens == 1
 
 
 def test_attn_layers_are_checked_against_the_target_depth():

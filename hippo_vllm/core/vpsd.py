@@ -186,7 +186,9 @@ class VpsdRequest:
                 as the engine drops the tokens after a stop (EOS, stop token or
                 string, ``max_tokens``).
             draft_chunk: ``E``, the ``γ`` tokens the draft produced this step from
-                ``committed + S``; ``None`` when no draft ran (the prefill step):
+                ``committed + S`` (fewer when the request is about to reach its
+                length limit, so that no drafted token could be wasted);
+                ``None`` when no draft ran (the prefill step):
                 nothing is compared with the target's own token then, and the
                 next step is conservative.
             finished: the request ended within this step.
@@ -250,8 +252,10 @@ class VpsdRequest:
                 f"scheduled_spec must be a prefix of the spec tokens the previous on_step returned "
                 f"({self._pending!r}), got {spec!r}"
             )
-        if chunk is not None and len(chunk) != self.gamma:
-            raise ValueError(f"draft_chunk must hold gamma={self.gamma} tokens (or be None), got {chunk!r}")
+        if chunk is not None and not 1 <= len(chunk) <= self.gamma:
+            raise ValueError(
+                f"draft_chunk must hold 1 to gamma={self.gamma} tokens (or be None), got {chunk!r}"
+            )
         if not committed:
             raise ValueError("sampled must hold at least one token (every step commits one), got []")
         if len(committed) > len(spec) + 1:
@@ -271,6 +275,18 @@ class VpsdRequest:
                 f"sampled={committed!r} ends inside scheduled_spec={spec!r} without the target's own token; "
                 f"that only happens when a stop truncated the step, so pass finished=True"
             )
+
+    def close(self) -> None:
+        """End the request between steps: record its last run, as ``finished`` would.
+
+        Engines that learn about a finish only after the step (vLLM reports
+        finished requests with the next schedule) call this instead of passing
+        ``finished=True``; calling it twice, or after ``finished``, is harmless.
+        """
+        if not self.finished and self._run > 0:
+            self._record_run(self._run)
+        self.finished = True
+        self._pending = []
 
     def _record_run(self, length: int) -> None:
         self.stats.mat_sum += length

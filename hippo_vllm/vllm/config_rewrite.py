@@ -66,17 +66,15 @@ def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
             f'"method": "{METHOD_NAME}", which runs its draft inside its own worker class; '
             f"leave --worker-cls at its default."
         )
-    if not hippo.parallel:
-        logger.info("hippo: draft-then-verify scheduling (parallel=false)")
-    else:
-        logger.warning(
-            "hippo: parallel drafting (VPSD) is not available yet; "
-            "running draft-then-verify scheduling. Set \"parallel\": false to silence this."
-        )
+    logger.info(
+        "hippo: %s scheduling, %d tokens per draft chunk",
+        "parallel (VPSD)" if hippo.parallel else "draft-then-verify",
+        hippo.num_speculative_tokens,
+    )
     engine_args.speculative_config = {
         "method": "custom_class",
         "model": PROPOSER_CLASS_PATH,
-        "num_speculative_tokens": hippo.num_speculative_tokens,
+        "num_speculative_tokens": hippo.vllm_num_speculative_tokens,
     }
     engine_args.additional_config = {
         **(engine_args.additional_config or {}),

@@ -1,4 +1,4 @@
-"""Hippo's own figures, counted in the worker: how much video the draft saw.
+"""Hippo's own figures, counted in the worker: video seen by the draft, VPSD rounds.
 
 ``HippoStats`` holds the cumulative counters; ``EXPORTED_STATS`` is the one table
 of what leaves the worker. Each row is a ``HippoStats`` field and its description;
@@ -24,6 +24,22 @@ EXPORTED_STATS: dict[str, str] = {
         "(e.g. after a prefix-cache hit)."
     ),
     "draft_tokens": "Tokens the draft proposed.",
+    # Parallel drafting (VPSD) rounds, counted by hippo_vllm.core.vpsd.RoundStats.
+    "target_forwards": "Target steps of requests drafted in parallel mode (one per request and step).",
+    "committed_tokens": "Tokens those steps committed (accepted draft tokens plus the target's own).",
+    "round_drafted_tokens": (
+        "Draft tokens verified in parallel mode, incl. each chunk's first token, which is "
+        "checked against the target's own token outside vLLM's rejection sampler."
+    ),
+    "round_accepted_tokens": "Of those, the accepted ones.",
+    "optimistic_rounds": "Steps a request spent in optimistic mode (verifying γ−1 spec tokens).",
+    "conservative_rounds": "Steps a request spent in conservative mode (no spec tokens).",
+    "mat_sum": "Sum of PEARL accepted-run lengths (+1 for the correction): MAT = mat_sum / mat_runs.",
+    "mat_runs": "Number of PEARL accepted runs recorded.",
+    # Where the time goes (wall clock in the worker; on CUDA, launches overlap).
+    "target_step_seconds": "Time in the target's steps (forward and sampling, without drafting).",
+    "draft_seconds": "Time drafting chunks, including waiting for them.",
+    "draft_prefill_seconds": "Time building draft views and prefilling the draft (vision encoder included).",
 }
 
 
@@ -43,6 +59,17 @@ class HippoStats:
     pruning_seconds: float = 0.0  # draft vision encoding excluded; scoring + selection
     views_without_target_attention: int = 0  # s_attn unavailable (e.g. prefix-cache hit)
     draft_tokens: int = 0  # tokens proposed
+    target_forwards: int = 0
+    committed_tokens: int = 0
+    round_drafted_tokens: int = 0
+    round_accepted_tokens: int = 0
+    optimistic_rounds: int = 0
+    conservative_rounds: int = 0
+    mat_sum: int = 0
+    mat_runs: int = 0
+    target_step_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    draft_prefill_seconds: float = 0.0
 
     def record_view(self, view) -> None:
         self.draft_views += 1
@@ -54,6 +81,17 @@ class HippoStats:
 
     def record_drafts(self, num_tokens: int) -> None:
         self.draft_tokens += num_tokens
+
+    def record_rounds(self, rounds) -> None:
+        """Add a ``hippo_vllm.core.vpsd.RoundStats`` (one request's step)."""
+        self.target_forwards += rounds.target_forwards
+        self.committed_tokens += rounds.committed_tokens
+        self.round_drafted_tokens += rounds.drafted_tokens
+        self.round_accepted_tokens += rounds.accepted_tokens
+        self.optimistic_rounds += rounds.optimistic_rounds
+        self.conservative_rounds += rounds.conservative_rounds
+        self.mat_sum += rounds.mat_sum
+        self.mat_runs += rounds.mat_count
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ sampling, rejection sampling and bookkeeping run unchanged. The mixin only
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 from hippo_vllm.vllm.proposer import HippoProposer
@@ -33,17 +34,33 @@ class HippoRunnerMixin:
         if proposer is None:
             return super().execute_model(scheduler_output, *args, **kwargs)
         proposer.begin_step(self, scheduler_output)
+        proposer.launch_parallel_drafts(self, scheduler_output)  # overlaps the target forward on CUDA
+        start = time.perf_counter()
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)
         finally:
+            proposer.stats.target_step_seconds += time.perf_counter() - start
             proposer.end_step()
+
+    def sample_tokens(self, *args: Any, **kwargs: Any):
+        proposer = self._hippo()
+        if proposer is None:
+            return super().sample_tokens(*args, **kwargs)
+        # Sampling belongs to the target's step; drafting inside it is counted apart.
+        stats = proposer.stats
+        start, drafted_before = time.perf_counter(), stats.draft_seconds + stats.draft_prefill_seconds
+        try:
+            return super().sample_tokens(*args, **kwargs)
+        finally:
+            drafting = stats.draft_seconds + stats.draft_prefill_seconds - drafted_before
+            proposer.stats.target_step_seconds += time.perf_counter() - start - drafting
 
     def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any):
         proposer = self._hippo()
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
         ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
-        return proposer.propose_batch(self, sampled_token_ids)
+        return proposer.propose_batch(self, scheduler_output, sampled_token_ids)
 
     def shutdown(self) -> None:
         stop_exporting(self._hippo())  # the stats snapshot goes with the engine

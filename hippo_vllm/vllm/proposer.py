@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -34,6 +35,7 @@ from hippo_vllm.vllm.draft_view import (
     video_spans,
 )
 from hippo_vllm.vllm.metrics import HippoStats
+from hippo_vllm.vllm.parallel_rounds import ParallelRounds
 
 logger = logging.getLogger("hippo_vllm")
 
@@ -82,6 +84,7 @@ class HippoProposer:
         self.num_speculative_tokens = hippo.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.engine: DraftEngine | None = None
+        self.rounds: ParallelRounds | None = None
         self.capture: TargetAttentionCapture | None = None
         self.stats = HippoStats()
         self._requests: dict[str, DraftState] = {}
@@ -107,6 +110,11 @@ class HippoProposer:
             self.capture = TargetAttentionCapture(layers, indices)
         self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
         self.chunks = ChunkDrafter(self.engine)
+        self.rounds = (
+            ParallelRounds(self.num_speculative_tokens, self.chunks, self.stats, self.max_model_len)
+            if self.hippo.parallel
+            else None
+        )
         logger.info(
             "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
             self.hippo.model, self.hippo.keep_ratio, self.hippo.pruning, self.num_speculative_tokens,
@@ -161,17 +169,29 @@ class HippoProposer:
         if self.engine is not None:
             self.engine.free(req_id)
         self._requests.pop(req_id, None)
+        if self.rounds is not None:
+            self.rounds.release(req_id)
         if finished:
             self._views.pop(req_id, None)
             self._failed.discard(req_id)
         if self.capture is not None:
             self.capture.drop(req_id)
 
-    def propose_batch(self, runner: Any, sampled_token_ids: list[list[int]]) -> list[list[int]]:
-        """Draft tokens for each request of the batch, in ``input_batch`` order."""
+    def launch_parallel_drafts(self, runner: Any, scheduler_output: Any) -> None:
+        """VPSD: issue this step's draft chunks before the target's forward."""
+        if self.rounds is not None:
+            start = time.perf_counter()
+            self.rounds.launch(runner, scheduler_output, self._requests)
+            self.stats.draft_seconds += time.perf_counter() - start
+
+    def propose_batch(
+        self, runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]]
+    ) -> list[list[int]]:
+        """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
         batch = runner.input_batch
         drafts: list[list[int]] = [[] for _ in batch.req_ids]
         active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for i, req_id in enumerate(batch.req_ids):
             if not sampled_token_ids[i] or req_id in self._failed:
                 continue
@@ -181,8 +201,16 @@ class HippoProposer:
                 # draft state can go now rather than when vLLM reports it finished.
                 self.release(req_id, finished=False)
                 continue
+            if self.rounds is not None and self.rounds.has(req_id) and req_id in self._requests:
+                spec = list(spec_tokens.get(req_id, ()))
+                start = time.perf_counter()  # waiting for the chunk counts as drafting
+                drafts[i] = self.rounds.resolve(req_id, spec, list(sampled_token_ids[i]))
+                self.stats.draft_seconds += time.perf_counter() - start
+                continue
             try:
+                start = time.perf_counter()
                 self._ensure_prefilled(runner, req_id)
+                self.stats.draft_prefill_seconds += time.perf_counter() - start
             except DraftCapacityError:
                 continue
             except Exception:
@@ -190,9 +218,19 @@ class HippoProposer:
                 self._failed.add(req_id)
                 self.release(req_id, finished=False)
                 continue
-            active.append((i, req_id, budget))
-        if active:
+            if self.rounds is not None:
+                # First step of a (re)started request: conservative, the draft's
+                # first chunk is launched with the next target step.
+                drafts[i] = self.rounds.start(req_id, list(sampled_token_ids[i]))
+            else:
+                active.append((i, req_id, budget))
+        if self.rounds is not None:
+            self.rounds.finish_step()
+            self.stats.record_drafts(sum(len(d) for d in drafts))
+        elif active:
+            start = time.perf_counter()
             self._draft(runner, active, drafts)
+            self.stats.draft_seconds += time.perf_counter() - start
         return drafts
 
     # -- internals -----------------------------------------------------------------------

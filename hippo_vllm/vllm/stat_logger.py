@@ -49,20 +49,33 @@ LABEL_NAMES = ("model_name", "engine")  # PrometheusStatLogger's per-engine labe
 
 def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
     """The %-format and arguments of the log line for one interval's counter deltas."""
+    parts: list[str] = []
+    args: list[Any] = []
     views = int(delta["draft_views"])
-    total, seen = int(delta["video_tokens_total"]), int(delta["video_tokens_seen"])
-    parts, args = ["hippo: draft saw %d/%d video tokens"], [seen, total]
-    if total:
-        parts[0] += " (%.1f%%)"
-        args.append(100.0 * seen / total)
-    parts.append("%d views")
-    args.append(views)
-    parts.append("pruning %.1f ms/view")
-    args.append(1000.0 * delta["pruning_seconds"] / views if views else 0.0)
-    if delta["views_without_target_attention"]:
-        parts.append("%d without target attention")
-        args.append(int(delta["views_without_target_attention"]))
-    return ", ".join(parts), args
+    if views:
+        total, seen = int(delta["video_tokens_total"]), int(delta["video_tokens_seen"])
+        parts.append("draft saw %d/%d video tokens")
+        args += [seen, total]
+        if total:
+            parts[-1] += " (%.1f%%)"
+            args.append(100.0 * seen / total)
+        parts.append("%d views")
+        args.append(views)
+        parts.append("pruning %.1f ms/view")
+        args.append(1000.0 * delta["pruning_seconds"] / views)
+        if delta["views_without_target_attention"]:
+            parts.append("%d without target attention")
+            args.append(int(delta["views_without_target_attention"]))
+    forwards = int(delta.get("target_forwards", 0))
+    if forwards:
+        runs = int(delta["mat_runs"])
+        parts.append("MAT (PEARL, +1) %s")
+        args.append("%.2f" % (delta["mat_sum"] / runs) if runs else "n/a")
+        parts.append("%.2f tokens/target forward")
+        args.append(delta["committed_tokens"] / forwards)
+        parts.append("rounds %d optimistic / %d conservative")
+        args += [int(delta["optimistic_rounds"]), int(delta["conservative_rounds"])]
+    return "hippo: " + ", ".join(parts), args
 
 
 class HippoCollector:
@@ -120,8 +133,8 @@ class HippoStatLogger(AggregateStatLoggerBase):
             values = reader.read()
             delta = {field: values[field] - self._logged[idx][field] for field in EXPORTED_STATS}
             self._logged[idx] = values
-            if delta["draft_views"] <= 0:
-                continue  # no new draft view in this interval: nothing new to say
+            if delta["draft_views"] <= 0 and delta.get("target_forwards", 0) <= 0:
+                continue  # nothing new in this interval
             fmt, args = format_log_line(delta)
             if len(self.readers) > 1:
                 fmt, args = "Engine %03d: " + fmt, [idx, *args]

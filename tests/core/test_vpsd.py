@@ -315,7 +315,8 @@ def test_round_stats_ratios_are_zero_before_anything_happened():
         ([11, 12, 13], [11, 50, 13], None, False, r"disagrees with scheduled_spec at position 1"),
         ([11, 12, 13], [11, 12], None, False, r"sampled=\[11, 12\] ends inside .* pass finished=True"),
         ([11, 99], [11, 99, 3], None, False, r"scheduled_spec must be a prefix .* got \[11, 99\]"),
-        ([11, 12, 13], [11, 12, 13, 14], [1, 2], False, r"draft_chunk must hold gamma=4 tokens .* \[1, 2\]"),
+        ([11, 12, 13], [11, 12, 13, 14], [1, 2, 3, 4, 5], False, r"draft_chunk must hold 1 to gamma=4 tokens .* \[1, 2, 3, 4, 5\]"),
+        ([11, 12, 13], [11, 12, 13, 14], [], False, r"draft_chunk must hold 1 to gamma=4 tokens .* \[\]"),
         ([], [1.5], None, False, r"sampled must hold non-negative int token ids, got 1\.5"),
         ([], [-3], None, False, r"sampled must hold non-negative int token ids, got -3"),
         ([], [True], None, False, r"sampled must hold non-negative int token ids, got True"),
@@ -344,3 +345,15 @@ def test_bad_driver_input_raises_naming_the_argument(kwargs, match):
     args = {"prompt": [1], "gamma": 3, "max_tokens": 5, **kwargs}
     with pytest.raises(ValueError, match=match):
         simulate(target_next, draft_next, **args)
+
+
+def test_close_records_the_open_run_once_and_ends_the_request():
+    request = VpsdRequest(gamma=3)
+    request.on_step([], [5], None)
+    next_spec = request.on_step([], [6], [6, 7, 8])  # conservative accept: run 1
+    request.on_step(next_spec, [7, 8, 9], [9, 1, 2])  # all accepted + E[0]: run 4
+    request.close()
+    request.close()
+    assert (request.stats.mat_sum, request.stats.mat_count) == (4, 1)
+    with pytest.raises(ValueError, match="after the request finished"):
+        request.on_step([], [1], None)

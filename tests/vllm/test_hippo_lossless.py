@@ -21,9 +21,12 @@ TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * 4  # layers x (K, V) x kv heads x h
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?")
 
 
-def hippo_config(model, **overrides):
+SCHEDULES = pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
+
+
+def hippo_config(model, parallel=False, **overrides):
     return {"method": "hippo", "model": str(model), "num_speculative_tokens": K,
-            "parallel": False, **overrides}
+            "parallel": parallel, **overrides}
 
 
 def proposer_of(llm):
@@ -74,8 +77,9 @@ def _mixed_batch(llm, requests):
     return [tuple(o.outputs[0].token_ids) for o in outputs]
 
 
-def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(tiny, requests, baseline):
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+@SCHEDULES
+def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(parallel, tiny, requests, baseline):
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel)) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
         assert _mixed_batch(llm, requests) == baseline["mixed"]
         counters = spec_counters(llm)
@@ -88,27 +92,38 @@ def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(tiny, requests, 
     assert stats.views_without_target_attention == 0
 
 
-def test_self_draft_keep_all_accepts_everything(tiny, requests, baseline):
-    config = hippo_config(tiny.target, keep_ratio=1.0)
+@SCHEDULES
+def test_self_draft_keep_all_accepts_everything(parallel, tiny, requests, baseline):
+    config = hippo_config(tiny.target, parallel, keep_ratio=1.0)
     with engine(tiny.target, speculative_config=config) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
         counters = spec_counters(llm)
+        stats = proposer_of(llm).stats
     drafted = counters["vllm:spec_decode_num_draft_tokens"]
     accepted = counters["vllm:spec_decode_num_accepted_tokens"]
     assert drafted > 0 and accepted / drafted >= 0.99, counters
+    if parallel:
+        # Each chunk's first token is verified against the target's own token.
+        assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
+        assert stats.optimistic_rounds > stats.conservative_rounds
+        # Every verified token is accepted: a step commits K tokens (K-1 spec + 1).
+        assert stats.committed_tokens / stats.target_forwards > K - 1
+        assert stats.mat_sum / stats.mat_runs > 2 * K
 
 
-def test_self_draft_pruned_is_lossless_and_sees_a_tenth(tiny, requests, baseline):
-    with engine(tiny.target, speculative_config=hippo_config(tiny.target, keep_ratio=0.1)) as llm:
+@SCHEDULES
+def test_self_draft_pruned_is_lossless_and_sees_a_tenth(parallel, tiny, requests, baseline):
+    with engine(tiny.target, speculative_config=hippo_config(tiny.target, parallel, keep_ratio=0.1)) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
 
 
-def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(tiny, requests, baseline):
+@SCHEDULES
+def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny, requests, baseline):
     # Views are freed when requests finish; keep them by reading during generation.
     kept = {}
     for label, chunk in (("whole", 1024), ("chunked", 40)):
         overrides = {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True}
-        with engine(tiny.target, speculative_config=hippo_config(tiny.draft), **overrides) as llm:
+        with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **overrides) as llm:
             proposer = proposer_of(llm)
             seen = []
             original = proposer.stats.record_view
@@ -119,12 +134,13 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(tiny, requests,
     assert kept["whole"] == kept["chunked"]
 
 
-def test_preemption_under_a_small_kv_cache_is_lossless(tiny, requests, baseline):
+@SCHEDULES
+def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests, baseline):
     # Three 128-token blocks for up to four running requests of ~200 tokens each:
     # the scheduler has to preempt and later recompute requests.
     overrides = {"kv_cache_memory_bytes": 3 * 128 * TARGET_KV_BYTES_PER_TOKEN, "max_model_len": 256,
                  "max_num_batched_tokens": 256}
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft), **overrides) as llm:
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **overrides) as llm:
         assert generate_ids(llm, requests, max_tokens=LONG) == baseline["long"]
         preemptions = counter(llm, "vllm:num_preemptions")
 
@@ -132,7 +148,8 @@ def test_preemption_under_a_small_kv_cache_is_lossless(tiny, requests, baseline)
     assert preemptions > 0 and drafted > 0
 
 
-def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(tiny, requests, baseline):
+@SCHEDULES
+def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(parallel, tiny, requests, baseline):
     from vllm import SamplingParams
 
     reference = baseline["single"]
@@ -141,7 +158,7 @@ def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(
         SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[ids[9]])
         for ids in reference
     ]
-    with engine(tiny.target, speculative_config=hippo_config(tiny.target, keep_ratio=1.0)) as llm:
+    with engine(tiny.target, speculative_config=hippo_config(tiny.target, parallel, keep_ratio=1.0)) as llm:
         hippo_stop = llm.generate(requests, params, use_tqdm=False)
         texts = [o.outputs[0].text for o in llm.generate(requests, greedy(24), use_tqdm=False)]
         string_params = [SamplingParams(temperature=0.0, max_tokens=24, stop=[t[len(t) // 2:][:3]])
@@ -180,9 +197,10 @@ def test_pruning_baselines_and_ablations_are_lossless(tiny, requests, baseline, 
     assert stats.video_tokens_seen == per_video * stats.video_tokens_total // 64
 
 
-def test_random_aborts_release_every_draft_request(tiny, requests):
+@SCHEDULES
+def test_random_aborts_release_every_draft_request(parallel, tiny, requests):
     rng = random.Random(0)
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel)) as llm:
         core = llm.llm_engine
         live = []
         for n in range(100):

@@ -71,14 +71,15 @@ def test_chi_square_helper_matches_known_values():
     )
 
 
-def test_sampled_tokens_follow_the_target_distribution(tiny, tiny_tokenizer):
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
+def test_sampled_tokens_follow_the_target_distribution(parallel, tiny, tiny_tokenizer):
     # A text prompt: what is tested is the verification of drafted tokens, which is
     # the same for any prompt, and 400 video prefills per engine would cost minutes.
     request = text_request(tiny_tokenizer, "Describe the moving objects and their colours.")
     with engine(tiny.target, **FAST) as llm:
         target = sample(llm, request)
         target_warmer = sample(llm, request, temperature=1.5 * TEMPERATURE)
-    config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3, "parallel": False}
+    config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3, "parallel": parallel}
     with engine(tiny.target, speculative_config=config, **FAST) as llm:
         hippo = sample(llm, request)
         accepted = sum(m.value for m in llm.get_metrics()
