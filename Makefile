@@ -2,11 +2,14 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench
+.PHONY: setup demo scoring-demo test bench bench-e2e
 setup:
 	@tools/setup_env.sh
 
 demo: setup
+	@$(PY) examples/serve_demo.py
+
+scoring-demo: setup
 	@$(PY) examples/scoring_demo.py
 
 test: setup
@@ -14,3 +17,6 @@ test: setup
 
 bench: setup
 	@$(PY) benchmarks/bench_scoring.py
+
+bench-e2e: setup
+	@$(PY) benchmarks/bench_e2e.py

@@ -7,7 +7,7 @@ token), scores every token with the holistic score of ``hippo_vllm.core`` and ke
 without a model; in serving, the draft's own vision encoder provides the
 embeddings and the target's prefill adds the attention signal.
 
-Run with ``make demo`` (or ``.venv/bin/python examples/scoring_demo.py``).
+Run with ``make scoring-demo`` (or ``.venv/bin/python examples/scoring_demo.py``).
 """
 
 from __future__ import annotations
