@@ -78,3 +78,27 @@ def generate_ids(llm, requests: list[dict], max_tokens: int = 16) -> list[tuple[
     """Greedy output token ids, one tuple per request, in request order."""
     outputs = llm.generate(requests, greedy(max_tokens), use_tqdm=False)
     return [tuple(o.outputs[0].token_ids) for o in outputs]
+
+
+def hippo_config(model: str | Path, num_speculative_tokens: int = 3, parallel: bool = False, **overrides) -> dict:
+    """A hippo speculative_config; draft-then-verify unless ``parallel``."""
+    return {"method": "hippo", "model": str(model), "num_speculative_tokens": num_speculative_tokens,
+            "parallel": parallel, **overrides}
+
+
+def proposer_of(llm):
+    """The in-process engine's HippoProposer (in-process engines only)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+def counter(llm, name: str) -> float:
+    """A counter from ``llm.get_metrics()`` (summed over its label sets)."""
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def recording_views(llm) -> list:
+    """Every draft view the proposer builds from now on, in order."""
+    stats = proposer_of(llm).stats
+    views, record = [], stats.record_view
+    stats.record_view = lambda view: (views.append(view), record(view))
+    return views

@@ -2,13 +2,14 @@
 
 vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
 the hippo model runner drives it: ``begin_step`` before the target forward (track
-requests whose prefill needs s_attn, release finished and preempted ones) and
-``propose_batch`` after sampling, with the tokens each request committed.
+requests whose prefill needs s_attn, release finished and preempted ones),
+``launch_parallel_drafts`` right after it (VPSD only), and ``propose_batch`` after
+sampling, with the tokens each request committed.
 
 Per request the draft keeps, in its own KV cache, the compact prompt (the draft
-view) followed by generated tokens. Each step it first rolls back to the longest
-prefix of what it fed that the target actually committed, feeds the committed
-tokens it has not seen, and drafts greedily from there: a greedy draft is a
+view) followed by output tokens (see chunk_drafting). Draft-then-verify drafts a
+chunk after sampling; parallel mode drafts it before the target's forward and lets
+parallel_rounds decide after sampling. Either way the draft proposes greedily: a
 one-hot proposal, which vLLM's rejection sampler verifies exactly for greedy and
 random sampling alike. A failure while drafting one request only stops drafting
 for that request; the target's outputs never depend on the draft.
@@ -16,7 +17,6 @@ for that request; the target's outputs never depend on the draft.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import OrderedDict

@@ -11,7 +11,17 @@ import random
 
 import pytest
 
-from engine_utils import engine, generate_ids, greedy, text_request, video_request
+from engine_utils import (
+    counter,
+    engine,
+    generate_ids,
+    greedy,
+    proposer_of,
+    recording_views,
+    text_request,
+    video_request,
+)
+from engine_utils import hippo_config as _hippo_config
 
 pytestmark = pytest.mark.engine
 
@@ -26,16 +36,7 @@ SCHEDULES = pytest.mark.parametrize("parallel", [False, True], ids=["serial", "v
 
 
 def hippo_config(model, parallel=False, **overrides):
-    return {"method": "hippo", "model": str(model), "num_speculative_tokens": K,
-            "parallel": parallel, **overrides}
-
-
-def proposer_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-
-
-def counter(llm, name: str) -> float:
-    return sum(m.value for m in llm.get_metrics() if m.name == name)
+    return _hippo_config(model, K, parallel, **overrides)
 
 
 def spec_counters(llm) -> dict[str, float]:
@@ -125,13 +126,10 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny,
     for label, chunk in (("whole", 1024), ("chunked", 40)):
         overrides = {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True}
         with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **overrides) as llm:
-            proposer = proposer_of(llm)
-            seen = []
-            original = proposer.stats.record_view
-            proposer.stats.record_view = lambda view: (seen.append(view.keep_rows.tolist()), original(view))
+            views = recording_views(llm)
             assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
-            assert proposer.stats.views_without_target_attention == 0
-            kept[label] = seen
+            assert proposer_of(llm).stats.views_without_target_attention == 0
+            kept[label] = [view.keep_rows.tolist() for view in views]
     assert kept["whole"] == kept["chunked"]
 
 

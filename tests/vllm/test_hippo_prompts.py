@@ -8,30 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_utils import engine, generate_ids, video_request
+from engine_utils import engine, generate_ids, hippo_config, proposer_of, recording_views, video_request
 
 from hippo_vllm.fixtures import load_video
 
 pytestmark = pytest.mark.engine
 
 MM_LIMITS = {"image": 1, "video": 2}
-
-
-def hippo_config(model, **overrides):
-    return {"method": "hippo", "model": str(model), "num_speculative_tokens": 3,
-            "parallel": False, **overrides}
-
-
-def proposer_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
-
-
-def recording_views(llm) -> list:
-    """Every draft view the proposer builds from now on, in order."""
-    stats = proposer_of(llm).stats
-    views, record = [], stats.record_view
-    stats.record_view = lambda view: (views.append(view), record(view))
-    return views
 
 
 def chat(tokenizer, parts: list[dict], question: str) -> str:

@@ -11,22 +11,19 @@ and across the processes of ``vllm serve``.
 from __future__ import annotations
 
 import base64
-import contextlib
-import json
 import logging
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from engine_utils import engine, generate_ids, text_request, video_request
+from engine_utils import engine, generate_ids, proposer_of, text_request, video_request
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from server_process import fast_cpu_serve_args, read_metrics, running_server  # noqa: E402
+from engine_utils import hippo_config as _hippo_config
 
 K = 3
 VIDEO_TOKENS = 64  # 8 frames of 112x112 -> grid (4, 8, 8)
@@ -39,12 +36,7 @@ SPEC = "vllm:spec_decode_num_"
 
 
 def hippo_config(model, **overrides):
-    return {"method": "hippo", "model": str(model), "num_speculative_tokens": K,
-            "parallel": False, **overrides}
-
-
-def proposer_of(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+    return _hippo_config(model, K, **overrides)
 
 
 def metrics_by_name(llm) -> dict:
@@ -220,82 +212,30 @@ def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_
     assert not snapshot.exists()  # the engine's shutdown removed it
 
 
-# -- vllm serve, default multiprocess mode ------------------------------------------------
-
-VLLM = Path(sys.executable).with_name("vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 60) -> str:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return response.read().decode()
-
-
-def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            http(url + "/health", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"vllm serve not healthy after {timeout} s:\n{log_path.read_text()[-4000:]}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's whole group (engine core, worker too); SIGKILL after 30 s."""
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @pytest.mark.engine
 def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_the_line(tiny, tmp_path):
     """API server, engine core and worker are three processes; the tiny draft sees a tenth."""
     from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
 
-    port, log_path = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO",
-           "VLLM_LOG_STATS_INTERVAL": "1"}
-    command = [
-        str(VLLM), "serve", str(tiny.target), "--served-model-name", "tiny",
-        "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
-        "--max-model-len", "1024", "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20),
-        "--limit-mm-per-prompt", '{"image": 0, "video": 1}',
-        "--media-io-kwargs", '{"video": {"num_frames": 8}}',
-        "--speculative-config", json.dumps(hippo_config(tiny.draft)),
-    ]
-    with open(log_path, "w") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)  # own process group: engine core + worker
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(server, url, log_path, timeout=150)
+    from openai import OpenAI
+
+    log_path = tmp_path / "server.log"
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOG_STATS_INTERVAL": "1"}
+    args = fast_cpu_serve_args(tiny.video_dir, speculative_config=hippo_config(tiny.draft))
+    with running_server(tiny.target, args, log_path, env=env, timeout=150) as server:
         video = base64.b64encode(tiny.synthetic_videos[0].read_bytes()).decode()
-        reply = json.loads(http(url + "/v1/chat/completions", {
-            "model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
-            "messages": [{"role": "user", "content": [
+        reply = OpenAI(base_url=server.openai_base_url, api_key="unused").chat.completions.create(
+            model="tiny", max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": [
                 {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{video}"}},
                 {"type": "text", "text": "Describe this video."}]}],
-        }))
-        assert reply["usage"]["completion_tokens"] == MAX_TOKENS
+        )
+        assert reply.usage.completion_tokens == MAX_TOKENS
 
         def scraped():
-            samples = prometheus_samples(http(url + "/metrics", timeout=10))
+            samples = {}
+            for sample in read_metrics(server.base_url):
+                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
             ours = samples.get("vllm:hippo_draft_tokens_total", [])
             drafted = samples.get(SPEC + "draft_tokens_total", [(None, 0)])[0][1]
             return samples if ours and ours[0][1] == drafted > 0 else None
@@ -316,5 +256,3 @@ def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_
         assert value["vllm:hippo_pruning_seconds_total"] > 0
         wait_for(lambda: f"hippo: draft saw {int(seen)}/{int(total)} video tokens" in log_path.read_text(),
                  timeout=10, interval=0.5)
-    finally:
-        stop_process_group(server)
