@@ -18,7 +18,9 @@ the same rule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,15 +91,29 @@ class ChunkDrafter:
         self.engine = engine
         self._stream = _side_stream(engine.device)
 
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Run draft work issued inside on the side stream (a no-op on CPU)."""
+        if self._stream is None:
+            yield
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(self._stream):
+            yield
+
+    def join(self) -> None:
+        """Make the current stream wait for side-stream work (a no-op on CPU)."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self.engine.device).wait_stream(self._stream)
+
     def launch(self, requests: list[ChunkRequest]) -> PendingChunks:
         if not requests:
             return PendingChunks([], None, None)
         if self._stream is None:
             return PendingChunks(requests, self._draft(requests), None)
-        # The side stream must see everything the main stream did to the draft's
+        # The side stream waits for everything the main stream did to the draft's
         # KV and inputs so far (e.g. a compact prefill issued there).
-        self._stream.wait_stream(torch.cuda.current_stream(self.engine.device))
-        with torch.cuda.stream(self._stream):
+        with self.side_stream():
             chunk = self._draft(requests)
             event = torch.cuda.Event()
             event.record(self._stream)

@@ -90,6 +90,7 @@ class HippoProposer:
         self._requests: dict[str, DraftState] = {}
         self._views: dict[str, DraftView] = {}  # survives preemption, freed on finish
         self._failed: set[str] = set()
+        self._early_embeds: dict[str, list[torch.Tensor]] = {}  # draft vision encodings
         # A prompt served from vLLM's prefix cache is not recomputed, so the target's
         # attention to its video cannot be captured again; an identical prompt seen
         # recently reuses its view (same prompt, same selection).
@@ -169,6 +170,7 @@ class HippoProposer:
         if self.engine is not None:
             self.engine.free(req_id)
         self._requests.pop(req_id, None)
+        self._early_embeds.pop(req_id, None)
         if self.rounds is not None:
             self.rounds.release(req_id)
         if finished:
@@ -178,11 +180,43 @@ class HippoProposer:
             self.capture.drop(req_id)
 
     def launch_parallel_drafts(self, runner: Any, scheduler_output: Any) -> None:
-        """VPSD: issue this step's draft chunks before the target's forward."""
-        if self.rounds is not None:
-            start = time.perf_counter()
-            self.rounds.launch(runner, scheduler_output, self._requests)
-            self.stats.draft_seconds += time.perf_counter() - start
+        """VPSD: issue draft work that needs nothing from this target step, before it.
+
+        That is the draft's vision encoding of prompts whose prefill ends in this
+        step (only the compact prefill has to wait for the target's s_attn) and
+        this step's draft chunks.
+        """
+        if self.rounds is None:
+            return
+        start = time.perf_counter()
+        self._encode_videos_early(runner, scheduler_output)
+        self.stats.draft_prefill_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        self.rounds.launch(runner, scheduler_output, self._requests)
+        self.stats.draft_seconds += time.perf_counter() - start
+
+    def _encode_videos_early(self, runner: Any, scheduler_output: Any) -> None:
+        new = {r.req_id: (r.prompt_token_ids, r.mm_features, r.num_computed_tokens)
+               for r in scheduler_output.scheduled_new_reqs}
+        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
+            if req_id in self._views or req_id in self._early_embeds or req_id in self._failed:
+                continue
+            if req_id in new:
+                prompt, features, computed = new[req_id]
+            elif req_id in runner.requests:
+                state = runner.requests[req_id]
+                prompt, features, computed = state.prompt_token_ids, state.mm_features, state.num_computed_tokens
+            else:
+                continue
+            ends_prefill = prompt is not None and computed < len(prompt) <= computed + scheduled
+            if not ends_prefill or not video_spans(features):
+                continue
+            try:
+                with self.chunks.side_stream():
+                    self._early_embeds[req_id] = self.engine.embed_multimodal(features)
+            except Exception:
+                logger.exception("hippo: drafting disabled for request %s", req_id)
+                self._failed.add(req_id)
 
     def propose_batch(
         self, runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]]
@@ -254,7 +288,13 @@ class HippoProposer:
         engine = self.engine
         prompt = torch.tensor(state.prompt_token_ids, dtype=torch.long)
         view = self._views.get(req_id)
-        item_embeds = engine.embed_multimodal(state.mm_features) if state.mm_features else []
+        item_embeds = self._early_embeds.pop(req_id, None)
+        if item_embeds is not None:
+            self.chunks.join()  # encoded on the side stream during the target's prefill
+        elif state.mm_features:
+            item_embeds = engine.embed_multimodal(state.mm_features)
+        else:
+            item_embeds = []
         if view is None:
             attention = self.capture.finish(req_id) if self.capture is not None else None
             key = _prompt_key(state)
