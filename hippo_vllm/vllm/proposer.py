@@ -230,16 +230,21 @@ class HippoProposer:
             if not sampled_token_ids[i] or req_id in self._failed:
                 continue
             budget = self._draft_budget(runner, i, req_id)
+            if self.rounds is not None and self.rounds.has(req_id) and req_id in self._requests:
+                # Account this step's round first, also when it is the request's last.
+                spec = list(spec_tokens.get(req_id, ()))
+                start = time.perf_counter()  # waiting for the chunk counts as drafting
+                next_spec = self.rounds.resolve(req_id, spec, list(sampled_token_ids[i]))
+                self.stats.draft_seconds += time.perf_counter() - start
+                if budget >= 0:
+                    # At 0 the next step commits one token without spec tokens; the
+                    # request stays so that step is accounted too.
+                    drafts[i] = next_spec[:budget]
+                    continue
             if budget <= 0:
                 # The request ends within one more token: nothing to draft, and its
                 # draft state can go now rather than when vLLM reports it finished.
                 self.release(req_id, finished=False)
-                continue
-            if self.rounds is not None and self.rounds.has(req_id) and req_id in self._requests:
-                spec = list(spec_tokens.get(req_id, ()))
-                start = time.perf_counter()  # waiting for the chunk counts as drafting
-                drafts[i] = self.rounds.resolve(req_id, spec, list(sampled_token_ids[i]))
-                self.stats.draft_seconds += time.perf_counter() - start
                 continue
             try:
                 start = time.perf_counter()

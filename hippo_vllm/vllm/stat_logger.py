@@ -7,6 +7,7 @@ worker publishes (:mod:`hippo_vllm.vllm.stats_export`) and
 - at vLLM's log interval prints, like vLLM's "SpecDecoding metrics" line, what
   happened since the last line:
   ``hippo: draft saw 14/128 video tokens (10.9%), 3 views, pruning 1.2 ms/view``
+  (plus MAT, tokens per target forward and rounds in parallel mode)
   (plus ``, N without target attention`` when some views lacked s_attn);
 - registers a Prometheus collector that reads the snapshots at scrape time, one
   counter per ``EXPORTED_STATS`` row (``vllm:hippo_<field>_total``) with vLLM's

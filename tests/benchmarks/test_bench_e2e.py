@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def _load_benchmark():
     # benchmarks/ is a folder of scripts, not a package.
     spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(module)
     return module
 

@@ -108,7 +108,9 @@ def test_self_draft_keep_all_accepts_everything(parallel, tiny, requests, baseli
         # Each chunk's first token is verified against the target's own token.
         assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
         assert stats.optimistic_rounds > stats.conservative_rounds
-        # Every verified token is accepted: a step commits K tokens (K-1 spec + 1).
+        # Every verified token is accepted: a step commits K tokens (K-1 spec + 1),
+        # and every step of every request is accounted, the last ones included.
+        assert stats.committed_tokens == sum(len(ids) for ids in baseline["single"])
         assert stats.committed_tokens / stats.target_forwards > K - 1
         assert stats.mat_sum / stats.mat_runs > 2 * K
 

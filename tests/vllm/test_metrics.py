@@ -161,6 +161,15 @@ def test_log_line_reads_like_vllms_stats_lines():
     fmt, args = format_log_line({**delta, "video_tokens_total": 0, "video_tokens_seen": 0,
                                  "views_without_target_attention": 0})
     assert fmt % tuple(args) == "hippo: draft saw 0/0 video tokens, 4 views, pruning 1.2 ms/view"
+    rounds = {"target_forwards": 20, "committed_tokens": 46, "mat_sum": 33, "mat_runs": 8,
+              "optimistic_rounds": 12, "conservative_rounds": 8}
+    fmt, args = format_log_line({**delta, "draft_views": 0, **rounds})
+    assert fmt % tuple(args) == (
+        "hippo: MAT (PEARL, +1) 4.12, 2.30 tokens/target forward, rounds 12 optimistic / 8 conservative")
+    fmt, args = format_log_line({**delta, **rounds, "mat_runs": 0, "mat_sum": 0})
+    assert (fmt % tuple(args)).endswith(
+        "1.2 ms/view, 1 without target attention, MAT (PEARL, +1) n/a, 2.30 tokens/target forward, "
+        "rounds 12 optimistic / 8 conservative")
 
 
 # -- in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by conftest) ----------------
