@@ -222,6 +222,30 @@ def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_
 
 
 @pytest.mark.engine
+def test_parallel_mode_reports_mat_and_tokens_per_forward(tiny, requests):
+    """VPSD's figures reach get_metrics() and the log line; a self-draft is never rejected."""
+    config = hippo_config(tiny.target, keep_ratio=1.0, parallel=True)
+    with engine(tiny.target, speculative_config=config) as llm, LogLines() as log:
+        outputs = generate_ids(llm, requests, max_tokens=MAX_TOKENS)
+        stats = proposer_of(llm).stats
+        metrics = settled_metrics(llm, stats)
+        llm.llm_engine.do_log_stats()
+
+    assert stats.committed_tokens == sum(len(ids) for ids in outputs)
+    for field in ("target_forwards", "committed_tokens", "mat_sum", "mat_runs",
+                  "optimistic_rounds", "conservative_rounds"):
+        assert metrics[f"vllm:hippo_{field}"] == getattr(stats, field), field
+    # Nothing is rejected: each request's accepted draft tokens form one run, recorded
+    # when it ends (its first token and a last step without draft are the target's own).
+    assert stats.round_accepted_tokens == stats.round_drafted_tokens > 0
+    assert stats.mat_runs == len(requests)
+    assert stats.mat_sum == stats.round_accepted_tokens
+    mat, per_forward = stats.mat_sum / stats.mat_runs, stats.committed_tokens / stats.target_forwards
+    [line] = [line for line in log.lines if line.startswith("hippo:")]
+    assert f"MAT (PEARL, +1) {mat:.2f}, {per_forward:.2f} tokens/target forward" in line, line
+
+
+@pytest.mark.engine
 def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_the_line(tiny, tmp_path):
     """API server, engine core and worker are three processes; the tiny draft sees a tenth."""
     from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
