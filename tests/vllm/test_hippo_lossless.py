@@ -185,8 +185,9 @@ def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(
         {"pruning": "specvlm"},
         {"pruning": "none"},
         {"score_weights": {"attn": 0, "temp": 1, "spa": 0}, "selection": "per_frame"},
+        {"attn_layers": [0], "crop_size": 3},
     ],
-    ids=["attention", "uniform", "temporal", "specvlm", "none", "temp-only-per-frame"],
+    ids=["attention", "uniform", "temporal", "specvlm", "none", "temp-only-per-frame", "layer0-crop3"],
 )
 def test_pruning_baselines_and_ablations_are_lossless(tiny, requests, baseline, overrides):
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, **overrides)) as llm:
