@@ -3,11 +3,12 @@
 Builds the tiny offline Qwen2.5-VL target/draft pair and its sample mp4s, starts
 
     vllm serve TARGET --speculative-config \\
-        '{"method":"hippo","model":DRAFT,"num_speculative_tokens":3,"parallel":false}'
+        '{"method":"hippo","model":DRAFT,"num_speculative_tokens":3}'
 
 on 127.0.0.1 (a free port), sends one chat request with a `video_url` through the
 `openai` client, prints the answer and the acceptance figures from the server's
-`/metrics`, and stops the server. The models have random weights, so the answer
+`/metrics`, and stops the server. Drafting runs in the default parallel mode
+(VPSD); pass `--serial` for draft-then-verify. The models have random weights, so the answer
 is gibberish; what matters is that it is exactly the target's own answer (the
 tests in tests/server/ check that against a server without speculation) and how
 many drafted tokens the target accepted.
@@ -90,7 +91,7 @@ def print_acceptance(samples: list[MetricSample]) -> None:
     if not hippo:
         print("hippo metrics: none exposed by this plugin version")
         return
-    # Counters of features this run does not use (parallel drafting) stay at 0.
+    # Counters of features this run does not use (e.g. parallel rounds) stay at 0.
     idle = sum(1 for value in hippo.values() if not value)
     print(f"hippo metrics ({idle} counters at 0 not shown):" if idle else "hippo metrics:")
     for name, value in sorted(hippo.items()):
@@ -99,6 +100,15 @@ def print_acceptance(samples: list[MetricSample]) -> None:
     if hippo.get(HIPPO_VIDEO_TOTAL):
         seen_share = hippo.get(HIPPO_VIDEO_SEEN, 0.0) / hippo[HIPPO_VIDEO_TOTAL]
         print(f"  the draft saw {seen_share:.1%} of the video tokens the target saw")
+    forwards = hippo.get(HIPPO_PREFIX + "target_forwards_total")
+    if forwards:
+        # In parallel mode vLLM's counters miss each chunk's first token, which is
+        # checked against the target's own token; hippo's round counters have both.
+        committed = hippo.get(HIPPO_PREFIX + "committed_tokens_total", 0.0)
+        runs = hippo.get(HIPPO_PREFIX + "mat_runs_total", 0.0)
+        mat = f"{hippo.get(HIPPO_PREFIX + 'mat_sum_total', 0.0) / runs:.2f}" if runs else "n/a"
+        print(f"  parallel rounds: {committed / forwards:.2f} tokens per target forward, "
+              f"MAT (PEARL, +1) {mat}")
 
 
 def main() -> None:
@@ -106,13 +116,16 @@ def main() -> None:
     parser.add_argument("--video", type=Path, help="an mp4 to ask about (default: a generated one)")
     parser.add_argument("--question", default="Describe this video.")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--serial", action="store_true", help="draft-then-verify instead of parallel drafting")
     args = parser.parse_args()
 
     print("building the tiny target/draft pair and sample videos (cached after the first run)")
     fixtures = build_fixtures()
     video = (args.video or fixtures.synthetic_videos[0]).resolve()
     speculative_config = {"method": "hippo", "model": str(fixtures.draft),
-                          "num_speculative_tokens": NUM_SPECULATIVE_TOKENS, "parallel": False}
+                          "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
+    if args.serial:
+        speculative_config["parallel"] = False
     serve_args = fast_cpu_serve_args(video.parent, served_model_name=SERVED_NAME,
                                      speculative_config=speculative_config)
     log_path = Path(tempfile.mkdtemp(prefix="hippo_serve_demo_")) / "server.log"
