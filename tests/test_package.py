@@ -1,6 +1,7 @@
 """Packaging contract: lazy vLLM import, the plugin entry point, the version gate."""
 
 import ast
+import os
 import pathlib
 import subprocess
 import sys
@@ -83,3 +84,33 @@ def test_unsupported_version_is_refused_with_the_allowed_list(version, monkeypat
 def test_version_check_can_be_overridden(monkeypatch):
     monkeypatch.setenv(version_gate.SKIP_VERSION_CHECK_ENV, "1")
     check_vllm_version("9.9.9")
+
+
+def test_hippo_on_an_unsupported_vllm_is_refused_with_the_version_message(monkeypatch):
+    from types import SimpleNamespace
+
+    from hippo_vllm.vllm.config_rewrite import rewrite_hippo_engine_args
+
+    monkeypatch.delenv(version_gate.SKIP_VERSION_CHECK_ENV, raising=False)
+    monkeypatch.setattr(version_gate, "installed_vllm_version", lambda: "0.40.0")
+    args = SimpleNamespace(speculative_config={"method": "hippo", "model": "d"}, worker_cls="auto",
+                           additional_config={})
+    with pytest.raises(UnsupportedVllmVersion, match=r"0\.32\.x, 0\.33\.x; the installed vLLM is 0\.40\.0"):
+        rewrite_hippo_engine_args(args)
+    assert args.speculative_config == {"method": "hippo", "model": "d"}  # left as it was
+
+
+def test_plugin_on_an_unsupported_vllm_stands_down_but_still_refuses_hippo_clearly():
+    code = (
+        "import vllm\n"
+        "vllm.__version__ = '0.40.0'\n"
+        "from hippo_vllm.vllm import plugin\n"
+        "assert plugin.register() is False\n"
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "args = EngineArgs(model='unused', speculative_config={'method': 'hippo', 'model': 'd'})\n"
+        "args.create_engine_config()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != version_gate.SKIP_VERSION_CHECK_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0
+    assert "UnsupportedVllmVersion: hippo_vllm supports vLLM 0.32.x, 0.33.x; the installed vLLM is 0.40.0" in out.stderr

@@ -7,8 +7,8 @@ of ``"method": "hippo"`` into a configuration vLLM accepts, hippo's stat logger
 next to vLLM's, and the CPU sampling fix. The draft itself lives in the hippo
 worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
 unsupported vLLM must not raise here: it only stands the plugin down with a
-warning, and a later request for ``"method": "hippo"`` is refused with the
-version message.
+warning (only the config rewrite is installed, so that a later
+``"method": "hippo"`` config is refused with the version message).
 """
 
 from __future__ import annotations
@@ -28,13 +28,20 @@ def register() -> bool:
 
     from hippo_vllm.vllm.version_gate import UnsupportedVllmVersion, check_vllm_version
 
+    from hippo_vllm.vllm import config_rewrite, cpu_sampling_fix, stat_logger
+
     try:
         check_vllm_version()
     except UnsupportedVllmVersion as exc:
         logger.warning("hippo_vllm is inactive: %s", exc)
+        # Only the config rewrite goes in, so that a "method": "hippo" config is
+        # refused with the version message rather than vLLM's "unknown method".
+        try:
+            config_rewrite.install()
+        except Exception:  # an unknown vLLM may lack the hook; the warning stands
+            pass
         _registered = False
         return False
-    from hippo_vllm.vllm import config_rewrite, cpu_sampling_fix, stat_logger
 
     config_rewrite.install()
     cpu_sampling_fix.install()
