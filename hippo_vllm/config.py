@@ -171,7 +171,3 @@ class HippoConfig:
     def vllm_num_speculative_tokens(self) -> int:
         """Spec tokens vLLM verifies per step: γ serially, γ−1 in parallel mode."""
         return self.num_speculative_tokens - 1 if self.parallel else self.num_speculative_tokens
-
-    @property
-    def weights_tuple(self) -> tuple[float, float, float]:
-        return tuple(self.score_weights[s] for s in SIGNALS)  # type: ignore[return-value]

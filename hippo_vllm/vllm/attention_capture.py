@@ -125,10 +125,6 @@ class TargetAttentionCapture:
     def drop(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
 
-    @property
-    def num_tracked(self) -> int:
-        return len(self._requests)
-
     # -- per step ------------------------------------------------------------------------
 
     def begin_step(self, runner: Any, scheduler_output: Any) -> None:

@@ -36,12 +36,9 @@ class DraftState:
     view: DraftView
     mrope_delta: int
     fed_outputs: list[int] = dataclasses.field(default_factory=list)
-    # Drafted tokens fed back into the KV whose values are still on the device.
-    unresolved: tuple[torch.Tensor, int] | None = None
-
-    def kv_length(self) -> int:
-        pending = self.unresolved[1] if self.unresolved is not None else 0
-        return self.view.compact_len + len(self.fed_outputs) + pending
+    # A chunk was drafted whose tokens (some fed back into the KV) are still only
+    # on the device; fed_outputs catches up when PendingChunks.tokens() reads them.
+    chunk_in_flight: bool = False
 
     def output_position(self, index: int) -> int:
         """M-RoPE position (all three rows) of output token ``index``."""
@@ -61,6 +58,8 @@ class PendingChunks:
 
     def __init__(self, requests: list[ChunkRequest], chunk: torch.Tensor | None, event: Any):
         self.requests = requests
+        for r in requests:
+            r.state.chunk_in_flight = True
         self._chunk = chunk  # [R, max budget] on the draft device, -1 past a budget
         self._event = event
         self._tokens: list[list[int]] | None = None
@@ -74,7 +73,7 @@ class PendingChunks:
             for r, row in zip(self.requests, self._tokens):
                 # The first budget-1 drafted tokens were fed back into the draft KV.
                 r.state.fed_outputs.extend(row[: r.budget - 1])
-                r.state.unresolved = None
+                r.state.chunk_in_flight = False
         return self._tokens
 
 
@@ -124,7 +123,7 @@ class ChunkDrafter:
         inputs = []
         for r in requests:
             state = r.state
-            assert state.unresolved is None, "a chunk of this request is still in flight"
+            assert not state.chunk_in_flight, "a chunk of this request is still in flight"
             common = 0
             # Keep the fed tokens that match, but always refeed the last assumed
             # token: its logits give the first drafted token.
@@ -166,6 +165,4 @@ class ChunkDrafter:
                 for i in rows:
                     requests[i].budget = step
                 break
-            for i in rows:
-                requests[i].state.unresolved = (chunk[i], step)
         return chunk

@@ -29,7 +29,7 @@ class DraftView:
     prompt_len: int  # P, the full prompt length (target side)
     video_tokens: int  # video tokens in the prompt
     video_tokens_seen: int  # of which the draft sees
-    pruning_seconds: float  # scoring + selection (draft vision encoder included)
+    pruning_seconds: float  # scoring + selection (the draft's vision encoder excluded)
     attention_used: bool  # s_attn from the target was available for every video
 
     @property

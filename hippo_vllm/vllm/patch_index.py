@@ -73,6 +73,3 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
 )
 
-
-def entries_by_target() -> dict[str, PatchEntry]:
-    return {p.target: p for p in PATCHES}

@@ -16,7 +16,8 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-# target ("module:Qualified.attr") -> original value, for every patch applied here.
+# target ("module:Qualified.attr") -> original value, for every lasting patch applied
+# here: what lets a second application tell "ours" from "someone else's".
 _APPLIED: dict[str, Any] = {}
 _MARK = "__hippo_vllm_patch__"
 
@@ -52,16 +53,8 @@ def temporarily_patched(owner: Any, name: str, replacement: Any) -> Iterator[str
     target = target_name(owner, name)
     original = getattr(owner, name)
     setattr(owner, name, replacement)
-    _APPLIED.setdefault(target, original)
     try:
         yield target
     finally:
         setattr(owner, name, original)
 
-
-def original_of(target: str) -> Any:
-    return _APPLIED[target]
-
-
-def applied_targets() -> set[str]:
-    return set(_APPLIED)

@@ -103,10 +103,10 @@ class HippoProposer:
         config = self.vllm_config
         hf_text = config.model_config.hf_text_config
         self.spatial_merge_size = config.model_config.hf_config.vision_config.spatial_merge_size
-        layers = TargetAttentionCapture.find_text_attention_layers(
-            config.compilation_config.static_forward_context
-        )
         if needs_target_attention(self.hippo):
+            layers = TargetAttentionCapture.find_text_attention_layers(
+                config.compilation_config.static_forward_context
+            )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
             self.capture = TargetAttentionCapture(layers, indices)
         self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
@@ -230,7 +230,8 @@ class HippoProposer:
             if not sampled_token_ids[i] or req_id in self._failed:
                 continue
             budget = self._draft_budget(runner, i, req_id)
-            if self.rounds is not None and self.rounds.has(req_id) and req_id in self._requests:
+            # A request has rounds exactly while it has draft state (start/release).
+            if self.rounds is not None and self.rounds.has(req_id):
                 # Account this step's round first, also when it is the request's last.
                 spec = list(spec_tokens.get(req_id, ()))
                 start = time.perf_counter()  # waiting for the chunk counts as drafting

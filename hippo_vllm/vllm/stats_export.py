@@ -33,6 +33,7 @@ exits, and process 0 removes it too at exit (a worker that is killed cannot).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -93,10 +94,9 @@ def read_snapshot(path: Path) -> dict[str, float] | None:
 
 
 def remove_snapshot(path: Path) -> None:
-    try:
+    # Best effort: a leftover snapshot is a few bytes in the temp directory.
+    with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
-    except OSError:
-        pass  # best effort: a leftover snapshot is a few bytes in the temp directory
 
 
 class SnapshotReader:
