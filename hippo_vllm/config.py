@@ -57,6 +57,7 @@ class HippoConfig:
     selection: str = "global"
     pruning: str = "holistic"
     parallel: bool = True
+    draft_kv_tokens: int | str = "auto"
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -108,6 +109,13 @@ class HippoConfig:
             raise _fail("pruning", self.pruning, f"one of {list(PRUNING_METHODS)}")
         if not isinstance(self.parallel, bool):
             raise _fail("parallel", self.parallel, "true or false")
+        t = self.draft_kv_tokens
+        if t != "auto" and (not _is_int(t) or t < 1):
+            raise _fail(
+                "draft_kv_tokens", t,
+                '"auto" or an integer >= 1 (tokens the draft\'s KV cache holds, taken from '
+                "the KV cache memory)",
+            )
         if self.parallel and k < 2:
             raise HippoConfigError(
                 f'speculative_config["num_speculative_tokens"]={k} is too small for '

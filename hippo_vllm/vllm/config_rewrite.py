@@ -29,8 +29,8 @@ from hippo_vllm.config import METHOD_NAME, HippoConfig, HippoConfigError
 logger = logging.getLogger("hippo_vllm")
 
 PROPOSER_CLASS_PATH = "hippo_vllm.vllm.proposer.HippoProposer"
-CPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoCPUWorker"
-GPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoGPUWorker"
+CPU_WORKER_PATH = "hippo_vllm.vllm.worker_cpu.HippoCPUWorker"
+GPU_WORKER_PATH = "hippo_vllm.vllm.worker_gpu.HippoGPUWorker"
 ADDITIONAL_CONFIG_KEY = "hippo"
 
 # Draft and target must be vision-language models whose vLLM class hippo knows how

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from vllm.config import VllmConfig, get_layers_from_vllm_config, set_current_vllm_config
+from vllm.config import (
+    CompilationMode,
+    CUDAGraphMode,
+    VllmConfig,
+    get_layers_from_vllm_config,
+    set_current_vllm_config,
+)
 from vllm.config.utils import replace
 from vllm.engine.arg_utils import EngineArgs
 from vllm.forward_context import set_forward_context
@@ -30,7 +36,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
-from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache
+from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
 
@@ -83,6 +89,13 @@ def make_draft_vllm_config(
 ) -> VllmConfig:
     """The draft's own VllmConfig: the target's, with the draft's ModelConfig.
 
+    The draft runs eagerly, whatever the target does: no torch.compile and no
+    CUDA graphs (compilation mode NONE, cudagraph mode NONE, enforce_eager). A
+    compiled draft would compile on its first request, in the middle of serving,
+    and would accept only batch sizes up to ``max_num_batched_tokens``. The cost:
+    on a GPU each draft decode step pays the kernel-launch overhead that CUDA
+    graphs would hide.
+
     Sub-configs the draft may change are copies: a fresh compilation config (the
     draft registers its layers in its ``static_forward_context``), and shallow
     copies of the cache/scheduler/parallel configs, because ``VllmConfig``'s
@@ -106,7 +119,7 @@ def make_draft_vllm_config(
         max_model_len=target_mc.max_model_len,
         seed=target_mc.seed,
         trust_remote_code=target_mc.trust_remote_code,
-        enforce_eager=target_mc.enforce_eager,
+        enforce_eager=True,  # see below: the draft always runs eagerly
         **mm_args,
     ).create_model_config()
     if not draft_mc.uses_mrope or draft_mc.multimodal_config is None:
@@ -117,7 +130,11 @@ def make_draft_vllm_config(
         target_vllm_config,
         model_config=draft_mc,
         quant_config=None,
-        compilation_config=replace(target_vllm_config.compilation_config),
+        compilation_config=replace(
+            target_vllm_config.compilation_config,
+            mode=CompilationMode.NONE,
+            cudagraph_mode=CUDAGraphMode.NONE,
+        ),
         cache_config=copy.copy(target_vllm_config.cache_config),
         scheduler_config=copy.copy(target_vllm_config.scheduler_config),
         parallel_config=copy.copy(target_vllm_config.parallel_config),
@@ -130,6 +147,10 @@ class DraftEngine:
     Each request's draft sequence is addressed by compact index 0..length-1
     (KV slots); positions are whatever the caller passes. ``run`` is the only
     method that changes KV contents; ``truncate``/``free`` only move blocks.
+
+    The KV cache is allocated with ``num_blocks`` at construction, or later with
+    :meth:`allocate_kv_cache` once its size is known (``kv_bytes_per_token``
+    tells what each token costs); nothing runs before it exists.
     """
 
     def __init__(
@@ -137,7 +158,7 @@ class DraftEngine:
         target_vllm_config: VllmConfig,
         draft_model: str | Path,
         *,
-        num_blocks: int,
+        num_blocks: int | None = None,
         block_size: int = 32,
         dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -147,16 +168,30 @@ class DraftEngine:
         self.dtype = model_config.dtype
         self.hidden_size = model_config.get_hidden_size()
         self.vocab_size = model_config.get_vocab_size()
+        self.block_size = block_size
+        self.kv: DraftKVCache | None = None
         cfg = self.draft_vllm_config
         with set_current_vllm_config(cfg):
             self.model = get_model(vllm_config=cfg)
             # Layers without a KV spec (encoder-only attention) keep no cache.
-            layers = {
+            self._kv_layers = {
                 name: layer
                 for name, layer in get_layers_from_vllm_config(cfg, Attention).items()
                 if layer.get_kv_cache_spec(cfg) is not None
             }
-            self.kv = DraftKVCache(cfg, layers, num_blocks=num_blocks, block_size=block_size, device=self.device)
+            self.kv_bytes_per_token = draft_kv_bytes_per_token(cfg, self._kv_layers, block_size)
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the draft's KV cache: ``num_blocks`` blocks of ``block_size`` tokens."""
+        if self.kv is not None:
+            raise RuntimeError(f"the draft KV cache is already allocated ({self.kv.num_blocks} blocks)")
+        cfg = self.draft_vllm_config
+        with set_current_vllm_config(cfg):
+            self.kv = DraftKVCache(
+                cfg, self._kv_layers, num_blocks=num_blocks, block_size=self.block_size, device=self.device
+            )
 
     # -- bookkeeping (see DraftKVCache) ------------------------------------------------
 
@@ -171,6 +206,10 @@ class DraftEngine:
     @property
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks
+
+    def has_room_for(self, num_tokens: int) -> bool:
+        """Whether a new request of ``num_tokens`` tokens fits in the free draft KV now."""
+        return self.kv.has_room_for(num_tokens)
 
     def length(self, req_id: str) -> int:
         """Tokens in the request's draft KV (0 if unknown)."""

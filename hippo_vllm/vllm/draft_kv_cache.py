@@ -84,6 +84,40 @@ def allocate_layer_kv_caches(
     return allocate_kv_cache(config, device, layout)
 
 
+def draft_kv_spec(
+    vllm_config: VllmConfig, layers: dict[str, Attention], block_size: int
+) -> tuple[type[AttentionBackend], FullAttentionSpec]:
+    """The backend and the one KV spec (at ``block_size``) all draft layers share, checked."""
+    if not layers:
+        raise ValueError("the draft model registered no attention layers with a KV cache")
+    names = list(layers)
+    backend = layers[names[0]].get_attn_backend()
+    specs = {name: layer.get_kv_cache_spec(vllm_config) for name, layer in layers.items()}
+    spec = specs[names[0]]
+    if not isinstance(spec, FullAttentionSpec) or spec.sliding_window is not None:
+        raise ValueError(f"draft layers need full causal attention, got {spec!r}")
+    mixed_backends = any(layer.get_attn_backend() is not backend for layer in layers.values())
+    if mixed_backends or any(s != spec for s in specs.values()):
+        raise ValueError("draft attention layers differ in KV spec or backend; one block table can't serve them")
+    spec = customize_attention_spec(backend, spec.copy_with_new_block_size(block_size))
+    try:
+        supported = select_common_block_size(block_size, [backend], [spec]) == block_size
+    except ValueError:
+        supported = False
+    if not supported:
+        raise ValueError(
+            f"block_size {block_size} is not a kernel block size of {backend.get_name()} "
+            f"(supported: {backend.get_supported_kernel_block_sizes(spec)})"
+        )
+    return backend, spec
+
+
+def draft_kv_bytes_per_token(vllm_config: VllmConfig, layers: dict[str, Attention], block_size: int) -> int:
+    """Bytes one token takes in the draft's KV cache, over all its layers."""
+    _, spec = draft_kv_spec(vllm_config, layers, block_size)
+    return spec.page_size_bytes * len(layers) // block_size
+
+
 @dataclass
 class DraftBatch:
     """Attention inputs of one draft forward (all tensors on the draft's device).
@@ -116,34 +150,14 @@ class DraftKVCache:
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
-        if not layers:
-            raise ValueError("the draft model registered no attention layers with a KV cache")
         self.layer_names = list(layers)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = device
         self.max_model_len = vllm_config.model_config.max_model_len
 
-        first = layers[self.layer_names[0]]
-        self.backend = first.get_attn_backend()
-        specs = {name: layer.get_kv_cache_spec(vllm_config) for name, layer in layers.items()}
-        spec = specs[self.layer_names[0]]
-        if not isinstance(spec, FullAttentionSpec) or spec.sliding_window is not None:
-            raise ValueError(f"draft layers need full causal attention, got {spec!r}")
-        mixed_backends = any(layer.get_attn_backend() is not self.backend for layer in layers.values())
-        if mixed_backends or any(s != spec for s in specs.values()):
-            raise ValueError("draft attention layers differ in KV spec or backend; one block table can't serve them")
-        spec = customize_attention_spec(self.backend, spec.copy_with_new_block_size(block_size))
-        try:
-            supported = select_common_block_size(block_size, [self.backend], [spec]) == block_size
-        except ValueError:
-            supported = False
-        if not supported:
-            raise ValueError(
-                f"block_size {block_size} is not a kernel block size of {self.backend.get_name()} "
-                f"(supported: {self.backend.get_supported_kernel_block_sizes(spec)})"
-            )
-        self.spec = spec
+        self.backend, self.spec = draft_kv_spec(vllm_config, layers, block_size)
+        spec = self.spec
 
         caches = allocate_layer_kv_caches(
             self.backend, spec, self.layer_names, num_blocks, vllm_config.cache_config, device
@@ -151,6 +165,7 @@ class DraftKVCache:
         for name, layer in layers.items():
             layer.bind_kv_cache(caches[name])
         self.kv_caches = caches
+        self.num_bytes = spec.page_size_bytes * num_blocks * len(layers)
 
         # The builder must exist before the first forward: CPU_ATTN's constructor
         # sets `layer.isa`, without which the layers fail to run.
@@ -187,6 +202,10 @@ class DraftKVCache:
 
     def length(self, req_id: str) -> int:
         return self._lengths.get(req_id, 0)
+
+    def has_room_for(self, num_tokens: int) -> bool:
+        """Whether a new request of ``num_tokens`` tokens fits in the free blocks now."""
+        return cdiv(num_tokens, self.block_size) <= len(self._free)
 
     def reserve(self, new_lengths: dict[str, int]) -> None:
         """Grow each request to its new length (new requests start empty), all or nothing."""

@@ -24,6 +24,10 @@ EXPORTED_STATS: dict[str, str] = {
         "(e.g. after a prefix-cache hit)."
     ),
     "draft_tokens": "Tokens the draft proposed.",
+    "draft_kv_full": (
+        "Times a request got no draft for a step because the draft's KV cache was full "
+        "(drafting pauses for it; outputs are unaffected)."
+    ),
     # Parallel drafting (VPSD) rounds, counted by hippo_vllm.core.vpsd.RoundStats.
     "target_forwards": "Target steps of requests drafted in parallel mode (one per request and step).",
     "committed_tokens": "Tokens those steps committed (accepted draft tokens plus the target's own).",
@@ -59,6 +63,7 @@ class HippoStats:
     pruning_seconds: float = 0.0  # draft vision encoding excluded; scoring + selection
     views_without_target_attention: int = 0  # s_attn unavailable (e.g. prefix-cache hit)
     draft_tokens: int = 0  # tokens proposed
+    draft_kv_full: int = 0  # request steps without a draft: draft KV cache full
     target_forwards: int = 0
     committed_tokens: int = 0
     round_drafted_tokens: int = 0

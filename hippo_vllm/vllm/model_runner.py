@@ -9,7 +9,10 @@ sampling, rejection sampling and bookkeeping run unchanged. The mixin only
 - routes vLLM's ``custom_class`` drafting call to ``HippoProposer.propose_batch``
   with the runner, which the stock call does not pass, and
 - keeps the proposer's figures exported to process 0 (``stats_export``) until the
-  runner shuts down.
+  runner shuts down, and
+- allocates the draft's KV cache right after the target's, once vLLM has sized
+  the target's cache from the memory the hippo worker left it
+  (:func:`reserve_draft_kv_cache`).
 """
 
 from __future__ import annotations
@@ -62,9 +65,32 @@ class HippoRunnerMixin:
         ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
         return proposer.propose_batch(self, scheduler_output, sampled_token_ids)
 
+    def initialize_kv_cache(self, kv_cache_config: Any, is_profiling: bool = False, **kwargs: Any) -> None:
+        super().initialize_kv_cache(kv_cache_config, is_profiling, **kwargs)
+        proposer = self._hippo()
+        if proposer is not None and not is_profiling:  # a profiling cache is a throwaway minimum
+            spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+            proposer.allocate_draft_kv_cache(kv_cache_config.num_blocks * spec.block_size)
+
     def shutdown(self) -> None:
         stop_exporting(self._hippo())  # the stats snapshot goes with the engine
         super().shutdown()
+
+
+def reserve_draft_kv_cache(runner: Any, available_bytes: int) -> int:
+    """The part of ``available_bytes`` (vLLM's KV memory) left for the target's KV cache.
+
+    Called by the hippo workers' ``determine_available_memory``, so one memory
+    budget (gpu_memory_utilization or kv_cache_memory_bytes) covers target and
+    draft. A runner without the draft gives up nothing; vLLM sizes every rank's
+    cache by the smallest figure of all workers.
+    """
+    drafter = getattr(runner, "drafter", None)
+    if not isinstance(drafter, HippoProposer):
+        return available_bytes
+    specs = runner.get_kv_cache_spec().values()
+    target_bytes_per_token = sum(spec.page_size_bytes / spec.block_size for spec in specs)
+    return available_bytes - drafter.reserve_draft_kv_cache(available_bytes, target_bytes_per_token)
 
 
 @functools.cache

@@ -84,6 +84,7 @@ class ParallelRounds:
         try:
             self._pending = self.chunks.launch(requests)
         except DraftCapacityError:
+            self.stats.draft_kv_full += len(requests)
             self._in_flight.clear()  # no chunks this step: every request goes conservative
 
     def start(self, req_id: str, sampled: list[int]) -> list[int]:

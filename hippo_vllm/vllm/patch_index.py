@@ -34,7 +34,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.v1.worker.cpu_worker:CPUModelRunner",
-        module="hippo_vllm.vllm.worker",
+        module="hippo_vllm.vllm.worker_cpu",
         why=(
             "CPUWorker.init_device builds CPUModelRunner through this module global and has no "
             "_make_model_runner hook like the GPU Worker; it is swapped for the hippo runner "

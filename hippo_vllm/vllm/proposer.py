@@ -28,6 +28,7 @@ from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.config_rewrite import hippo_settings
 from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
 from hippo_vllm.vllm.draft_view import (
     DraftView,
     build_draft_view,
@@ -109,7 +110,20 @@ class HippoProposer:
             )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
             self.capture = TargetAttentionCapture(layers, indices)
-        self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
+        # The draft's KV cache is allocated later (allocate_draft_kv_cache), from the
+        # memory the hippo worker sets aside for it.
+        self.engine = DraftEngine(config, self.hippo.model)
+        sched = config.scheduler_config
+        self.kv_budget = DraftKVBudget(
+            setting=self.hippo.draft_kv_tokens,
+            keep_ratio=self.hippo.keep_ratio,
+            # Every running request at full length, plus the k drafted tokens.
+            max_useful_tokens=sched.max_num_seqs * (self.max_model_len + self.num_speculative_tokens + 1),
+            draft_bytes_per_token=self.engine.kv_bytes_per_token,
+            block_size=self.engine.block_size,
+        )
+        # The compact prefill runs in pieces no larger than the target's own batches.
+        self.prefill_chunk_tokens = sched.max_num_batched_tokens
         self.chunks = ChunkDrafter(self.engine)
         self.rounds = (
             ParallelRounds(self.num_speculative_tokens, self.chunks, self.stats, self.max_model_len)
@@ -121,17 +135,25 @@ class HippoProposer:
             self.hippo.model, self.hippo.keep_ratio, self.hippo.pruning, self.num_speculative_tokens,
         )
 
-    def _draft_num_blocks(self, block_size: int = 32) -> int:
-        # Room for every running request at full length, as if nothing were pruned
-        # (keep_ratio 1.0 and text prompts need it), plus the k drafted tokens.
-        sched = self.vllm_config.scheduler_config
-        tokens = sched.max_num_seqs * (self.max_model_len + self.num_speculative_tokens + 1)
-        return -(-tokens // block_size)
+    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
+        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest)."""
+        return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
+
+    def allocate_draft_kv_cache(self, target_tokens: int) -> None:
+        """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
+        num_blocks = self.kv_budget.num_blocks(target_tokens)
+        self.engine.allocate_kv_cache(num_blocks)
+        logger.info(
+            "hippo: draft KV cache of %d tokens (%.3f GiB, draft_kv_tokens=%s) next to the "
+            "target's %d tokens",
+            num_blocks * self.engine.block_size, self.engine.kv.num_bytes / 2**30,
+            self.hippo.draft_kv_tokens, target_tokens,
+        )
 
     def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
         raise RuntimeError(
             "HippoProposer needs the hippo model runner (worker_cls "
-            "hippo_vllm.vllm.worker.*); it was called by a stock runner."
+            "hippo_vllm.vllm.worker_cpu or worker_gpu); it was called by a stock runner."
         )
 
     # -- per step ------------------------------------------------------------------------
@@ -252,6 +274,7 @@ class HippoProposer:
                 self._ensure_prefilled(runner, req_id)
                 self.stats.draft_prefill_seconds += time.perf_counter() - start
             except DraftCapacityError:
+                self.stats.draft_kv_full += 1  # drafting pauses; retried next step
                 continue
             except Exception:
                 logger.exception("hippo: drafting disabled for request %s", req_id)
@@ -294,6 +317,9 @@ class HippoProposer:
         engine = self.engine
         prompt = torch.tensor(state.prompt_token_ids, dtype=torch.long)
         view = self._views.get(req_id)
+        engine.free(req_id)
+        if view is not None:
+            self._check_room(req_id, view)  # before encoding the video again
         item_embeds = self._early_embeds.pop(req_id, None)
         if item_embeds is not None:
             self.chunks.join()  # encoded on the side stream during the target's prefill
@@ -315,9 +341,25 @@ class HippoProposer:
             self.stats.record_view(view)
         embeds = engine.embed_prompt(prompt, state.mm_features, item_embeds)[view.keep_rows]
         positions = self._prompt_positions(state, len(prompt))[:, view.keep_rows]
-        engine.free(req_id)
-        engine.run([DraftInput(req_id, positions, inputs_embeds=embeds)])
+        self._check_room(req_id, view)
+        # In pieces of at most max_num_batched_tokens rows, like the target's own
+        # prefill: bounded activations, and the sizes a compiled model accepts.
+        step = self.prefill_chunk_tokens
+        try:
+            for start in range(0, view.compact_len, step):
+                rows = slice(start, start + step)
+                engine.run([DraftInput(req_id, positions[:, rows], inputs_embeds=embeds[rows])])
+        except BaseException:
+            engine.free(req_id)  # no half-prefilled draft sequence stays behind
+            raise
         self._requests[req_id] = DraftState(view, self._mrope_delta(state))
+
+    def _check_room(self, req_id: str, view: DraftView) -> None:
+        if not self.engine.has_room_for(view.compact_len):
+            raise DraftCapacityError(
+                f"no room for the {view.compact_len}-token draft prompt of request {req_id!r} "
+                f"in the draft KV cache ({self.engine.num_free_blocks} blocks free)"
+            )
 
     @staticmethod
     def _prompt_positions(state: Any, prompt_len: int) -> torch.Tensor:
@@ -340,6 +382,7 @@ class HippoProposer:
         try:
             pending = self.chunks.launch(requests)
         except DraftCapacityError:
+            self.stats.draft_kv_full += len(requests)  # drafting pauses this step
             return
         for (i, _, _), tokens in zip(active, pending.tokens()):
             drafts[i] = tokens

@@ -76,6 +76,9 @@ def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
         args.append(delta["committed_tokens"] / forwards)
         parts.append("rounds %d optimistic / %d conservative")
         args += [int(delta["optimistic_rounds"]), int(delta["conservative_rounds"])]
+    if delta.get("draft_kv_full"):
+        parts.append("%d request steps without drafts (draft KV cache full)")
+        args.append(int(delta["draft_kv_full"]))
     return "hippo: " + ", ".join(parts), args
 
 

@@ -170,6 +170,8 @@ def test_log_line_reads_like_vllms_stats_lines():
     assert (fmt % tuple(args)).endswith(
         "1.2 ms/view, 1 without target attention, MAT (PEARL, +1) n/a, 2.30 tokens/target forward, "
         "rounds 12 optimistic / 8 conservative")
+    fmt, args = format_log_line({**delta, "draft_views": 0, "draft_kv_full": 3})
+    assert fmt % tuple(args) == "hippo: 3 request steps without drafts (draft KV cache full)"
 
 
 # -- in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by conftest) ----------------
