@@ -29,6 +29,7 @@ K = 3
 LONG = 100  # tokens per request in the preemption test
 PREEMPTED = 5  # requests in it: more than the cache holds at full length
 TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * 4  # layers x (K, V) x kv heads x head_dim x fp32
+DRAFT_KV_BYTES_PER_TOKEN = 1 * 2 * 2 * 32 * 4  # the tiny draft's single layer
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?")
 
 
@@ -138,10 +139,13 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny,
 @SCHEDULES
 def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests, baseline):
     # Three 128-token blocks for up to four running requests of ~200 tokens each:
-    # the scheduler has to preempt and later recompute requests.
-    overrides = {"kv_cache_memory_bytes": 3 * 128 * TARGET_KV_BYTES_PER_TOKEN, "max_model_len": 256,
-                 "max_num_batched_tokens": 256}
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **overrides) as llm:
+    # the scheduler has to preempt and later recompute requests. The draft's cache
+    # (taken from the same budget) holds them all, so only the target's is short.
+    draft_tokens = 4 * 256
+    overrides = {"kv_cache_memory_bytes": 3 * 128 * TARGET_KV_BYTES_PER_TOKEN + draft_tokens * DRAFT_KV_BYTES_PER_TOKEN,
+                 "max_model_len": 256, "max_num_batched_tokens": 256}
+    config = hippo_config(tiny.draft, parallel, draft_kv_tokens=draft_tokens)
+    with engine(tiny.target, speculative_config=config, **overrides) as llm:
         assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
         preemptions = counter(llm, "vllm:num_preemptions")
 
