@@ -12,13 +12,14 @@ def test_defaults_match_the_documented_table():
     assert cfg.score_weights == {"attn": 1.0, "temp": 1.0, "spa": 1.0}
     assert cfg.attn_layers == "all"
     assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", True)
+    assert cfg.draft_kv_tokens == "auto"
 
 
 def test_every_key_round_trips_through_to_dict():
     raw = {
         "model": "d", "num_speculative_tokens": 3, "keep_ratio": 1, "crop_size": 3,
         "score_weights": {"attn": 0, "temp": 2}, "attn_layers": [2, 0], "selection": "per_frame",
-        "pruning": "specvlm", "parallel": False,
+        "pruning": "specvlm", "parallel": False, "draft_kv_tokens": 4096,
     }
     cfg = HippoConfig.from_speculative_config(raw)
     assert cfg.score_weights == {"attn": 0.0, "temp": 2.0, "spa": 1.0}
@@ -57,6 +58,10 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "attn_layers": []}, r'\["attn_layers"\]=\[\]'),
         ({"model": "d", "attn_layers": [0, 0]}, r"distinct"),
         ({"model": "d", "attn_layers": "first"}, r'\["attn_layers"\]=\'first\''),
+        ({"model": "d", "draft_kv_tokens": 0}, r'\["draft_kv_tokens"\]=0 .*"auto" or an integer >= 1'),
+        ({"model": "d", "draft_kv_tokens": 1.5e6}, r'\["draft_kv_tokens"\]=1500000.0 '),
+        ({"model": "d", "draft_kv_tokens": "max"}, r'\["draft_kv_tokens"\]=\'max\' '),
+        ({"model": "d", "draft_kv_tokens": True}, r'\["draft_kv_tokens"\]=True '),
         ({"model": "d", "method": "draft_model"}, r'\["method"\]=\'draft_model\''),
     ],
 )

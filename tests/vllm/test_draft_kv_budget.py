@@ -88,15 +88,22 @@ def exported_counter(llm, name: str, expected: float, timeout: float = 5.0) -> f
     return value
 
 
-@pytest.mark.engine
-def test_a_full_draft_cache_pauses_drafting_and_outputs_stay_the_targets(tiny, tiny_tokenizer):
+@pytest.fixture(scope="module")
+def five_requests(tiny, tiny_tokenizer):
+    """Three video and two text requests, and the target's own greedy outputs."""
     videos = tiny.synthetic_videos
     requests = [video_request(tiny_tokenizer, f"Describe video {i}.", videos[i % len(videos)]) for i in range(3)]
     requests += [text_request(tiny_tokenizer, q) for q in ("What is a video?", "Count to ten.")]
     with engine(tiny.target) as llm:
-        expected = generate_ids(llm, requests, max_tokens=24)
+        return requests, generate_ids(llm, requests, max_tokens=24)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
+def test_a_full_draft_cache_pauses_drafting_and_outputs_stay_the_targets(parallel, tiny, five_requests):
+    requests, expected = five_requests
     # Three blocks: one or two compact prompts at a time, not five.
-    config = hippo_config(tiny.draft, draft_kv_tokens=3 * BLOCK)
+    config = hippo_config(tiny.draft, parallel=parallel, draft_kv_tokens=3 * BLOCK)
     with engine(tiny.target, speculative_config=config) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == expected
         assert proposer_of(llm).engine.kv.num_blocks == 3
