@@ -45,12 +45,13 @@ def metrics_by_name(llm) -> dict:
 
 
 def settled_metrics(llm, stats) -> dict:
-    """get_metrics() once the worker's snapshot has caught up with its counters."""
-    def caught_up():
-        metrics = metrics_by_name(llm)
-        return metrics if metrics.get("vllm:hippo_draft_tokens") == stats.draft_tokens else None
+    """get_metrics() once the worker's snapshot has caught up with all its counters
+    (the last steps of a generation may land in the next snapshot)."""
+    from hippo_vllm.vllm.stats_export import read_snapshot, worker_snapshot_path
 
-    return wait_for(caught_up, timeout=5)
+    path = worker_snapshot_path(proposer_of(llm).vllm_config)
+    wait_for(lambda: read_snapshot(path) == stats.exported(), timeout=5)
+    return metrics_by_name(llm)
 
 
 def wait_for(condition, timeout: float, interval: float = 0.1):
