@@ -36,6 +36,12 @@ from hippo_vllm.vllm.draft_view import (
 )
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.parallel_rounds import ParallelRounds
+from hippo_vllm.vllm.tensor_parallel import (
+    is_output_rank,
+    make_draft_group,
+    make_sum_over_ranks,
+    tensor_parallel_rank,
+)
 
 logger = logging.getLogger("hippo_vllm")
 
@@ -108,8 +114,16 @@ class HippoProposer:
                 config.compilation_config.static_forward_context
             )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
-            self.capture = TargetAttentionCapture(layers, indices)
-        self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
+            self.capture = TargetAttentionCapture(layers, indices, sum_over_ranks=make_sum_over_ranks())
+        # Under tensor parallelism the draft runs whole on the output rank only; the
+        # group it runs in is created by every rank (a collective), before that split.
+        draft_group = make_draft_group()
+        if not is_output_rank():
+            logger.info("hippo: tensor-parallel rank %d runs no draft", tensor_parallel_rank())
+            return
+        self.engine = DraftEngine(
+            config, self.hippo.model, num_blocks=self._draft_num_blocks(), tensor_parallel_group=draft_group
+        )
         self.chunks = ChunkDrafter(self.engine)
         self.rounds = (
             ParallelRounds(self.num_speculative_tokens, self.chunks, self.stats, self.max_model_len)
@@ -153,12 +167,20 @@ class HippoProposer:
                 self._maybe_track(req_id, state.prompt_token_ids, state.mm_features)
         self.capture.begin_step(runner, scheduler_output)
 
+    def after_target_forward(self) -> None:
+        """Every rank, after the target's forward: sum the s_attn of ended prefills over TP ranks."""
+        if self.capture is not None:
+            self.capture.sum_ended_prefills()
+
     def end_step(self) -> None:
         if self.capture is not None:
             self.capture.end_step()
 
     def _maybe_track(self, req_id: str, prompt_token_ids: Any, mm_features: list[Any]) -> None:
-        if req_id in self._views or prompt_token_ids is None or self.capture.is_tracking(req_id):
+        # Under tensor parallelism every rank must track the same requests (their
+        # s_attn is summed over the ranks), and only the output rank has views.
+        has_view = req_id in self._views and not self.capture.sums_over_ranks
+        if has_view or prompt_token_ids is None or self.capture.is_tracking(req_id):
             return
         spans = video_spans(mm_features)
         if spans:
@@ -224,6 +246,8 @@ class HippoProposer:
         """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
         batch = runner.input_batch
         drafts: list[list[int]] = [[] for _ in batch.req_ids]
+        if self.engine is None:  # a tensor-parallel rank whose drafts vLLM does not read
+            return drafts
         active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for i, req_id in enumerate(batch.req_ids):
