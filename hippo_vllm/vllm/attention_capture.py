@@ -30,6 +30,7 @@ head would compute (up to float rounding).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,8 @@ from typing import Any
 import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
+
+logger = logging.getLogger("hippo_vllm")
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 
@@ -189,10 +192,20 @@ class TargetAttentionCapture:
             self._summed[req_id] = [next(scores) for _ in self._requests.pop(req_id).videos]
 
     def _partial_totals(self, video: _VideoCapture, layers: list[int]) -> torch.Tensor:
-        """This rank's share of a video's s_attn, flat float64 on the CPU: sums, counts, incomplete flag."""
-        sums, counts = video.accumulator.layer_totals(layers)
-        incomplete = torch.tensor([0.0 if self._complete(video) else 1.0], dtype=torch.float64)
-        return torch.cat([sums.cpu().flatten(), counts.cpu(), incomplete])
+        """This rank's share of a video's s_attn, flat float64 on the CPU: sums, counts, incomplete flag.
+
+        Its size depends only on what every rank knows alike, also on failure, so
+        a failing rank still takes part in the sum (and marks the video incomplete).
+        """
+        try:
+            sums, counts = video.accumulator.layer_totals(layers)
+            incomplete = torch.tensor([0.0 if self._complete(video) else 1.0], dtype=torch.float64)
+            return torch.cat([sums.cpu().flatten(), counts.cpu(), incomplete])
+        except Exception:
+            logger.exception("hippo: this rank's share of s_attn is lost; the video is pruned without it")
+            failed = torch.zeros(len(layers) * (video.length + 1) + 1, dtype=torch.float64)
+            failed[-1] = 1.0
+            return failed
 
     @staticmethod
     def _summed_scores(total: torch.Tensor, videos: list[_VideoCapture], layers: list[int]):
@@ -207,10 +220,15 @@ class TargetAttentionCapture:
             if incomplete:
                 yield None
                 continue
-            summed = AttentionScoreAccumulator(video.length)
-            summed.set_layer_totals(layers, sums, counts)
-            # On the device the scores would be on without TP.
-            yield summed.scores().to(video.accumulator.device)
+            try:
+                summed = AttentionScoreAccumulator(video.length)
+                summed.set_layer_totals(layers, sums, counts)
+                # On the device the scores would be on without TP.
+                scores = summed.scores().to(video.accumulator.device)
+            except Exception:
+                logger.exception("hippo: s_attn summed over ranks is unusable; the video is pruned without it")
+                scores = None
+            yield scores
 
     def _rows(self) -> dict[str, tuple[int, int, int]]:
         # Resolved at forward time, after vLLM has (re)ordered its persistent batch:
