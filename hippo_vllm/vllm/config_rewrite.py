@@ -21,12 +21,12 @@ traceback.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from hippo_vllm.config import METHOD_NAME, HippoConfig, HippoConfigError
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 PROPOSER_CLASS_PATH = "hippo_vllm.vllm.proposer.HippoProposer"
 CPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoCPUWorker"

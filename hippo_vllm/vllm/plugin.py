@@ -14,9 +14,9 @@ warning (only the config rewrite is installed, so that a later
 
 from __future__ import annotations
 
-import logging
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 _registered: bool | None = None  # None: not yet called in this process
 
