@@ -7,7 +7,8 @@ checkpoints bring it: a ``generation_config.json`` with a ``top_k``, which vLLM
 applies by default (``--generation-config auto``) to every request that does not
 set ``top_k`` itself. The checkpoint is a copy of the tiny target (links to its
 files) with such a file; the reference server without speculation uses the same
-copy and flags.
+copy and flags. The same server also shows that vLLM refuses ``min_p`` and
+``logit_bias`` per request under speculation, without harm to other requests.
 """
 
 from __future__ import annotations
@@ -64,9 +65,8 @@ def ask_all(server, requests: list[tuple[list[dict], dict]]) -> list:
 
     async def ask(client, messages, sampling):
         extra = {"ignore_eos": True, "return_token_ids": True}
-        if "top_k" in sampling:
-            extra["top_k"] = sampling["top_k"]
-        kwargs = {"temperature": sampling["temperature"]} if "temperature" in sampling else {}
+        extra.update({k: v for k, v in sampling.items() if k in ("top_k", "min_p")})
+        kwargs = {k: v for k, v in sampling.items() if k in ("temperature", "logit_bias")}
         response = await client.chat.completions.create(
             model=SERVED_NAME, messages=messages, max_tokens=MAX_TOKENS, extra_body=extra, **kwargs)
         return tuple(response.choices[0].token_ids)
@@ -90,20 +90,25 @@ def reference(checkpoint_with_top_k, tiny, messages, tmp_path_factory) -> list[t
     return answers
 
 
-def test_top_k_requests_complete_and_greedy_stays_lossless(checkpoint_with_top_k, tiny, messages,
-                                                           reference, tmp_path_factory):
+@pytest.fixture(scope="module")
+def hippo_server(checkpoint_with_top_k, tiny, reference, tmp_path_factory):
+    # Depends on `reference` only for ordering: one server at a time starts faster.
     speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3,
                           "parallel": False}
     args = fast_cpu_serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
                                speculative_config=speculative_config)
     log = tmp_path_factory.mktemp("hippo_server") / "server.log"
-    kinds = (GREEDY, SERVER_DEFAULT, REQUEST_TOP_K, TOP_1)
     with running_server(checkpoint_with_top_k, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
-        answers = ask_all(server, [(m, kind) for kind in kinds for m in messages])
-        assert server.is_healthy(), server.log_tail()
-        after = ask_all(server, [(m, GREEDY) for m in messages])
-        totals = metric_totals(read_metrics(server.base_url))
-        applied = f"generation_config.json`: `{{'top_k': {SERVER_TOP_K}}}`" in log.read_text()
+        yield server
+
+
+def test_top_k_requests_complete_and_greedy_stays_lossless(hippo_server, messages, reference):
+    kinds = (GREEDY, SERVER_DEFAULT, REQUEST_TOP_K, TOP_1)
+    answers = ask_all(hippo_server, [(m, kind) for kind in kinds for m in messages])
+    assert hippo_server.is_healthy(), hippo_server.log_tail()
+    after = ask_all(hippo_server, [(m, GREEDY) for m in messages])
+    totals = metric_totals(read_metrics(hippo_server.base_url))
+    applied = f"generation_config.json`: `{{'top_k': {SERVER_TOP_K}}}`" in hippo_server.log_path.read_text()
 
     failed = [a for a in answers + after if not isinstance(a, tuple)]
     assert failed == [], failed
@@ -114,3 +119,15 @@ def test_top_k_requests_complete_and_greedy_stays_lossless(checkpoint_with_top_k
     assert greedy == reference
     assert top_1 == reference
     assert after == reference
+
+
+def test_min_p_and_logit_bias_are_refused_per_request(hippo_server, messages, reference):
+    import openai
+
+    refused = ask_all(hippo_server, [(messages[1], {"temperature": 0.8, "min_p": 0.1}),
+                                     (messages[1], {"temperature": 0.8, "logit_bias": {"7": 5}}),
+                                     (messages[1], GREEDY)])
+    for error in refused[:2]:
+        assert isinstance(error, openai.BadRequestError), error
+        assert "not yet supported with speculative decoding" in str(error)
+    assert refused[2] == reference[1]
