@@ -1,4 +1,4 @@
-"""s_temp and s_spa: local visual redundancy of each video token (algorithm.md §1.4–1.5).
+"""s_temp and s_spa: local visual redundancy of each video token.
 
 Both scores read only the draft's own post-projector video embeddings, so they
 cost no target work. They are cosine statistics computed in float32 whatever
