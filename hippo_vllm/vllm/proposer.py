@@ -17,13 +17,13 @@ for that request; the target's outputs never depend on the draft.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.config_rewrite import hippo_settings
@@ -43,7 +43,7 @@ from hippo_vllm.vllm.tensor_parallel import (
     tensor_parallel_rank,
 )
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 
