@@ -30,7 +30,6 @@ head would compute (up to float rounding).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +37,9 @@ from typing import Any
 import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 
