@@ -3,8 +3,10 @@
 vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
 the hippo model runner drives it: ``begin_step`` before the target forward (track
 requests whose prefill needs s_attn, release finished and preempted ones),
-``launch_parallel_drafts`` right after it (VPSD only), and ``propose_batch`` after
-sampling, with the tokens each request committed.
+``launch_parallel_drafts`` right after it (VPSD only), ``after_target_forward``
+after the target's forward, and ``propose_batch`` after sampling, with the tokens
+each request committed. Under tensor parallelism every rank captures s_attn, but
+only the output rank loads and runs the draft (see tensor_parallel).
 
 Per request the draft keeps, in its own KV cache, the compact prompt (the draft
 view) followed by output tokens (see chunk_drafting). Draft-then-verify drafts a
