@@ -135,8 +135,7 @@ class TargetAttentionCapture:
 
     def finish(self, req_id: str) -> list[torch.Tensor | None] | None:
         """Final s_attn per video ([N_v] float32; None where it could not be built)."""
-        if req_id in self._summed:
-            self._requests.pop(req_id, None)
+        if req_id in self._summed:  # tensor parallelism: summed over the ranks at prefill end
             return self._summed.pop(req_id)
         state = self._requests.pop(req_id, None)
         if state is None:

@@ -43,14 +43,13 @@ def cpu_threads_bound_per_rank(mask: str):
     An earlier in-process engine froze vLLM's environment, hence the cache reset."""
     from vllm import envs
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VLLM_CPU_OMP_THREADS_BIND", mask)
-        envs.disable_envs_cache()
-        try:
-            yield
-        finally:
-            patch.undo()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("VLLM_CPU_OMP_THREADS_BIND", mask)
             envs.disable_envs_cache()
+            yield
+    finally:
+        envs.disable_envs_cache()  # the engine froze the mask; later engines read the restored one
 
 
 def rank_report():
