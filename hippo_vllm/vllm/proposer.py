@@ -3,8 +3,10 @@
 vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
 the hippo model runner drives it: ``begin_step`` before the target forward (track
 requests whose prefill needs s_attn, release finished and preempted ones),
-``launch_parallel_drafts`` right after it (VPSD only), and ``propose_batch`` after
-sampling, with the tokens each request committed.
+``launch_parallel_drafts`` right after it (VPSD only), ``after_target_forward``
+after the target's forward, and ``propose_batch`` after sampling, with the tokens
+each request committed. Under tensor parallelism every rank captures s_attn, but
+only the output rank loads and runs the draft (see tensor_parallel).
 
 Per request the draft keeps, in its own KV cache, the compact prompt (the draft
 view) followed by output tokens (see chunk_drafting). Draft-then-verify drafts a
@@ -17,13 +19,13 @@ for that request; the target's outputs never depend on the draft.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.config_rewrite import hippo_settings
@@ -37,8 +39,14 @@ from hippo_vllm.vllm.draft_view import (
 )
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.parallel_rounds import ParallelRounds
+from hippo_vllm.vllm.tensor_parallel import (
+    is_output_rank,
+    make_draft_group,
+    make_sum_over_ranks,
+    tensor_parallel_rank,
+)
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 
@@ -109,10 +117,16 @@ class HippoProposer:
                 config.compilation_config.static_forward_context
             )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
-            self.capture = TargetAttentionCapture(layers, indices)
+            self.capture = TargetAttentionCapture(layers, indices, sum_over_ranks=make_sum_over_ranks())
+        # Under tensor parallelism the draft runs whole on the output rank only; the
+        # group it runs in is created by every rank (a collective), before that split.
+        draft_group = make_draft_group()
+        if not is_output_rank():
+            logger.info("hippo: tensor-parallel rank %d runs no draft", tensor_parallel_rank())
+            return
         # The draft's KV cache is allocated later (allocate_draft_kv_cache), from the
         # memory the hippo worker sets aside for it.
-        self.engine = DraftEngine(config, self.hippo.model)
+        self.engine = DraftEngine(config, self.hippo.model, tensor_parallel_group=draft_group)
         sched = config.scheduler_config
         self.kv_budget = DraftKVBudget(
             setting=self.hippo.draft_kv_tokens,
@@ -136,11 +150,19 @@ class HippoProposer:
         )
 
     def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
-        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest)."""
+        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest).
+
+        0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
+        cache by the smallest figure, the output rank's.
+        """
+        if self.engine is None:
+            return 0
         return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
 
     def allocate_draft_kv_cache(self, target_tokens: int) -> None:
         """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
+        if self.engine is None:
+            return
         num_blocks = self.kv_budget.num_blocks(target_tokens)
         self.engine.allocate_kv_cache(num_blocks)
         logger.info(
@@ -175,12 +197,20 @@ class HippoProposer:
                 self._maybe_track(req_id, state.prompt_token_ids, state.mm_features)
         self.capture.begin_step(runner, scheduler_output)
 
+    def after_target_forward(self) -> None:
+        """Every rank, after the target's forward: sum the s_attn of ended prefills over TP ranks."""
+        if self.capture is not None:
+            self.capture.sum_ended_prefills()
+
     def end_step(self) -> None:
         if self.capture is not None:
             self.capture.end_step()
 
     def _maybe_track(self, req_id: str, prompt_token_ids: Any, mm_features: list[Any]) -> None:
-        if req_id in self._views or prompt_token_ids is None or self.capture.is_tracking(req_id):
+        # Under tensor parallelism every rank must track the same requests (their
+        # s_attn is summed over the ranks), and only the output rank has views.
+        has_view = req_id in self._views and not self.capture.sums_over_ranks
+        if has_view or prompt_token_ids is None or self.capture.is_tracking(req_id):
             return
         spans = video_spans(mm_features)
         if spans:
@@ -246,6 +276,8 @@ class HippoProposer:
         """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
         batch = runner.input_batch
         drafts: list[list[int]] = [[] for _ in batch.req_ids]
+        if self.engine is None:  # a tensor-parallel rank whose drafts vLLM does not read
+            return drafts
         active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for i, req_id in enumerate(batch.req_ids):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import os
 import re
 import tempfile
@@ -44,9 +43,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.metrics import EXPORTED_STATS
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 SNAPSHOT_INTERVAL_S = 0.5
 SNAPSHOT_FORMAT = 1  # bump when the file layout changes, so a reader can refuse it
@@ -172,13 +172,10 @@ class StatsPublisher:
 
 
 def _reports_for_engine() -> bool:
-    """Only the first tensor-parallel rank publishes: every rank drafts the same."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+    """Only the output rank publishes: under tensor parallelism it is the one that drafts."""
+    from hippo_vllm.vllm.tensor_parallel import is_output_rank
 
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:  # no parallel state (single process): this worker is the engine
-        return True
+    return is_output_rank()
 
 
 def ensure_exporting(proposer: Any) -> None:
