@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from engine_utils import engine, generate_ids, hippo_config, text_request, video_request
+from engine_utils import ENGINE_DEFAULTS, engine, generate_ids, hippo_config, text_request, video_request
 
 pytestmark = pytest.mark.engine
 
@@ -70,6 +70,10 @@ def rank_report():
             "draft_tp_sizes": tp_sizes(drafter.engine.model) if drafter.engine is not None else None,
             "target_tp_sizes": tp_sizes(runner.model),
             "draft_tokens": drafter.stats.draft_tokens,
+            "draft_kv_bytes": drafter.engine.kv.num_bytes if drafter.engine is not None else 0,
+            "target_kv_bytes": sum(
+                {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in runner.kv_caches}.values()
+            ),
             "views": sorted(
                 (v.keep_rows.tolist(), v.video_tokens, v.attention_used)
                 for v in getattr(drafter, "recorded_views", [])
@@ -146,6 +150,11 @@ def test_only_the_output_rank_loads_and_runs_the_draft(runs):
     assert output_rank["draft_loaded"] and output_rank["draft_tp_sizes"] == [1]
     assert output_rank["target_tp_sizes"] == [2]
     assert not other_rank["draft_loaded"]
+    # Only the output rank sets the draft's KV bytes aside; vLLM gives both ranks
+    # its (smaller) target cache, so every rank stays within kv_cache_memory_bytes.
+    assert other_rank["draft_kv_bytes"] == 0 < output_rank["draft_kv_bytes"]
+    assert output_rank["target_kv_bytes"] == other_rank["target_kv_bytes"]
+    assert output_rank["target_kv_bytes"] + output_rank["draft_kv_bytes"] <= ENGINE_DEFAULTS["kv_cache_memory_bytes"]
     assert other_rank["draft_tokens"] == 0 and other_rank["views"] == []
     # The hippo counters that reach get_metrics() are the output rank's.
     assert runs["tp2"]["exported_draft_tokens"] == output_rank["draft_tokens"] > 0
