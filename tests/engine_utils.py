@@ -87,6 +87,15 @@ def schedule_matrix(both: tuple[str, ...], default_only: tuple[str, ...] = ()) -
     return matrix
 
 
+def serve_args(media_dir: str | Path, **kwargs) -> list[str]:
+    """The test profile's `vllm serve` flags (examples/server_process.py must be importable)."""
+    from server_process import fast_cpu_serve_args, gpu_serve_args
+
+    if PROFILE == "gpu":
+        return gpu_serve_args(media_dir, tensor_parallel_size=TENSOR_PARALLEL, **kwargs)
+    return fast_cpu_serve_args(media_dir, **kwargs)
+
+
 def product_default(key: str):
     """The default of a hippo config key, e.g. ``product_default("parallel")`` (the schedule users get)."""
     import dataclasses

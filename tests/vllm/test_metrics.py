@@ -25,12 +25,13 @@ from engine_utils import (
     numeric_variants,
     product_default,
     proposer_of,
+    serve_args,
     text_request,
     video_request,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from server_process import fast_cpu_serve_args, read_metrics, running_server  # noqa: E402
+from server_process import read_metrics, running_server  # noqa: E402
 from engine_utils import hippo_config as _hippo_config
 from hippo_vllm.logs import ROOT_LOGGER_NAME
 
@@ -267,7 +268,7 @@ def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_
 
     log_path = tmp_path / "server.log"
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOG_STATS_INTERVAL": "1"}
-    args = fast_cpu_serve_args(tiny.video_dir, speculative_config=hippo_config(tiny.draft))
+    args = serve_args(tiny.video_dir, speculative_config=hippo_config(tiny.draft))
     with running_server(tiny.target, args, log_path, env=env, timeout=150) as server:
         video = base64.b64encode(tiny.synthetic_videos[0].read_bytes()).decode()
         reply = OpenAI(base_url=server.openai_base_url, api_key="unused").chat.completions.create(
