@@ -11,6 +11,8 @@ Two profiles, chosen by the environment variable HIPPO_TEST_PROFILE:
   graphs on, vLLM's own KV-cache sizing and attention backend, tensor parallelism
   from HIPPO_TEST_TP (default 1).
 
+HIPPO_TEST_DTYPE overrides the profile's dtype.
+
 Engines are expensive relative to the tiny models, so tests share one per module
 and always shut it down (`engine`), otherwise its memory and worker threads
 leak into the next module's engine.
@@ -49,12 +51,14 @@ GPU_DEFAULTS = {
     "tensor_parallel_size": TENSOR_PARALLEL,
 }
 ENGINE_DEFAULTS = GPU_DEFAULTS if PROFILE == "gpu" else CPU_DEFAULTS
+if "HIPPO_TEST_DTYPE" in os.environ:  # e.g. float32 on a GPU, to tell a bfloat16 near-tie from a bug
+    ENGINE_DEFAULTS = {**ENGINE_DEFAULTS, "dtype": os.environ["HIPPO_TEST_DTYPE"]}
 
 # Numeric settings that lossless, sampling and metrics tests also run in (cpu profile):
 # what a GPU user runs differs from the fast float32 eager engine in dtype and in
 # torch.compile, and either can change which kernels compute the logits.
 VARIANTS = {
-    "fp32": {},
+    "fp32": {},  # the profile's own settings: float32 on the CPU profile
     "bf16": {"dtype": "bfloat16"},
     "bf16-compiled": {"dtype": "bfloat16", "enforce_eager": False},
 }

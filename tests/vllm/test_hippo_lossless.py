@@ -34,7 +34,7 @@ pytestmark = pytest.mark.engine
 K = 3
 LONG = 100  # tokens per request in the preemption test
 PREEMPTED = 5  # requests in it: more than the cache holds at full length
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}[ENGINE_DEFAULTS["dtype"]]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE_DEFAULTS["dtype"]]
 TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * DTYPE_BYTES  # layers x (K, V) x kv heads x head_dim x dtype
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?")
 
