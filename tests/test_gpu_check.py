@@ -43,8 +43,10 @@ def test_plan_runs_the_matrix_under_the_gpu_profile_and_tp2_only_with_two_gpus(g
     two = gpu_check.plan(2, tmp_path)
     assert [step.name for step in two] == ["lossless-matrix", "tensor-parallel-2", "benchmark"]
     assert two[1].env["HIPPO_TEST_TP"] == "2"
-    for path in (*gpu_check.LOSSLESS_MATRIX, *gpu_check.TENSOR_PARALLEL_TESTS):
+    for selection in (*gpu_check.LOSSLESS_MATRIX, *gpu_check.TENSOR_PARALLEL_TESTS):
+        path, _, test = selection.partition("::")
         assert (ROOT / path).is_file(), path
+        assert not test or f"def {test}(" in (ROOT / path).read_text(), selection
 
 
 def test_verdict_names_every_failed_step_and_test(gpu_check, tmp_path):

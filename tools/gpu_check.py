@@ -4,7 +4,7 @@ Runs, on the tiny offline fixtures:
 
 1. the lossless matrix (both schedules; text, video, several videos, images, mixed
    batches, chunked prefill, prefix caching, preemption, stop strings, aborts,
-   ablations, sampling statistics, metrics, the OpenAI server) under the test
+   ablations, sampling statistics, top-k, metrics, the OpenAI server) under the test
    profile ``gpu`` (tests/engine_utils.py): bfloat16, torch.compile and CUDA graphs,
    vLLM's default attention backend and KV-cache sizing;
 2. with two or more GPUs, the same engine at tensor-parallel size 2 against the
@@ -36,6 +36,8 @@ LOSSLESS_MATRIX = (
     "tests/vllm/test_metrics.py",
     "tests/vllm/test_vpsd_overlap.py",
     "tests/server/test_openai_server.py",
+    "tests/server/test_top_k_server.py",
+    "tests/vllm/test_empty_logits_guard.py::test_top_k_requests_complete_and_top_1_equals_greedy",
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel.py",)
 
