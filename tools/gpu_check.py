@@ -98,7 +98,9 @@ def failed_tests(junit: Path | None) -> tuple[str, ...]:
 
 def run(step: Step) -> Outcome:
     print(f"\n=== {step.name}: {' '.join(step.command)}", flush=True)
-    env = {**os.environ, **step.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # The checkout first on the path, so vLLM's subprocesses import this hippo_vllm too.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **step.env, "PYTHONPATH": path}
     returncode = subprocess.call(step.command, cwd=ROOT, env=env)
     return Outcome(step, returncode, failed_tests(step.junit))
 

@@ -71,7 +71,7 @@ def test_chi_square_helper_matches_known_values():
     )
 
 
-# bfloat16 (the baseline then the target alone in bfloat16) for the default schedule only.
+# Also in bfloat16 (against the target alone in bfloat16), for the default schedule only.
 @pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32",), default_only=("bf16",)))
 def test_sampled_tokens_follow_the_target_distribution(parallel, variant, tiny, tiny_tokenizer):
     # A text prompt: what is tested is the verification of drafted tokens, which is

@@ -1,9 +1,9 @@
 """Spec-decode and hippo metrics: correct, and visible in logs, /metrics and get_metrics().
 
 The spec-decode counters are checked against counts that do not come from vLLM's
-stats: with a self-draft that sees everything (float32, greedy) every draft is
-accepted, so each round commits k + 1 tokens and the number of rounds follows from
-max_tokens alone; drafted tokens also equal the proposer's own count. The hippo
+stats: with a self-draft that sees everything (greedy, in float32 and bfloat16)
+every draft is accepted, so each round commits k + 1 tokens and the number of
+rounds follows from max_tokens alone; drafted tokens also equal the proposer's own count. The hippo
 figures are checked against the proposer's ``HippoStats`` in the worker, in-process
 and across the processes of ``vllm serve``.
 """
