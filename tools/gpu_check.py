@@ -34,7 +34,6 @@ LOSSLESS_MATRIX = (
     "tests/vllm/test_hippo_prompts.py",
     "tests/vllm/test_hippo_sampling.py",
     "tests/vllm/test_metrics.py",
-    "tests/vllm/test_vpsd_overlap.py",
     "tests/server/test_openai_server.py",
     "tests/server/test_top_k_server.py",
     "tests/vllm/test_empty_logits_guard.py::test_top_k_requests_complete_and_top_1_equals_greedy",
