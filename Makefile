@@ -2,7 +2,7 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo scoring-demo test bench bench-e2e
+.PHONY: setup demo scoring-demo test bench bench-e2e gpu-check
 setup:
 	@tools/setup_env.sh
 
@@ -20,3 +20,6 @@ bench: setup
 
 bench-e2e: setup
 	@$(PY) benchmarks/bench_e2e.py
+
+gpu-check: setup
+	@$(PY) tools/gpu_check.py

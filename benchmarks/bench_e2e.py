@@ -1,7 +1,8 @@
 """End-to-end decoding with HIPPO in vLLM, against the target alone and vLLM's draft_model.
 
 In one process, on the same video prompts (greedy, ``ignore_eos``, fixed
-``--max-tokens``, float32), this runs
+``--max-tokens``, float32 and eager, or with ``--production`` bfloat16 with
+torch.compile and CUDA graphs), this runs
 
 1. the target alone;
 2. vLLM's own ``draft_model`` with the text-only draft (what stock vLLM can do for a
@@ -26,6 +27,7 @@ batches after one warm-up batch, every figure of a row taken from that same batc
 
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
+       [--production]
 """
 
 from __future__ import annotations
@@ -85,24 +87,27 @@ def build_configs(fx, pairs: list[str], k: int) -> list[Config]:
 
 
 def engine_settings(args) -> dict:
-    """The tests' fast CPU settings (tests/engine_utils.py), sized for one batch of prompts."""
-    return {
-        "dtype": "float32",
+    """The tests' fast CPU settings (tests/engine_utils.py), sized for one batch of prompts;
+    with ``--production``, the settings a GPU user runs instead."""
+    sized = {
         # A prompt holds at most 16 frames of at most 64 tokens per frame pair (~600 tokens).
         "max_model_len": 1024 + args.max_tokens,
         # Whole prompts in one step and the whole batch running at once, so every
         # row schedules the same way.
         "max_num_batched_tokens": 4096 + args.max_tokens,
         "max_num_seqs": args.num_prompts,
-        "enforce_eager": True,
         "limit_mm_per_prompt": {"image": 0, "video": 1},
         "seed": 0,
-        "kv_cache_memory_bytes": 64 << 20,
         # Repeats resend the same prompts: a prefix-cache hit would skip the target's
         # prefill (and hippo's attention capture) after the warm-up batch.
         "enable_prefix_caching": False,
         "disable_log_stats": True,
     }
+    if args.production:
+        # bfloat16, torch.compile and CUDA graphs, vLLM's default attention backend and
+        # KV-cache sizing (0.4 of the GPU memory: engines start one after another here).
+        return {**sized, "dtype": "bfloat16", "enforce_eager": False, "gpu_memory_utilization": 0.4}
+    return {**sized, "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 
 
 def build_requests(fx, tokenizer, num_prompts: int, num_frames: int) -> list[dict]:
@@ -385,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", default=None, help=f"comma-separated draft pairs from {sorted(PAIRS)} "
                                                       "(default all; quick: tiny)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--production", action="store_true",
+                        help="bfloat16, torch.compile and CUDA graphs, default KV-cache sizing (GPU settings)")
     args = parser.parse_args(argv)
     defaults = {"max_tokens": (64, 16), "num_prompts": (4, 2), "num_frames": (16, 8), "repeats": (3, 1),
                 "pairs": (",".join(PAIRS), "tiny")}
@@ -434,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
+                     "production": args.production,
                      "greedy": True, "ignore_eos": True},
         "lossless_checked": True,
         "environment": environment(args, fx),

@@ -67,6 +67,32 @@ def fast_cpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny
     return args
 
 
+def gpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny",
+                   speculative_config: dict | None = None, tensor_parallel_size: int = 1) -> list[str]:
+    """`vllm serve` flags for the tiny fixtures at the settings a GPU user runs.
+
+    bfloat16, torch.compile and CUDA graphs (no `--enforce-eager`), vLLM's default
+    attention backend and KV-cache sizing from profiling, at 0.4 of the GPU memory
+    so that a previous engine's leftovers do not fail the free-memory check at start;
+    the same prompt limits and video decoding as `fast_cpu_serve_args`.
+    """
+    args = [
+        "--served-model-name", served_model_name,
+        "--dtype", "bfloat16",
+        "--max-model-len", "1024",
+        "--max-num-seqs", "4",
+        "--gpu-memory-utilization", "0.4",
+        "--tensor-parallel-size", str(tensor_parallel_size),
+        "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
+        "--allowed-local-media-path", str(media_dir),
+        "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),
+        "--seed", "0",
+    ]
+    if speculative_config is not None:
+        args += ["--speculative-config", json.dumps(speculative_config)]
+    return args
+
+
 class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message has the log tail."""
 

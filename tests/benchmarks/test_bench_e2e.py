@@ -1,4 +1,4 @@
-"""Smoke run of the end-to-end benchmark: every row is there and the lossless check ran.
+"""The end-to-end benchmark: a tiny real run checks every output, drafts, and reports its columns.
 
 No timing assertions: wall times on a shared CI machine say nothing about the code.
 """
@@ -12,12 +12,16 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.engine
-
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
+ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
+COLUMNS = ("configuration", "wall s", "tok/s", "fwd", "tok/fwd", "MAT", "video seen", "target s", "draft s")
+ROW_KEYS = {"name", "wall_seconds", "tokens_per_second", "generated_tokens", "target_forwards",
+            "tokens_per_target_forward", "mat", "spec_acceptance_rate", "video_tokens_seen",
+            "video_tokens_total", "seconds", "lossless", "speedup_vs_target"}
 
 
-def _load_benchmark():
+@pytest.fixture(scope="module")
+def bench():
     # benchmarks/ is a folder of scripts, not a package.
     spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
     module = importlib.util.module_from_spec(spec)
@@ -26,23 +30,62 @@ def _load_benchmark():
     return module
 
 
-def test_quick_run_has_every_row_and_checked_losslessness(tmp_path):
-    bench = _load_benchmark()
+def test_a_differing_output_aborts_the_benchmark(bench):
+    bench.check_lossless("same", 0, [[1, 2, 3]], [[1, 2, 3]])
+    with pytest.raises(SystemExit, match=r"hippo serial tiny, batch 1, prompt 1 differs .* at token 2"):
+        bench.check_lossless("hippo serial tiny", 1, [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]])
+
+
+def test_production_settings_are_what_a_gpu_user_runs(bench):
+    production = bench.engine_settings(bench.parse_args(["--quick", "--production"]))
+    assert (production["dtype"], production["enforce_eager"]) == ("bfloat16", False)
+    assert "kv_cache_memory_bytes" not in production
+    fast = bench.engine_settings(bench.parse_args(["--quick"]))
+    assert (fast["dtype"], fast["enforce_eager"]) == ("float32", True)
+
+
+@pytest.mark.engine
+def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_path, monkeypatch, capsys):
+    checked = []  # (row, batch, outputs, reference) of every lossless check the benchmark makes
+    check = bench.check_lossless
+
+    def recording_check(name, repeat, ids, reference):
+        checked.append((name, repeat, ids, reference))
+        check(name, repeat, ids, reference)
+
+    monkeypatch.setattr(bench, "check_lossless", recording_check)
     out = tmp_path / "e2e.json"
     bench.main(["--quick", "--pairs", "tiny", "--max-tokens", "8", "--out", str(out)])
     result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    num_prompts, max_tokens = result["settings"]["num_prompts"], result["settings"]["max_tokens"]
+
+    # Every batch of every row (warm-up + 1 timed) was compared with the target's own outputs.
+    assert [(name, repeat) for name, repeat, _, _ in checked] == [(row, r) for row in ROWS for r in (0, 1)]
+    target_ids = checked[0][2]
+    assert len(target_ids) == num_prompts and all(len(ids) == max_tokens for ids in target_ids)
+    assert all(reference == target_ids for *_, reference in checked)
 
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows) == ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
-    assert result["lossless_checked"]
+    assert list(rows) == ROWS
     for row in rows.values():
-        assert row["lossless"]["equal_to_target"]
-        assert row["lossless"]["checked_outputs"] == 2 * result["settings"]["num_prompts"]  # warm-up + 1 timed
-        assert row["generated_tokens"] == 8 * result["settings"]["num_prompts"]
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["lossless"] == {"checked_batches": 2, "checked_outputs": 2 * num_prompts, "equal_to_target": True}
+        assert row["generated_tokens"] == max_tokens * num_prompts
         assert row["target_forwards"] > 0 and row["wall_seconds"] > 0
+    # Drafting happened in every speculative row, counted at vLLM's scheduler and by hippo.
+    for name in ROWS[1:]:
+        assert rows[name]["tracker"]["spec_drafted"] > 0, name
     for name in ("hippo serial tiny", "hippo parallel tiny"):
+        assert rows[name]["tracker"]["hippo"]["draft_tokens"] > 0, name
         assert 0 < rows[name]["video_tokens_seen"] < rows[name]["video_tokens_total"]
     assert rows["draft_model text"]["video_tokens_seen"] == 0
+    assert rows["target"]["tracker"]["spec_drafted"] == 0
     assert rows["hippo parallel tiny"]["mat"] is not None
     assert "estimate_second_device" in rows["hippo parallel tiny"]
-    assert result["environment"]["vllm"]
+
+    # The printed table has every column and one line per row.
+    header = next(line for line in printed.splitlines() if line.startswith("configuration"))
+    assert all(column in header for column in COLUMNS), header
+    for name in ROWS:
+        assert sum(line.startswith(name + " ") for line in printed.splitlines()) == 1, name

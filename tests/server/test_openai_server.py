@@ -21,6 +21,7 @@ import asyncio
 import base64
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ import pytest
 
 # The server helpers are shared with the serving demo in examples/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from engine_utils import serve_args  # noqa: E402
 from server_process import (  # noqa: E402
     ServerProcess,
-    fast_cpu_serve_args,
     metric_totals,
     read_metrics,
     running_server,
@@ -128,7 +129,7 @@ def undecodable_videos(tiny) -> dict[str, bytes]:
 def reference(tiny, chats, tmp_path_factory) -> dict[str, Answer]:
     """The answers of a server with the same flags but no speculation: the target alone."""
     log = tmp_path_factory.mktemp("plain_server") / "server.log"
-    with running_server(tiny.target, fast_cpu_serve_args(tiny.video_dir, served_model_name=SERVED_NAME),
+    with running_server(tiny.target, serve_args(tiny.video_dir, served_model_name=SERVED_NAME),
                         log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
         return {name: ask(server, messages) for name, messages in chats.items()}
 
@@ -137,19 +138,36 @@ def reference(tiny, chats, tmp_path_factory) -> dict[str, Answer]:
 def hippo_server(tiny, reference, tmp_path_factory):
     # Depends on `reference` only for ordering: the plain server has stopped
     # before this one starts (two at once start slower than one after the other).
-    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": K,
-                          "parallel": False}
-    args = fast_cpu_serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
+    # No "parallel" key: the server runs the schedule users get by default.
+    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": K}
+    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
                                speculative_config=speculative_config)
     log = tmp_path_factory.mktemp("hippo_server") / "server.log"
     with running_server(tiny.target, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
         yield server
 
 
+def drafted_tokens(server: ServerProcess) -> float:
+    return metric_totals(read_metrics(server.base_url)).get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+
+
+def drafted_since(server: ServerProcess, before: float, timeout: float = 10.0) -> bool:
+    """Whether drafted tokens grew past ``before``; the API server records a step's
+    stats after it hands the outputs out, so the answer can arrive first."""
+    deadline = time.monotonic() + timeout
+    while drafted_tokens(server) <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.mark.parametrize("chat", GOOD_CHATS)
 def test_answers_are_token_identical_to_the_target_alone(hippo_server, reference, chats, tiny_tokenizer, chat):
+    drafted_before = drafted_tokens(hippo_server)
     answer = ask(hippo_server, chats[chat])
     expected = reference[chat]
+    assert drafted_since(hippo_server, drafted_before), "no token of the answer was drafted"
     assert answer.status == 200 and answer.text
     assert answer.finish_reason == "length" and len(answer.token_ids) == MAX_TOKENS
     assert answer.prompt_token_ids == expected.prompt_token_ids

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from server_process import fast_cpu_serve_args, metric_totals, read_metrics, running_server  # noqa: E402
+from engine_utils import serve_args  # noqa: E402
+from server_process import metric_totals, read_metrics, running_server  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
@@ -83,7 +84,7 @@ def ask_all(server, requests: list[tuple[list[dict], dict]]) -> list:
 def reference(checkpoint_with_top_k, tiny, messages, tmp_path_factory) -> list[tuple[int, ...]]:
     """Greedy answers of the same checkpoint and flags without speculation."""
     log = tmp_path_factory.mktemp("plain_server") / "server.log"
-    args = fast_cpu_serve_args(tiny.video_dir, served_model_name=SERVED_NAME)
+    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME)
     with running_server(checkpoint_with_top_k, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
         answers = ask_all(server, [(m, GREEDY) for m in messages])
     assert all(isinstance(a, tuple) for a in answers), answers
@@ -93,9 +94,9 @@ def reference(checkpoint_with_top_k, tiny, messages, tmp_path_factory) -> list[t
 @pytest.fixture(scope="module")
 def hippo_server(checkpoint_with_top_k, tiny, reference, tmp_path_factory):
     # Depends on `reference` only for ordering: one server at a time starts faster.
-    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3,
-                          "parallel": False}
-    args = fast_cpu_serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
+    # No "parallel" key: the server runs the schedule users get by default.
+    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3}
+    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
                                speculative_config=speculative_config)
     log = tmp_path_factory.mktemp("hippo_server") / "server.log"
     with running_server(checkpoint_with_top_k, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:

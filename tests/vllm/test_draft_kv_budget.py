@@ -12,7 +12,16 @@ import time
 
 import pytest
 
-from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, text_request, video_request
+from engine_utils import (
+    ENGINE_DEFAULTS,
+    counter,
+    engine,
+    generate_ids,
+    hippo_config,
+    proposer_of,
+    text_request,
+    video_request,
+)
 from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
 
 BLOCK = 32
@@ -51,8 +60,9 @@ def test_an_explicit_token_count_is_whole_blocks_and_must_fit():
 
 # -- real engine (in-process, tiny fixtures) ----------------------------------------------
 
-DRAFT_BYTES_PER_TOKEN = 1 * 2 * 2 * 32 * 4  # tiny draft: layers x (K, V) x kv heads x head_dim x fp32
-TARGET_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE_DEFAULTS["dtype"]]
+DRAFT_BYTES_PER_TOKEN = 1 * 2 * 2 * 32 * DTYPE_BYTES  # tiny draft: layers x (K, V) x kv heads x head_dim x dtype
+TARGET_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * DTYPE_BYTES
 
 
 def storage_bytes(tensors) -> int:
@@ -71,13 +81,15 @@ def test_many_sequences_and_a_long_context_start_with_a_small_draft_cache_inside
         target_bytes = storage_bytes(runner.kv_caches)
         draft_bytes = storage_bytes(proposer.engine.kv.kv_caches.values())
         draft_tokens = proposer.engine.kv.num_blocks * BLOCK
-        target_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * runner.cache_config.block_size
-    # Sized for every sequence at full length it would be 256 x 4100 tokens (537 MB).
+        target_block = runner.cache_config.block_size
+        target_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * target_block
+    # Sized for every sequence at full length it would be 256 x 4100 tokens (537 MB in float32).
     assert draft_bytes == draft_tokens * DRAFT_BYTES_PER_TOKEN == proposer.engine.kv.num_bytes
     assert draft_tokens == (target_tokens // 4) // BLOCK * BLOCK  # "auto": a quarter (keep_ratio 0.1)
     assert target_bytes == target_tokens * TARGET_BYTES_PER_TOKEN
     assert target_bytes + draft_bytes <= kv_budget
-    assert target_bytes + draft_bytes > kv_budget - TARGET_BYTES_PER_TOKEN * 128 - DRAFT_BYTES_PER_TOKEN * BLOCK
+    # Only block rounding is left unused.
+    assert target_bytes + draft_bytes > kv_budget - TARGET_BYTES_PER_TOKEN * target_block - DRAFT_BYTES_PER_TOKEN * BLOCK
 
 
 def exported_counter(llm, name: str, expected: float, timeout: float = 5.0) -> float:

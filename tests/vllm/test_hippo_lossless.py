@@ -1,8 +1,12 @@
 """Serving with "method": "hippo" is lossless against the same engine without speculation.
 
 Every engine here is the real vLLM engine in-process on the tiny offline
-checkpoints (float32, greedy unless stated). The baseline outputs come from the
-target alone with the same settings.
+checkpoints (greedy unless stated), with the test profile's settings
+(tests/engine_utils.py: float32 and eager on the CPU profile). The main text/video/
+batch test also runs in bfloat16, eagerly and compiled. The baseline outputs come
+from the target alone with the same settings. Every test also checks that drafting
+happened: the proposer recovers from drafting errors by proposing nothing, which
+would leave the outputs lossless but untested.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import random
 import pytest
 
 from engine_utils import (
+    ENGINE_DEFAULTS,
     counter,
     engine,
     generate_ids,
     greedy,
     proposer_of,
     recording_views,
+    schedule_matrix,
     text_request,
     video_request,
 )
@@ -28,15 +34,16 @@ pytestmark = pytest.mark.engine
 K = 3
 LONG = 100  # tokens per request in the preemption test
 PREEMPTED = 5  # requests in it: more than the cache holds at full length
-TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * 4  # layers x (K, V) x kv heads x head_dim x fp32
-DRAFT_KV_BYTES_PER_TOKEN = 1 * 2 * 2 * 32 * 4  # the tiny draft's single layer
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE_DEFAULTS["dtype"]]
+TARGET_KV_BYTES_PER_TOKEN = 3 * 2 * 2 * 32 * DTYPE_BYTES  # layers x (K, V) x kv heads x head_dim x dtype
+DRAFT_KV_BYTES_PER_TOKEN = 1 * 2 * 2 * 32 * DTYPE_BYTES  # the tiny draft's single layer
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?")
 
 
 SCHEDULES = pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
 
 
-def hippo_config(model, parallel=False, **overrides):
+def hippo_config(model, parallel=None, **overrides):
     return _hippo_config(model, K, parallel, **overrides)
 
 
@@ -62,12 +69,26 @@ def requests(tiny, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def baseline(tiny, requests):
-    with engine(tiny.target) as llm:
-        single = generate_ids(llm, requests, max_tokens=24)
-        mixed = _mixed_batch(llm, requests)
-        long = generate_ids(llm, requests, max_tokens=LONG)
-    return {"single": single, "mixed": mixed, "long": long}
+def baselines(tiny, requests):
+    """The target alone with given engine overrides, computed when first asked for."""
+    outputs = {}
+
+    def of(variant: dict) -> dict:
+        key = repr(sorted(variant.items()))
+        if key not in outputs:
+            with engine(tiny.target, **variant) as llm:
+                outputs[key] = {"single": generate_ids(llm, requests, max_tokens=24),
+                                "mixed": _mixed_batch(llm, requests)}
+                if not variant:  # the preemption test runs with the profile's settings only
+                    outputs[key]["long"] = generate_ids(llm, requests, max_tokens=LONG)
+        return outputs[key]
+
+    return of
+
+
+@pytest.fixture(scope="module")
+def baseline(baselines):
+    return baselines({})
 
 
 def _mixed_batch(llm, requests):
@@ -80,9 +101,12 @@ def _mixed_batch(llm, requests):
     return [tuple(o.outputs[0].token_ids) for o in outputs]
 
 
-@SCHEDULES
-def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(parallel, tiny, requests, baseline):
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel)) as llm:
+# A compiled engine starts in 10-30 s on 2 cores instead of 3-4 s: compiled, only
+# the schedule users get by default.
+@pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32", "bf16"), default_only=("bf16-compiled",)))
+def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(parallel, variant, tiny, requests, baselines):
+    baseline = baselines(variant)
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **variant) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
         assert _mixed_batch(llm, requests) == baseline["mixed"]
         counters = spec_counters(llm)
@@ -120,6 +144,7 @@ def test_self_draft_keep_all_accepts_everything(parallel, tiny, requests, baseli
 def test_self_draft_pruned_is_lossless_and_sees_a_tenth(parallel, tiny, requests, baseline):
     with engine(tiny.target, speculative_config=hippo_config(tiny.target, parallel, keep_ratio=0.1)) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
 
 
 @SCHEDULES
@@ -131,6 +156,7 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny,
         with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **overrides) as llm:
             views = recording_views(llm)
             assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+            assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
             assert proposer_of(llm).stats.views_without_target_attention == 0
             kept[label] = [view.keep_rows.tolist() for view in views]
     assert kept["whole"] == kept["chunked"]
@@ -196,6 +222,7 @@ def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(
 def test_pruning_baselines_and_ablations_are_lossless(tiny, requests, baseline, overrides):
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, **overrides)) as llm:
         assert generate_ids(llm, requests[:4], max_tokens=24) == baseline["single"][:4]
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
         stats = proposer_of(llm).stats
     # 64 tokens per video in 4 frames of 16: ceil(0.1 * 64) = 7 kept globally,
     # ceil(0.1 * 16) = 2 per frame with the per-frame quota.

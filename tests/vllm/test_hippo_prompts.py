@@ -1,20 +1,22 @@
 """What the draft sees of different prompts: several videos, images, prefix-cache hits.
 
-Each case is checked for losslessness against the target alone and for the
-draft view hippo built (which rows of the prompt the draft kept).
+Each case is checked, for both schedules, for losslessness against the target
+alone, for drafting having happened, and for the draft view hippo built (which
+rows of the prompt the draft kept).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_utils import engine, generate_ids, hippo_config, proposer_of, recording_views, video_request
+from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, recording_views, video_request
 
 from hippo_vllm.fixtures import load_video
 
 pytestmark = pytest.mark.engine
 
 MM_LIMITS = {"image": 1, "video": 2}
+SCHEDULES = pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
 
 
 def chat(tokenizer, parts: list[dict], question: str) -> str:
@@ -34,10 +36,11 @@ def mixed_media_requests(tiny, tiny_tokenizer):
     ]
 
 
-def test_each_video_is_pruned_and_images_are_drafted_in_full(tiny, mixed_media_requests):
+@SCHEDULES
+def test_each_video_is_pruned_and_images_are_drafted_in_full(parallel, tiny, mixed_media_requests):
     with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS) as llm:
         expected = generate_ids(llm, mixed_media_requests, max_tokens=20)
-    config = hippo_config(tiny.draft)
+    config = hippo_config(tiny.draft, parallel=parallel)
     with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS, speculative_config=config) as llm:
         views = recording_views(llm)
         assert generate_ids(llm, mixed_media_requests, max_tokens=20) == expected
@@ -51,7 +54,8 @@ def test_each_video_is_pruned_and_images_are_drafted_in_full(tiny, mixed_media_r
     assert image.keep_rows.tolist() == list(range(image.prompt_len))
 
 
-def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(tiny, tiny_tokenizer):
+@SCHEDULES
+def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(parallel, tiny, tiny_tokenizer):
     # 16 frames -> 128 video tokens: the prompt spans a full 128-token KV block,
     # which vLLM's prefix cache serves to the next request with the same video.
     video = tiny.synthetic_videos[0]
@@ -60,13 +64,14 @@ def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(tiny, tiny_token
     sequence = [first, first, other_question]
     with engine(tiny.target) as llm:
         expected = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel=parallel)) as llm:
         views = recording_views(llm)
         got = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
         stats = proposer_of(llm).stats
-        hits = sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+        hits = counter(llm, "vllm:prefix_cache_hits")
+        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
     assert got == expected
-    assert hits > 0
+    assert hits > 0 and drafted > 0
     # The repeated prompt reuses its view; the new question on the cached video
     # cannot see the target's attention to it and prunes on the visual signals.
     assert views[0].keep_rows.tolist() == views[1].keep_rows.tolist()

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from engine_utils import engine, text_request
+from engine_utils import counter, engine, hippo_config, schedule_matrix, text_request
 
 pytestmark = pytest.mark.engine
 
@@ -71,20 +71,20 @@ def test_chi_square_helper_matches_known_values():
     )
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
-def test_sampled_tokens_follow_the_target_distribution(parallel, tiny, tiny_tokenizer):
+# Also in bfloat16 (against the target alone in bfloat16), for the default schedule only.
+@pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32",), default_only=("bf16",)))
+def test_sampled_tokens_follow_the_target_distribution(parallel, variant, tiny, tiny_tokenizer):
     # A text prompt: what is tested is the verification of drafted tokens, which is
     # the same for any prompt, and 400 video prefills per engine would cost minutes.
     request = text_request(tiny_tokenizer, "Describe the moving objects and their colours.")
-    with engine(tiny.target, **FAST) as llm:
+    settings = {**FAST, **variant}
+    with engine(tiny.target, **settings) as llm:
         target = sample(llm, request)
         target_warmer = sample(llm, request, temperature=1.5 * TEMPERATURE)
-    config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3, "parallel": parallel}
-    with engine(tiny.target, speculative_config=config, **FAST) as llm:
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, 3, parallel), **settings) as llm:
         hippo = sample(llm, request)
-        accepted = sum(m.value for m in llm.get_metrics()
-                       if m.name == "vllm:spec_decode_num_accepted_tokens")
-    with engine(tiny.draft, **FAST) as llm:
+        accepted = counter(llm, "vllm:spec_decode_num_accepted_tokens")
+    with engine(tiny.draft, **settings) as llm:
         draft_alone = sample(llm, request)
 
     assert accepted > 0.1 * NUM_SAMPLES  # verification really happened at these positions

@@ -1,9 +1,9 @@
 """Spec-decode and hippo metrics: correct, and visible in logs, /metrics and get_metrics().
 
 The spec-decode counters are checked against counts that do not come from vLLM's
-stats: with a self-draft that sees everything (float32, greedy) every draft is
-accepted, so each round commits k + 1 tokens and the number of rounds follows from
-max_tokens alone; drafted tokens also equal the proposer's own count. The hippo
+stats: with a self-draft that sees everything (greedy, in float32 and bfloat16)
+every draft is accepted, so each round commits k + 1 tokens and the number of
+rounds follows from max_tokens alone; drafted tokens also equal the proposer's own count. The hippo
 figures are checked against the proposer's ``HippoStats`` in the worker, in-process
 and across the processes of ``vllm serve``.
 """
@@ -19,10 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from engine_utils import engine, generate_ids, proposer_of, text_request, video_request
+from engine_utils import (
+    engine,
+    generate_ids,
+    numeric_variants,
+    product_default,
+    proposer_of,
+    serve_args,
+    text_request,
+    video_request,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from server_process import fast_cpu_serve_args, read_metrics, running_server  # noqa: E402
+from server_process import read_metrics, running_server  # noqa: E402
 from engine_utils import hippo_config as _hippo_config
 from hippo_vllm.logs import ROOT_LOGGER_NAME
 
@@ -77,9 +86,10 @@ def prometheus_samples(text: str) -> dict[str, list]:
     return samples
 
 
-def check_spec_counters(drafts, drafted, accepted, per_pos):
-    assert drafted > 0 and 0 <= accepted <= drafted <= drafts * K
-    assert len(per_pos) == K and sum(per_pos) == accepted
+def check_spec_counters(drafts, drafted, accepted, per_pos, parallel=False):
+    k = K - 1 if parallel else K  # vLLM verifies γ−1 spec tokens per step in parallel mode
+    assert drafted > 0 and 0 <= accepted <= drafted <= drafts * k
+    assert len(per_pos) == k and sum(per_pos) == accepted
     assert all(a >= b for a, b in zip(per_pos, per_pos[1:])), per_pos  # position i needs i-1
 
 
@@ -180,14 +190,16 @@ def test_log_line_reads_like_vllms_stats_lines():
 
 
 @pytest.mark.engine
-def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_process_0(tiny, requests):
+@pytest.mark.parametrize("variant", numeric_variants("fp32", "bf16"))
+def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_process_0(tiny, requests, variant):
     from prometheus_client import REGISTRY, generate_latest
 
     from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
     from hippo_vllm.vllm.stats_export import worker_snapshot_path
 
-    config = hippo_config(tiny.target, keep_ratio=1.0)
-    with engine(tiny.target, speculative_config=config) as llm, LogLines() as log:
+    # Draft-then-verify: the independent count below is that schedule's.
+    config = hippo_config(tiny.target, keep_ratio=1.0, parallel=False)
+    with engine(tiny.target, speculative_config=config, **variant) as llm, LogLines() as log:
         outputs = generate_ids(llm, requests, max_tokens=MAX_TOKENS)
         assert all(len(ids) == MAX_TOKENS for ids in outputs)
         stats = proposer_of(llm).stats
@@ -226,10 +238,11 @@ def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_
 
 
 @pytest.mark.engine
-def test_parallel_mode_reports_mat_and_tokens_per_forward(tiny, requests):
+@pytest.mark.parametrize("variant", numeric_variants("fp32", "bf16"))
+def test_parallel_mode_reports_mat_and_tokens_per_forward(tiny, requests, variant):
     """VPSD's figures reach get_metrics() and the log line; a self-draft is never rejected."""
     config = hippo_config(tiny.target, keep_ratio=1.0, parallel=True)
-    with engine(tiny.target, speculative_config=config) as llm, LogLines() as log:
+    with engine(tiny.target, speculative_config=config, **variant) as llm, LogLines() as log:
         outputs = generate_ids(llm, requests, max_tokens=MAX_TOKENS)
         stats = proposer_of(llm).stats
         metrics = settled_metrics(llm, stats)
@@ -258,7 +271,7 @@ def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_
 
     log_path = tmp_path / "server.log"
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOG_STATS_INTERVAL": "1"}
-    args = fast_cpu_serve_args(tiny.video_dir, speculative_config=hippo_config(tiny.draft))
+    args = serve_args(tiny.video_dir, speculative_config=hippo_config(tiny.draft))
     with running_server(tiny.target, args, log_path, env=env, timeout=150) as server:
         video = base64.b64encode(tiny.synthetic_videos[0].read_bytes()).decode()
         reply = OpenAI(base_url=server.openai_base_url, api_key="unused").chat.completions.create(
@@ -282,7 +295,7 @@ def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_
         per_pos = [v for _, v in sorted(samples[SPEC + "accepted_tokens_per_pos_total"],
                                         key=lambda entry: int(entry[0]["position"]))]
         drafted, accepted = value[SPEC + "draft_tokens_total"], value[SPEC + "accepted_tokens_total"]
-        check_spec_counters(value[SPEC + "drafts_total"], drafted, accepted, per_pos)
+        check_spec_counters(value[SPEC + "drafts_total"], drafted, accepted, per_pos, product_default("parallel"))
         assert accepted < drafted  # the tiny draft is not the target
         for field in EXPORTED_STATS:
             [(labels, _)] = samples[metric_name(field)]
