@@ -37,6 +37,9 @@ LOSSLESS_MATRIX = (
     "tests/server/test_openai_server.py",
     "tests/server/test_top_k_server.py",
     "tests/vllm/test_empty_logits_guard.py::test_top_k_requests_complete_and_top_1_equals_greedy",
+    "tests/vllm/test_gpu_worker_isolation.py",
+    "tests/vllm/test_draft_kv_budget.py",
+    "tests/vllm/test_compiled_target.py",
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel_gpu.py",)
 
