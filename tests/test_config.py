@@ -11,7 +11,7 @@ def test_defaults_match_the_documented_table():
     assert cfg.keep_ratio == 0.1
     assert cfg.score_weights == {"attn": 1.0, "temp": 1.0, "spa": 1.0}
     assert cfg.attn_layers == "all"
-    assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", True)
+    assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", False)
 
 
 def test_every_key_round_trips_through_to_dict():
