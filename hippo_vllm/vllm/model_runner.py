@@ -40,6 +40,7 @@ class HippoRunnerMixin:
         proposer = self._hippo()
         if proposer is None:
             return super().execute_model(scheduler_output, *args, **kwargs)
+        proposer.new_step()  # plain bookkeeping, cannot fail
         _guarded(proposer, "begin_step", scheduler_output, proposer.begin_step, self, scheduler_output)
         # In the target's process this runs before the target's forward, not beside it.
         _guarded(proposer, "parallel chunk drafting", scheduler_output,

@@ -154,11 +154,14 @@ class HippoProposer:
 
     # -- per step ------------------------------------------------------------------------
 
-    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
+    def new_step(self) -> None:
+        """A target step starts: step-wide failures of the last one expire."""
         if not self._step_failed:
             self._failed_steps_in_a_row = 0
         self._step_failed = False
         self._failed_this_step.clear()
+
+    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.release(req_id, finished=True)
         for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
