@@ -44,7 +44,8 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "keep_ratio": True}, r'\["keep_ratio"\]=True'),
         ({"model": "d", "num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0 .*>= 1'),
         ({"model": "d", "num_speculative_tokens": 2.0}, r'\["num_speculative_tokens"\]=2.0'),
-        ({"model": "d", "num_speculative_tokens": 1}, r'=1 is too small for "parallel": true.*"parallel": false'),
+        ({"model": "d", "num_speculative_tokens": 1, "parallel": True},
+         r'=1 is too small for "parallel": true.*"parallel": false'),
         ({"model": "d", "crop_size": 4}, r'\["crop_size"\]=4 .*odd integer >= 3'),
         ({"model": "d", "crop_size": 1}, r'\["crop_size"\]=1 '),
         ({"model": "d", "selection": "local"}, r"\['global', 'per_frame'\]"),
@@ -66,8 +67,9 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):
 
 
 def test_vllm_verifies_one_token_less_per_step_in_parallel_mode():
-    assert HippoConfig(model="d", num_speculative_tokens=4).vllm_num_speculative_tokens == 3
-    assert HippoConfig(model="d", num_speculative_tokens=1, parallel=False).vllm_num_speculative_tokens == 1
+    assert HippoConfig(model="d", num_speculative_tokens=4, parallel=True).vllm_num_speculative_tokens == 3
+    assert HippoConfig(model="d", num_speculative_tokens=4).vllm_num_speculative_tokens == 4
+    assert HippoConfig(model="d", num_speculative_tokens=1).vllm_num_speculative_tokens == 1
 
 
 def test_attn_layers_are_checked_against_the_target_depth():
