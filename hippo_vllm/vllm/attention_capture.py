@@ -202,9 +202,9 @@ class TargetAttentionCapture:
         try:
             self._observe(layer_index, impl, query, key)
         except Exception as exc:  # noqa: BLE001 - the target's forward must go on
-            req_ids = list(self._step_rows or self._requests)
+            req_ids = [r for r in (self._step_rows or self._requests) if r in self._requests]
             for req_id in req_ids:
-                for video in self._requests[req_id].videos if req_id in self._requests else ():
+                for video in self._requests[req_id].videos:
                     video.failed = True
             self._step_source = None  # no more observing in this step
             if self.on_failure is not None:
