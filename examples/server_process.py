@@ -30,13 +30,13 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 # The environment's `vllm` script. On the CPU wheel it is the launcher from
-# tools/cpu_env/vllm_cli.py (fix 3); on a GPU environment, vLLM's own script.
+# tools/cpu_env/vllm_cli.py (README, "The CPU environment fixes"); on a GPU environment, vLLM's own script.
 VLLM_EXECUTABLE = Path(sys.executable).with_name("vllm")
 
 
 def fast_cpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny",
                         speculative_config: dict | None = None) -> list[str]:
-    """`vllm serve` flags that start the tiny fixtures quickly on a CPU (docs §6.3, §6.4).
+    """`vllm serve` flags that start the tiny fixtures quickly on a CPU.
 
     - `--enforce-eager`: torch.compile on CPU adds ~25 s at start;
     - `--kv-cache-memory-bytes`: without it the CPU backend allocates ~9 GiB of KV

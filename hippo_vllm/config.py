@@ -91,6 +91,13 @@ class HippoConfig:
         if not isinstance(self.model, str) or not self.model.strip():
             raise _fail("model", self.model, "a non-empty checkpoint path or name")
         k = self.num_speculative_tokens
+        # Parallel mode verifies the chunk's first token on the side and the other
+        # k - 1 in the next step, so it needs k >= 2; the message names that bound.
+        if self.parallel is True and (not _is_int(k) or k < 2):
+            raise _fail("num_speculative_tokens", k,
+                        'an integer >= 2 with "parallel": true (the chunk\'s first token is verified '
+                        "on the side, the other num_speculative_tokens - 1 in the next step), "
+                        'or >= 1 with "parallel": false')
         if not _is_int(k) or k < 1:
             raise _fail("num_speculative_tokens", k, "an integer >= 1 (tokens drafted per round)")
         r = self.keep_ratio
@@ -108,13 +115,6 @@ class HippoConfig:
             raise _fail("pruning", self.pruning, f"one of {list(PRUNING_METHODS)}")
         if not isinstance(self.parallel, bool):
             raise _fail("parallel", self.parallel, "true or false")
-        if self.parallel and k < 2:
-            raise HippoConfigError(
-                f'speculative_config["num_speculative_tokens"]={k} is too small for '
-                f'"parallel": true, which verifies the chunk\'s first token on the side and '
-                f"the other num_speculative_tokens - 1 in the next step: use >= 2, or "
-                f'"parallel": false.'
-            )
 
     @staticmethod
     def _checked_weights(weights: Any) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Helpers for tests that run the real vLLM engine in-process on the tiny fixtures.
 
-Settings follow docs cpu_environment.md §6: in-process engine (set by conftest
+The settings keep engines cheap on a CPU: in-process engine (set by conftest
 before vLLM is imported), eager mode, a 64 MiB KV cache and small buffers make an
 engine start in about 3-4 s instead of 17 s and keep it under 1 GB of memory.
 Engines are expensive relative to the tiny models, so tests share one per module

@@ -114,3 +114,28 @@ def test_plugin_on_an_unsupported_vllm_stands_down_but_still_refuses_hippo_clear
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode != 0
     assert "UnsupportedVllmVersion: hippo_vllm supports vLLM 0.32.x, 0.33.x; the installed vLLM is 0.40.0" in out.stderr
+
+
+def test_texts_that_name_the_supported_vllm_agree_with_the_one_list():
+    from packaging.requirements import Requirement
+
+    from hippo_vllm.version import SUPPORTED_VLLM, vllm_requirement
+
+    root = PACKAGE.parent
+    readme = (root / "README.md").read_text()
+    supported = readme.split("## Supported versions", 1)[1].split("\n## ", 1)[0]
+    tools = root / "tools"
+    for extra, requirements in (("cpu", tools / "requirements-cpu.txt"), ("gpu", tools / "requirements-cuda.txt")):
+        distribution, series = SUPPORTED_VLLM[extra]
+        assert f"{series}.x (`{distribution}`)" in supported
+        lines = [line for line in requirements.read_text().splitlines() if line and not line.startswith("#")]
+        (pinned,) = [r for r in map(Requirement, lines) if r.name == distribution]
+        allowed = Requirement(vllm_requirement(extra)).specifier
+        # Either the extra's own range or an exact pin inside it.
+        exact = [spec.version for spec in pinned.specifier if spec.operator == "=="]
+        assert pinned.specifier == allowed or (len(pinned.specifier) == 1 and exact
+                                               and allowed.contains(exact[0])), (requirements, pinned)
+        if extra == "cpu":
+            assert f"`{pinned}`" in readme  # the quick start names the CPU environment's pin
+        else:
+            assert f"`{distribution}` {series}.x" in readme

@@ -1,8 +1,8 @@
 """Pure-torch scoring core of HIPPO: which video tokens the draft model keeps.
 
 No vLLM or transformers import happens here (or anywhere below), so the core
-is testable in a second and reusable by another engine. The project's
-``algorithm.md`` §1 is the specification:
+is testable in a second and reusable by another engine. What it offers (the
+README's "Scoring API" section says what each function computes):
 
 - :class:`VideoGrid` — token geometry of one video (t-major, then h, then w);
 - :func:`attention_scores` / :class:`AttentionScoreAccumulator` — s_attn;

@@ -1,6 +1,6 @@
 """s_attn: how much the text that follows a video attends to each video token.
 
-algorithm.md §1.3. For each layer and query head the text queries ``Q_txt`` are
+For each layer and query head the text queries ``Q_txt`` are
 scored against the cached, post-RoPE video keys ``K_vid``; the softmax runs over
 the video keys only (every text query is renormalised over the video), and the
 probabilities are averaged over query rows, heads and layers.

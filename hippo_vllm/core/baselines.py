@@ -1,4 +1,4 @@
-"""Baseline token selectors for ablations (algorithm.md §1.9).
+"""Baseline token selectors for ablations.
 
 Every selector keeps exactly ``num_kept(N, keep_ratio)`` tokens and returns
 their flat indices as sorted int64, so all methods are compared at the same

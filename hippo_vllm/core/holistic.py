@@ -1,4 +1,4 @@
-"""HIPPO's holistic token score: per-frame normalisation and weighted fusion (algorithm.md §1.6).
+"""HIPPO's holistic token score: per-frame normalisation and weighted fusion.
 
     S(v_j^f) = w_attn·s̃_attn + w_temp·s̃_temp + w_spa·s̃_spa,
     s̃_k(v_j^f) = (s_k − min_f s_k) / (max_f s_k − min_f s_k + ε)   per token-frame f.

@@ -1,6 +1,6 @@
 """Position-bias metrics: how much a selection or an attention map favours frame borders.
 
-algorithm.md §1.8. Attention-only pruning is reported to over-select tokens on
+Attention-only pruning is reported to over-select tokens on
 the outer ring of each frame, which carry little semantics. Two measures:
 
 - boundary selection ratio (BSR) = (share of the kept tokens on the ring)

@@ -4,7 +4,7 @@ The serving layer calls :func:`select_video_tokens` once per video with whatever
 it has (the draft's embeddings, the target's s_attn if captured) and the
 user's ``pruning`` / ``selection`` / ``keep_ratio`` / ``score_weights`` /
 ``crop_size`` settings; the baselines exist so the same server can run the
-ablations of algorithm.md §1.9.
+ablations that compare HIPPO's score with simpler selections.
 """
 
 from __future__ import annotations

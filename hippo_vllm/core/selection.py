@@ -1,4 +1,4 @@
-"""Top-k selection of the video tokens the draft keeps (algorithm.md §1.6).
+"""Top-k selection of the video tokens the draft keeps.
 
 The kept indices are returned sorted ascending, i.e. in the original token
 order, because the draft's sequence is ``text-before, kept video tokens,

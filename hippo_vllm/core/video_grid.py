@@ -120,7 +120,7 @@ class VideoGrid:
         """Bool ``[num_tokens]``: True on the outer ring of every token-frame.
 
         The ring (row 0, row h-1, column 0, column w-1) is where attention-only
-        pruning over-selects tokens (position bias, algorithm.md §1.8).
+        pruning over-selects tokens (position bias, see :mod:`hippo_vllm.core.position_bias`).
         """
         ring = torch.zeros(self.h, self.w, dtype=torch.bool)
         ring[0, :] = True

@@ -1,7 +1,7 @@
 """Round logic of video parallel speculative decoding (VPSD) in vLLM's step loop.
 
-PEARL's pre-verify/post-verify (``algorithm.md`` §2.2, §2.4), expressed per vLLM
-step (``design.md`` §3.6). In every step the target verifies the request's
+PEARL's pre-verify/post-verify, expressed per vLLM step (the schedule is
+described in ``docs/architecture.md``, "Scheduling"). In every step the target verifies the request's
 scheduled spec tokens ``S`` (``γ−1`` or ``0`` of them) and samples one token of
 its own; concurrently the draft continues from ``committed + S``, assuming all of
 ``S`` will be accepted, and greedily drafts a chunk ``E`` of ``γ`` tokens. After
@@ -17,7 +17,7 @@ the target's own token ``b``. Then:
 Comparing ``b`` with ``E[0]`` is speculative sampling with a one-hot draft:
 ``E[0]`` is accepted with probability ``p(E[0])``, and on rejection ``b`` is
 distributed as ``p`` with ``E[0]`` excluded, so the output is exactly the
-target's (§2.6). Nothing is sampled here; the state machine only compares
+target's. Nothing is sampled here; the state machine only compares
 tokens, and a rejected draft token can never equal the token committed in its
 place (the residual distribution gives it zero mass), so the accepted prefix is
 the common prefix of ``S`` and ``sampled``.

@@ -21,12 +21,13 @@ traceback.
 
 from __future__ import annotations
 
-import logging
+from pathlib import Path
 from typing import Any
 
 from hippo_vllm.config import METHOD_NAME, HippoConfig, HippoConfigError
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 PROPOSER_CLASS_PATH = "hippo_vllm.vllm.proposer.HippoProposer"
 CPU_WORKER_PATH = "hippo_vllm.vllm.worker.HippoCPUWorker"
@@ -99,10 +100,28 @@ def _architecture(hf_config: Any) -> str:
     return archs[0]
 
 
+def looks_like_local_path(model: str) -> bool:
+    """Whether ``model`` can only be a filesystem path, never a hub id.
+
+    Hugging Face hub ids are ``name`` or ``org/name`` and start with a letter or
+    digit; an absolute or ``~``/``.``-relative path, or one with more than one
+    ``/``, cannot be one.
+    """
+    return model.startswith(("/", "~", ".")) or "\\" in model or model.count("/") > 1
+
+
 def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> None:
     """Refuse a draft that cannot serve this target, naming what is wrong."""
     from transformers import AutoConfig
 
+    # Without this, transformers tries such a path as a hub id and answers with
+    # the hub's "Repo id must be in the form ..." message.
+    if looks_like_local_path(hippo.model) and not Path(hippo.model).expanduser().exists():
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r}: draft checkpoint not found, there is '
+            f"no directory {str(Path(hippo.model).expanduser().absolute())!r}. Give the directory "
+            f'of a local checkpoint or a Hugging Face hub id ("org/name").'
+        )
     try:
         draft_config = AutoConfig.from_pretrained(
             hippo.model, trust_remote_code=target_model_config.trust_remote_code

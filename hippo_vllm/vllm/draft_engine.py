@@ -1,13 +1,13 @@
 """The HIPPO draft engine: a small Qwen2.5-VL run by vLLM's own model code, with its own KV cache.
 
-The draft sees a pruned video (design.md §3.3-3.4): its sequence is
+The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps
 its original M-RoPE position, so generated tokens sit where the target has them.
 This module offers exactly what the proposer needs: the draft's own video
 embeddings, prompt embeddings, and one batched forward that appends rows to
 each request's draft KV and returns the logits of each input's last row.
 
-How it hooks into vLLM (draft_engine_facts.md): the model is loaded with
+How it hooks into vLLM: the model is loaded with
 ``get_model`` under a separate ``VllmConfig`` whose compilation config is fresh
 (the target's would reject the draft's layer names as duplicates), inside
 ``set_current_vllm_config`` (the weight loader needs it), and runs under

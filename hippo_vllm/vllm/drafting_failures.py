@@ -11,13 +11,13 @@ every step does not flood the log.
 
 from __future__ import annotations
 
-import logging
 import traceback
 from collections.abc import Iterable
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.metrics import HippoStats
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 
 def failure_cause(where: str, exc: BaseException) -> tuple[str, str, str, int]:

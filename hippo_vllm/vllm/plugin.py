@@ -4,7 +4,8 @@ vLLM calls :func:`register` once per process (API server, engine core, workers),
 and again in a fresh process after a fork or spawn, so it must be cheap and
 idempotent. It installs the process-wide patches of the patch index: the rewrite
 of ``"method": "hippo"`` into a configuration vLLM accepts, hippo's stat logger
-next to vLLM's, and the CPU sampling fix. The draft itself lives in the hippo
+next to vLLM's, the CPU sampling fix, and the guard that keeps top-k
+sampling alive in steps without draft tokens. The draft itself lives in the hippo
 worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
 unsupported vLLM must not raise here: it only stands the plugin down with a
 warning (only the config rewrite is installed, so that a later
@@ -13,9 +14,9 @@ warning (only the config rewrite is installed, so that a later
 
 from __future__ import annotations
 
-import logging
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 _registered: bool | None = None  # None: not yet called in this process
 
@@ -28,7 +29,7 @@ def register() -> bool:
 
     from hippo_vllm.vllm.version_gate import UnsupportedVllmVersion, check_vllm_version
 
-    from hippo_vllm.vllm import config_rewrite, cpu_sampling_fix, stat_logger
+    from hippo_vllm.vllm import config_rewrite, cpu_sampling_fix, empty_logits_guard, stat_logger
 
     try:
         check_vllm_version()
@@ -45,6 +46,7 @@ def register() -> bool:
 
     config_rewrite.install()
     cpu_sampling_fix.install()
+    empty_logits_guard.install()
     stat_logger.install()
     _registered = True
     return True

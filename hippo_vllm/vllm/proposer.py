@@ -25,7 +25,6 @@ for the engine. The target's outputs never depend on the draft.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.config_rewrite import hippo_settings
@@ -47,7 +47,7 @@ from hippo_vllm.vllm.draft_view import (
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.parallel_rounds import ParallelRounds
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good

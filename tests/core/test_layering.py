@@ -1,4 +1,4 @@
-"""hippo_vllm.core must stay importable without vLLM or transformers (design.md §2)."""
+"""hippo_vllm.core must stay importable without vLLM or transformers (see its package docstring)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def test_boundary_mask_is_outer_ring_of_every_frame():
         dtype=torch.bool,
     )
     assert torch.equal(mask[0], expected_frame) and torch.equal(mask[1], expected_frame)
-    assert int(VideoGrid(1, 14, 14).boundary_mask().sum()) == 52  # algorithm.md §1.8
+    assert int(VideoGrid(1, 14, 14).boundary_mask().sum()) == 52  # 14*14 - 12*12 ring tokens
     assert bool(VideoGrid(3, 2, 7).boundary_mask().all())
 
 

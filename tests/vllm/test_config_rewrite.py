@@ -8,7 +8,12 @@ import shutil
 import pytest
 
 from hippo_vllm.config import HippoConfigError
-from hippo_vllm.vllm.config_rewrite import CPU_WORKER_PATH, PROPOSER_CLASS_PATH, hippo_settings
+from hippo_vllm.vllm.config_rewrite import (
+    CPU_WORKER_PATH,
+    PROPOSER_CLASS_PATH,
+    hippo_settings,
+    looks_like_local_path,
+)
 
 
 def engine_config(target, speculative_config, **kwargs):
@@ -60,12 +65,31 @@ def _draft_with(tmp_path, tiny, **changes):
         ({"keep_rato": 0.1}, r"Unknown key\(s\) \['keep_rato'\]"),
         ({"num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0'),
         ({"attn_layers": [0, 9]}, r"< 3, the target's number of layers \(out of range: \[9\]\)"),
-        ({"model": "/nonexistent/draft"}, r"'/nonexistent/draft' could not be loaded"),
+        ({"model": "/nonexistent/draft"}, r"'/nonexistent/draft': draft checkpoint not found, "
+                                          r"there is no directory '/nonexistent/draft'"),
+        ({"model": "./missing/draft"}, r"draft checkpoint not found, there is no directory '/.*/missing/draft'"),
     ],
 )
 def test_bad_keys_and_values_stop_start_up_naming_them(tiny, overrides, message):
     with pytest.raises(HippoConfigError, match=message):
         engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft), **overrides})
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen2.5-VL-3B-Instruct", "my-draft", "org/name.v2"])
+def test_hub_ids_are_not_taken_for_missing_paths(model):
+    assert not looks_like_local_path(model)
+
+
+@pytest.mark.parametrize("model", ["/abs/draft", "./draft", "../draft", "~/draft", "runs/1/draft", "C:\\draft"])
+def test_paths_that_cannot_be_hub_ids_are_recognised(model):
+    assert looks_like_local_path(model)
+
+
+def test_a_relative_checkpoint_directory_still_loads(tiny, tmp_path, monkeypatch):
+    shutil.copytree(tiny.draft, tmp_path / "drafts" / "v1" / "draft")
+    monkeypatch.chdir(tmp_path)
+    config = engine_config(tiny.target, {"method": "hippo", "model": "./drafts/v1/draft"})
+    assert hippo_settings(config).model == "./drafts/v1/draft"
 
 
 def test_a_text_only_draft_is_refused(tiny):
