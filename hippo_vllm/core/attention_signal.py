@@ -20,6 +20,10 @@ Exact definition used by :class:`AttentionScoreAccumulator`::
 A layer may arrive in several query chunks (chunked prefill delivers the text in
 pieces); counting rows per layer makes the result identical to adding the whole
 layer at once, and every layer weighs the same however many chunks it came in.
+For the same reason accumulators that saw disjoint sets of query heads (tensor
+parallelism shards heads over ranks) combine exactly: add their
+:meth:`~AttentionScoreAccumulator.layer_totals` and load the sums with
+:meth:`~AttentionScoreAccumulator.set_layer_totals`.
 """
 
 from __future__ import annotations
@@ -72,6 +76,50 @@ class AttentionScoreAccumulator:
     def num_layers(self) -> int:
         """Number of distinct layers added so far."""
         return len(self._layer_totals)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the sums live (the device of the added keys; CPU before any layer)."""
+        for total in self._layer_totals.values():
+            return total.prob_sum.device
+        return torch.device("cpu")
+
+    def layer_totals(self, layers: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running sums of ``layers``, in that order: float64 ``[len(layers), N_v]``
+        probability sums and float64 ``[len(layers)]`` (query row, head) pair counts.
+
+        A layer not added yet has zero sums and a zero count.
+        """
+        sums = torch.zeros(len(layers), self._num_video_tokens, dtype=torch.float64, device=self.device)
+        counts = torch.zeros(len(layers), dtype=torch.float64)
+        for i, layer in enumerate(layers):
+            total = self._layer_totals.get(layer)
+            if total is not None:
+                sums[i] = total.prob_sum
+                counts[i] = total.pair_count
+        return sums, counts
+
+    def set_layer_totals(self, layers: Sequence[Hashable], prob_sums: torch.Tensor, pair_counts: torch.Tensor) -> None:
+        """Replace every running sum by the given ones (the layout of :meth:`layer_totals`).
+
+        Layers with a zero pair count count as not added.
+        """
+        prob_sums = check_tensor("prob_sums", prob_sums)
+        pair_counts = check_tensor("pair_counts", pair_counts)
+        if tuple(prob_sums.shape) != (len(layers), self._num_video_tokens):
+            raise ValueError(
+                f"prob_sums must be [{len(layers)}, {self._num_video_tokens}] (layers, video tokens), "
+                f"got {list(prob_sums.shape)}"
+            )
+        if tuple(pair_counts.shape) != (len(layers),):
+            raise ValueError(f"pair_counts must be [{len(layers)}] (one per layer), got {list(pair_counts.shape)}")
+        if bool((pair_counts < 0).any()) or bool((pair_counts != pair_counts.round()).any()):
+            raise ValueError(f"pair_counts must be whole numbers >= 0, got {pair_counts.tolist()}")
+        self._layer_totals = {
+            layer: _LayerTotal(prob_sums[i].to(torch.float64).clone(), int(pair_counts[i]))
+            for i, layer in enumerate(layers)
+            if pair_counts[i] > 0
+        }
 
     def add_layer(
         self,

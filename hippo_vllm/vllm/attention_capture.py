@@ -26,6 +26,15 @@ K transposed or VNNI-packed).
 A request whose video was not computed in this run (its prompt prefix came from
 vLLM's prefix cache) has no keys to score; it is reported as incomplete and the
 draft view then prunes on the visual signals alone.
+
+Under tensor parallelism each rank sees only its own attention heads. s_attn is a
+mean over (query row, head) pairs per layer, so each rank accumulates the sums of
+its heads, and when a request's prefill ends every rank adds its per-layer sums,
+pair counts and an incompleteness flag into one small tensor that is summed over
+the TP group (:meth:`TargetAttentionCapture.sum_ended_prefills`). Every rank gets
+the same scheduler output and tracks the same requests, so the ranks take part in
+the same sums in the same order, and the result is what one rank holding every
+head would compute (up to float rounding).
 """
 
 from __future__ import annotations
@@ -38,7 +47,10 @@ from typing import Any
 import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.patching import patch_instance_attribute
+
+logger = get_logger(__name__)
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 PATCH_TARGET = "vllm.model_executor.layers.attention.attention:Attention.impl.forward"
@@ -95,13 +107,18 @@ class TargetAttentionCapture:
         self,
         attention_layers: dict[int, Any],
         layer_indices: tuple[int, ...],
+        sum_over_ranks: Callable[[torch.Tensor], None] | None = None,
         on_failure: Callable[[str, BaseException, Iterable[str]], None] | None = None,
     ):
         self.layers = {i: attention_layers[i] for i in layer_indices}
+        # Tensor parallelism: sums a CPU float64 tensor over the TP ranks, in place.
+        self._sum_over_ranks = sum_over_ranks
+        self._summed: dict[str, list[torch.Tensor | None]] = {}  # req -> s_attn summed over ranks
         self.on_failure = on_failure  # told about an error while observing (never raised)
         self._requests: dict[str, _RequestCapture] = {}
         self._step_rows: dict[str, tuple[int, int, int]] | None = None  # req -> (row, start, n)
         self._step_source = None
+        self._observing = True  # False after an error, until the next step
         for index, layer in self.layers.items():
             self._wrap(index, layer.impl)
 
@@ -120,7 +137,7 @@ class TargetAttentionCapture:
         capture = self
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-            if attn_metadata is not None and capture._step_source is not None:
+            if attn_metadata is not None and capture._step_source is not None and capture._observing:
                 capture._observe_safely(index, impl, query, key)
             return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
 
@@ -144,15 +161,27 @@ class TargetAttentionCapture:
     def is_tracking(self, req_id: str) -> bool:
         return req_id in self._requests
 
+    @property
+    def sums_over_ranks(self) -> bool:
+        """Whether s_attn is summed over tensor-parallel ranks (then every rank tracks the same requests)."""
+        return self._sum_over_ranks is not None
+
     def finish(self, req_id: str) -> list[torch.Tensor | None] | None:
         """Final s_attn per video ([N_v] float32; None where it could not be built)."""
+        if req_id in self._summed:  # tensor parallelism: summed over the ranks at prefill end
+            return self._summed.pop(req_id)
         state = self._requests.pop(req_id, None)
         if state is None:
             return None
-        return [video.accumulator.scores() if video.complete(self.layers) else None for video in state.videos]
+        return [video.accumulator.scores() if self._complete(video) else None for video in state.videos]
+
+    def _complete(self, video: _VideoCapture) -> bool:
+        """Whether this rank saw every row s_attn needs for the video."""
+        return video.complete(self.layers)
 
     def drop(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
+        self._summed.pop(req_id, None)
 
     # -- per step ------------------------------------------------------------------------
 
@@ -161,6 +190,7 @@ class TargetAttentionCapture:
         first observed layer can map rows to requests."""
         self._step_source = (runner, scheduler_output) if self._requests else None
         self._step_rows = None
+        self._observing = True
         if self._requests:
             self._count_scheduled(scheduler_output)
 
@@ -182,6 +212,70 @@ class TargetAttentionCapture:
     def end_step(self) -> None:
         self._step_source = None
         self._step_rows = None
+
+    def sum_ended_prefills(self) -> None:
+        """Tensor parallelism: sum the partial s_attn of prefills that ended in this step over the ranks.
+
+        Called by every rank after the target's forward. Requests are taken in id order
+        and videos in prompt order, so all ranks lay out the summed tensor alike; each
+        video contributes its per-layer probability sums and (row, head) pair counts in
+        layer order, and a flag that is non-zero when some rank missed part of it.
+        """
+        if self._sum_over_ranks is None or self._step_source is None:
+            return
+        ended = sorted(
+            req_id
+            for req_id, (_, start, n) in self._rows().items()
+            if n > 0 and start + n >= self._requests[req_id].prompt_len
+        )
+        if not ended:
+            return
+        layers = sorted(self.layers)
+        videos = [video for req_id in ended for video in self._requests[req_id].videos]
+        total = torch.cat([self._partial_totals(video, layers) for video in videos])
+        self._sum_over_ranks(total)
+        scores = iter(self._summed_scores(total, videos, layers))
+        for req_id in ended:
+            self._summed[req_id] = [next(scores) for _ in self._requests.pop(req_id).videos]
+
+    def _partial_totals(self, video: _VideoCapture, layers: list[int]) -> torch.Tensor:
+        """This rank's share of a video's s_attn, flat float64 on the CPU: sums, counts, incomplete flag.
+
+        Its size depends only on what every rank knows alike, also on failure, so
+        a failing rank still takes part in the sum (and marks the video incomplete).
+        """
+        try:
+            sums, counts = video.accumulator.layer_totals(layers)
+            incomplete = torch.tensor([0.0 if self._complete(video) else 1.0], dtype=torch.float64)
+            return torch.cat([sums.cpu().flatten(), counts.cpu(), incomplete])
+        except Exception:
+            logger.exception("hippo: this rank's share of s_attn is lost; the video is pruned without it")
+            failed = torch.zeros(len(layers) * (video.length + 1) + 1, dtype=torch.float64)
+            failed[-1] = 1.0
+            return failed
+
+    @staticmethod
+    def _summed_scores(total: torch.Tensor, videos: list[_VideoCapture], layers: list[int]):
+        """s_attn per video from the totals summed over the ranks (None where a rank missed part)."""
+        offset = 0
+        for video in videos:
+            size = len(layers) * video.length
+            sums = total[offset : offset + size].view(len(layers), video.length)
+            counts = total[offset + size : offset + size + len(layers)]
+            incomplete = bool(total[offset + size + len(layers)] > 0)
+            offset += size + len(layers) + 1
+            if incomplete:
+                yield None
+                continue
+            try:
+                summed = AttentionScoreAccumulator(video.length)
+                summed.set_layer_totals(layers, sums, counts)
+                # On the device the scores would be on without TP.
+                scores = summed.scores().to(video.accumulator.device)
+            except Exception:
+                logger.exception("hippo: s_attn summed over ranks is unusable; the video is pruned without it")
+                scores = None
+            yield scores
 
     def _rows(self) -> dict[str, tuple[int, int, int]]:
         # Resolved at forward time, after vLLM has (re)ordered its persistent batch:
@@ -206,7 +300,7 @@ class TargetAttentionCapture:
             for req_id in req_ids:
                 for video in self._requests[req_id].videos:
                     video.failed = True
-            self._step_source = None  # no more observing in this step
+            self._observing = False  # for the rest of this step (tensor parallelism still sums)
             if self.on_failure is not None:
                 self.on_failure("target attention capture", exc, req_ids)
 

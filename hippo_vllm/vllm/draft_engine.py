@@ -17,12 +17,15 @@ How it hooks into vLLM: the model is loaded with
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from vllm.config import VllmConfig, get_layers_from_vllm_config, set_current_vllm_config
+from vllm.config.speculative import SpeculativeConfig
 from vllm.config.utils import replace
 from vllm.engine.arg_utils import EngineArgs
 from vllm.forward_context import set_forward_context
@@ -31,6 +34,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
 from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache
+from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
 
@@ -85,9 +89,11 @@ def make_draft_vllm_config(
 
     Sub-configs the draft may change are copies: a fresh compilation config (the
     draft registers its layers in its ``static_forward_context``), and shallow
-    copies of the cache/scheduler/parallel configs, because ``VllmConfig``'s
-    post-init and the draft's KV layout choice write into them. ``quant_config``
-    is re-derived from the draft checkpoint instead of inheriting the target's.
+    copies of the cache/scheduler configs, because ``VllmConfig``'s post-init and
+    the draft's KV layout choice write into them. The parallel config is the one
+    vLLM makes for a draft of tensor-parallel size 1 (the draft runs whole on one
+    rank, see tensor_parallel). ``quant_config`` is re-derived from the draft
+    checkpoint instead of inheriting the target's.
     """
     target_mc = target_vllm_config.model_config
     mm = target_mc.multimodal_config
@@ -120,7 +126,9 @@ def make_draft_vllm_config(
         compilation_config=replace(target_vllm_config.compilation_config),
         cache_config=copy.copy(target_vllm_config.cache_config),
         scheduler_config=copy.copy(target_vllm_config.scheduler_config),
-        parallel_config=copy.copy(target_vllm_config.parallel_config),
+        parallel_config=SpeculativeConfig.create_draft_parallel_config(
+            target_vllm_config.parallel_config, 1, draft_model_config=draft_mc
+        ),
     )
 
 
@@ -130,6 +138,10 @@ class DraftEngine:
     Each request's draft sequence is addressed by compact index 0..length-1
     (KV slots); positions are whatever the caller passes. ``run`` is the only
     method that changes KV contents; ``truncate``/``free`` only move blocks.
+
+    ``tensor_parallel_group``: under tensor parallelism, the one-rank group the
+    draft is built and run in (``tensor_parallel.make_draft_group``); None keeps
+    vLLM's own group.
     """
 
     def __init__(
@@ -140,7 +152,9 @@ class DraftEngine:
         num_blocks: int,
         block_size: int = 32,
         dtype: torch.dtype | str | None = None,
+        tensor_parallel_group=None,
     ) -> None:
+        self.tensor_parallel_group = tensor_parallel_group
         self.draft_vllm_config = make_draft_vllm_config(target_vllm_config, draft_model, dtype)
         model_config = self.draft_vllm_config.model_config
         self.device = torch.device(self.draft_vllm_config.device_config.device)
@@ -148,7 +162,7 @@ class DraftEngine:
         self.hidden_size = model_config.get_hidden_size()
         self.vocab_size = model_config.get_vocab_size()
         cfg = self.draft_vllm_config
-        with set_current_vllm_config(cfg):
+        with self._as_draft():
             self.model = get_model(vllm_config=cfg)
             # Layers without a KV spec (encoder-only attention) keep no cache.
             layers = {
@@ -157,6 +171,12 @@ class DraftEngine:
                 if layer.get_kv_cache_spec(cfg) is not None
             }
             self.kv = DraftKVCache(cfg, layers, num_blocks=num_blocks, block_size=block_size, device=self.device)
+
+    @contextlib.contextmanager
+    def _as_draft(self) -> Iterator[None]:
+        """vLLM's current config and TP group are the draft's while its model is built or run."""
+        with set_current_vllm_config(self.draft_vllm_config), draft_tensor_parallel(self.tensor_parallel_group):
+            yield
 
     # -- bookkeeping (see DraftKVCache) ------------------------------------------------
 
@@ -202,7 +222,7 @@ class DraftEngine:
                 )
             items.append((f.modality, f.data))
         embeds: list[torch.Tensor] = []
-        with set_current_vllm_config(self.draft_vllm_config):
+        with self._as_draft():
             for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
                 out = self.model.embed_multimodal(**batch)
                 if len(out) != num_items:
@@ -223,7 +243,8 @@ class DraftEngine:
         ids = token_ids.to(self.device, torch.int64)
         mm_features = list(mm_features or ())
         if not mm_features:
-            return self.model.embed_input_ids(ids)
+            with self._as_draft():
+                return self.model.embed_input_ids(ids)
         if item_embeds is None:
             item_embeds = self.embed_multimodal(mm_features)
         if len(item_embeds) != len(mm_features):
@@ -242,9 +263,10 @@ class DraftEngine:
             if bool((span & mask).any()):
                 raise ValueError(f"{name}: placeholder {pos} overlaps another item")
             span |= mask
-        return self.model.embed_input_ids(
-            ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
-        )
+        with self._as_draft():
+            return self.model.embed_input_ids(
+                ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
+            )
 
     # -- forward -----------------------------------------------------------------------
 
@@ -272,7 +294,8 @@ class DraftEngine:
         old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
         self.kv.reserve({inp.req_id: self.kv.length(inp.req_id) + inp.num_rows for inp in inputs})
         try:
-            return self._forward(inputs)
+            with self._as_draft():
+                return self._forward(inputs)
         except BaseException:
             # Undo the reservation: KV rows past the old lengths may be half written.
             for r in req_ids:

@@ -5,7 +5,8 @@ sampling, rejection sampling and bookkeeping run unchanged. The mixin only
 
 - tells the proposer about each step before the target forward (so the attention
   capture can map batch rows to requests, and finished or preempted requests
-  release their draft state),
+  release their draft state) and after it (under tensor parallelism the ranks
+  sum their shares of s_attn there),
 - routes vLLM's ``custom_class`` drafting call to ``HippoProposer.propose_batch``
   with the runner, which the stock call does not pass, and
 - keeps the proposer's figures exported to process 0 (``stats_export``) until the
@@ -47,7 +48,10 @@ class HippoRunnerMixin:
                  proposer.launch_parallel_drafts, self, scheduler_output)
         start = time.perf_counter()
         try:
-            return super().execute_model(scheduler_output, *args, **kwargs)
+            output = super().execute_model(scheduler_output, *args, **kwargs)
+            # Under TP a collective: every rank, same point of the step.
+            _guarded(proposer, "after_target_forward", scheduler_output, proposer.after_target_forward)
+            return output
         finally:
             proposer.stats.target_step_seconds += time.perf_counter() - start
             _guarded(proposer, "end_step", scheduler_output, proposer.end_step)

@@ -47,6 +47,22 @@ PATCHES: tuple[PatchEntry, ...] = (
         platforms=("cpu",),
     ),
     PatchEntry(
+        target="vllm.distributed.parallel_state:_TP",
+        module="hippo_vllm.vllm.tensor_parallel",
+        why=(
+            "vLLM's layers take the tensor-parallel size and rank from this process-wide group "
+            "(LinearBase, VocabParallelEmbedding) and all-reduce or gather over it (RowParallelLinear, "
+            "LogitsProcessor). Under TP > 1 the draft runs whole on the output rank only, so while it "
+            "is built and run the group is a one-rank group; parallel_state has no API to swap it "
+            "(no patch_tensor_parallel_group in 0.32 or 0.33)."
+        ),
+        remove_when=(
+            "vLLM can build and run a model under its own parallel groups (today even its "
+            "draft_model method requires the draft's TP size to equal the target's)."
+        ),
+        temporary=True,
+    ),
+    PatchEntry(
         target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
         module="hippo_vllm.vllm.stat_logger",
         why=(

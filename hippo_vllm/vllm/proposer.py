@@ -3,9 +3,12 @@
 vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
 the hippo model runner drives it: ``begin_step`` before the target forward (track
 requests whose prefill needs s_attn, release finished and preempted ones),
-``launch_parallel_drafts`` right after it (VPSD only), and ``propose_batch`` after
-sampling, with the tokens each request committed. The draft runs in the target's
-process, so all of this runs in sequence with the target's forward.
+``launch_parallel_drafts`` right after it (VPSD only), ``after_target_forward``
+after the target's forward, and ``propose_batch`` after sampling, with the tokens
+each request committed. Under tensor parallelism every rank captures s_attn, but
+only the output rank loads and runs the draft (see tensor_parallel). The draft
+runs in the target's process, so all of this runs in sequence with the target's
+forward.
 
 Per request the draft keeps, in its own KV cache, the compact prompt (the draft
 view) followed by output tokens (see chunk_drafting). Draft-then-verify drafts a
@@ -46,6 +49,12 @@ from hippo_vllm.vllm.draft_view import (
 )
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.parallel_rounds import ParallelRounds
+from hippo_vllm.vllm.tensor_parallel import (
+    is_output_rank,
+    make_draft_group,
+    make_sum_over_ranks,
+    tensor_parallel_rank,
+)
 
 logger = get_logger(__name__)
 
@@ -123,8 +132,18 @@ class HippoProposer:
                 config.compilation_config.static_forward_context
             )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
-            self.capture = TargetAttentionCapture(layers, indices, on_failure=self.step_failed)
-        self.engine = DraftEngine(config, self.hippo.model, num_blocks=self._draft_num_blocks())
+            self.capture = TargetAttentionCapture(
+                layers, indices, sum_over_ranks=make_sum_over_ranks(), on_failure=self.capture_failed
+            )
+        # Under tensor parallelism the draft runs whole on the output rank only; the
+        # group it runs in is created by every rank (a collective), before that split.
+        draft_group = make_draft_group()
+        if not is_output_rank():
+            logger.info("hippo: tensor-parallel rank %d runs no draft", tensor_parallel_rank())
+            return
+        self.engine = DraftEngine(
+            config, self.hippo.model, num_blocks=self._draft_num_blocks(), tensor_parallel_group=draft_group
+        )
         self.chunks = ChunkDrafter(self.engine)
         self.rounds = (
             ParallelRounds(
@@ -178,19 +197,27 @@ class HippoProposer:
                 self._maybe_track(req_id, state.prompt_token_ids, state.mm_features)
         self.capture.begin_step(runner, scheduler_output)
 
+    def after_target_forward(self) -> None:
+        """Every rank, after the target's forward: sum the s_attn of ended prefills over TP ranks."""
+        if self.capture is not None:
+            self.capture.sum_ended_prefills()
+
     def end_step(self) -> None:
         if self.capture is not None:
             self.capture.end_step()
 
     def _maybe_track(self, req_id: str, prompt_token_ids: Any, mm_features: list[Any]) -> None:
-        if req_id in self._views or prompt_token_ids is None or self.capture.is_tracking(req_id):
+        # Under tensor parallelism every rank must track the same requests (their
+        # s_attn is summed over the ranks), and only the output rank has views.
+        has_view = req_id in self._views and not self.capture.sums_over_ranks
+        if has_view or prompt_token_ids is None or self.capture.is_tracking(req_id):
             return
         spans = video_spans(mm_features)
         if spans:
             ranges = [(f.mm_position.offset, f.mm_position.length) for f in mm_features]
             self.capture.track(req_id, len(prompt_token_ids), spans, ranges)
 
-    def release(self, req_id: str, finished: bool) -> None:
+    def release(self, req_id: str, finished: bool, keep_capture: bool = False) -> None:
         """Free the request's draft KV; a finished request also loses its view."""
         if self.engine is not None:
             self.engine.free(req_id)
@@ -200,7 +227,7 @@ class HippoProposer:
         if finished:
             self._views.pop(req_id, None)
             self._failed.discard(req_id)
-        if self.capture is not None:
+        if self.capture is not None and not keep_capture:
             self.capture.drop(req_id)
 
     def launch_parallel_drafts(self, runner: Any, scheduler_output: Any) -> None:
@@ -218,9 +245,9 @@ class HippoProposer:
         self.failures.record(where, exc, [req_id])
         self._failed.add(req_id)
         with contextlib.suppress(Exception):
-            self.release(req_id, finished=False)
+            self.release(req_id, finished=False, keep_capture=self._captures_agree_over_ranks())
 
-    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str], release: bool = True) -> None:
         """An error no single request can be blamed for; never raises.
 
         Every request of the step loses drafting for this step: its draft state
@@ -232,9 +259,10 @@ class HippoProposer:
             req_ids = list(req_ids)
             self.failures.record(where, exc, req_ids)
             self._failed_this_step.update(req_ids)
-            for req_id in req_ids:
+            keep_capture = self._captures_agree_over_ranks()
+            for req_id in req_ids if release else ():
                 with contextlib.suppress(Exception):
-                    self.release(req_id, finished=False)
+                    self.release(req_id, finished=False, keep_capture=keep_capture)
             if not self._step_failed:
                 self._step_failed = True
                 self._failed_steps_in_a_row += 1
@@ -242,6 +270,21 @@ class HippoProposer:
                 self.disable()
         except Exception:  # noqa: BLE001 - the last line of defence
             self.disable()
+
+    def _captures_agree_over_ranks(self) -> bool:
+        """Under tensor parallelism every rank must track the same requests, so a
+        failure seen by one rank must not drop a capture (vLLM's finish and
+        preemption, seen by all ranks, still do)."""
+        return self.capture is not None and self.capture.sums_over_ranks
+
+    def capture_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+        """The attention capture failed inside the target's forward (it never raises there).
+
+        The capture already marked those requests' videos incomplete, so their views
+        are built without s_attn. Their draft state and capture are kept: under
+        tensor parallelism every rank must go on tracking the same requests.
+        """
+        self.step_failed(where, exc, req_ids, release=False)
 
     def disable(self) -> None:
         """Stop drafting for the engine: free every draft state; no more spec tokens."""
@@ -265,7 +308,7 @@ class HippoProposer:
         """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
         batch = runner.input_batch
         drafts: list[list[int]] = [[] for _ in batch.req_ids]
-        if self.disabled:
+        if self.engine is None or self.disabled:  # engine None: a TP rank whose drafts vLLM does not read
             return drafts
         active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens

@@ -172,13 +172,10 @@ class StatsPublisher:
 
 
 def _reports_for_engine() -> bool:
-    """Only the first tensor-parallel rank publishes: every rank drafts the same."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+    """Only the output rank publishes: under tensor parallelism it is the one that drafts."""
+    from hippo_vllm.vllm.tensor_parallel import is_output_rank
 
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:  # no parallel state (single process): this worker is the engine
-        return True
+    return is_output_rank()
 
 
 def ensure_exporting(proposer: Any) -> None:

@@ -136,32 +136,34 @@ def test_faults_in_drafting_cost_only_speculation(parallel, tiny, fault_requests
         proposer = proposer_of(llm)
         stats = proposer.stats
 
-        # One request's draft forward fails: that request goes on without drafting.
-        fault = DraftForwardFault(proposer.engine)
-        with FailureLogs() as logs:
-            assert generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS) == fault_baseline
-        assert fault.raised >= 1 and fault.others_after > 0  # the others still drafted
-        assert stats.drafting_failures == 1
-        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
-        wait_for_metric(llm, "vllm:hippo_drafting_failures", 1)  # counters lose _total here
-        assert len(logs.records) == 1 and logs.records[0].exc_info  # with the traceback
-
-        # The attention capture fails inside the target's forward, on every prefill:
-        # no single request is to blame, the step's requests lose drafting for that
+        # The attention capture fails inside the target's forward, on every prefill
+        # (these prompts are new to the engine, so no recent view stands in): no
+        # single request is to blame, the step's requests lose drafting for that
         # step, and their views are built without s_attn.
         original_observe = proposer.capture._observe
         proposer.capture._observe = lambda *args: 1 / 0
-        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
         with FailureLogs() as logs:  # two batches: the same failure in two steps
             outputs = [ids for batch in (fault_requests[:1], fault_requests[1:])
                        for ids in generate_ids(llm, batch, max_tokens=MAX_TOKENS)]
         proposer.capture._observe = original_observe
         assert outputs == fault_baseline
-        assert stats.drafting_failures >= 1 + 2  # at least one per video request
+        assert stats.drafting_failures >= 2  # at least one per video request
         assert stats.views_without_target_attention == 2  # both videos
-        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
-        assert len(logs.records) == 1  # one cause: logged once
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+        assert len(logs.records) == 1 and logs.records[0].exc_info  # one cause: logged once, with traceback
         assert not proposer.disabled
+
+        # One request's draft forward fails: that request goes on without drafting.
+        failures = stats.drafting_failures
+        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
+        fault = DraftForwardFault(proposer.engine)
+        with FailureLogs() as logs:
+            assert generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS) == fault_baseline
+        assert fault.raised >= 1 and fault.others_after > 0  # the others still drafted
+        assert stats.drafting_failures == failures + 1
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
+        wait_for_metric(llm, "vllm:hippo_drafting_failures", failures + 1)  # counters lose _total here
+        assert len(logs.records) == 1 and logs.records[0].exc_info
 
         # A step hook that fails in every step: drafting is switched off for good.
         def broken_begin_step(*args):
