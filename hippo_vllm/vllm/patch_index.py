@@ -20,6 +20,7 @@ class PatchEntry:
     temporary: bool = False  # only replaced for the duration of one call
     per_instance: bool = False  # replaced on chosen objects only, not on their class
     platforms: tuple[str, ...] = ("cpu", "cuda")  # where an engine applies it
+    only_with_tensor_parallelism: bool = False  # applied only when tensor_parallel_size > 1
 
 
 PATCHES: tuple[PatchEntry, ...] = (
@@ -61,6 +62,7 @@ PATCHES: tuple[PatchEntry, ...] = (
             "draft_model method requires the draft's TP size to equal the target's)."
         ),
         temporary=True,
+        only_with_tensor_parallelism=True,
     ),
     PatchEntry(
         target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",

@@ -61,4 +61,5 @@ def test_a_hippo_engine_applies_exactly_the_indexed_patches(tiny, tiny_tokenizer
         assert proposer_of(llm).capture is not None  # the default pruning uses s_attn
         generate_ids(llm, [request], max_tokens=4)
         applied = applied_patches()
-    assert applied == {entry.target for entry in PATCHES if "cpu" in entry.platforms}
+    assert applied == {entry.target for entry in PATCHES
+                       if "cpu" in entry.platforms and not entry.only_with_tensor_parallelism}
