@@ -308,6 +308,8 @@ class TargetAttentionCapture:
         num_heads, num_kv_heads, head_size = impl.num_heads, impl.num_kv_heads, impl.head_size
         for req_id, (row, start, n) in self._rows().items():
             state = self._requests[req_id]
+            if all(video.failed for video in state.videos):
+                continue  # an earlier error: incomplete for good
             end = min(start + n, state.prompt_len)
             if end <= start:
                 continue

@@ -25,8 +25,9 @@ EXPORTED_STATS: dict[str, str] = {
     ),
     "draft_tokens": "Tokens the draft proposed.",
     "drafting_failures": (
-        "Requests that lost drafting to an error in the draft (they go on without speculation); "
-        "an error not attributable to one request counts every request of its step."
+        "Requests hit by an error in drafting (they go on without speculation) or in the "
+        "attention capture (their views are built without s_attn); an error not attributable "
+        "to one request counts every request of its step."
     ),
     # Parallel drafting (VPSD) rounds, counted by hippo_vllm.core.vpsd.RoundStats.
     "target_forwards": "Target steps of requests drafted in parallel mode (one per request and step).",
@@ -63,7 +64,7 @@ class HippoStats:
     pruning_seconds: float = 0.0  # draft vision encoding excluded; scoring + selection
     views_without_target_attention: int = 0  # s_attn unavailable (e.g. prefix-cache hit)
     draft_tokens: int = 0  # tokens proposed
-    drafting_failures: int = 0  # requests that lost drafting to an error
+    drafting_failures: int = 0  # requests hit by an error in drafting or the capture
     target_forwards: int = 0
     committed_tokens: int = 0
     round_drafted_tokens: int = 0

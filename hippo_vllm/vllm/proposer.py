@@ -247,7 +247,7 @@ class HippoProposer:
         with contextlib.suppress(Exception):
             self.release(req_id, finished=False, keep_capture=self._captures_agree_over_ranks())
 
-    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str], release: bool = True) -> None:
+    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
         """An error no single request can be blamed for; never raises.
 
         Every request of the step loses drafting for this step: its draft state
@@ -260,7 +260,7 @@ class HippoProposer:
             self.failures.record(where, exc, req_ids)
             self._failed_this_step.update(req_ids)
             keep_capture = self._captures_agree_over_ranks()
-            for req_id in req_ids if release else ():
+            for req_id in req_ids:
                 with contextlib.suppress(Exception):
                     self.release(req_id, finished=False, keep_capture=keep_capture)
             if not self._step_failed:
@@ -280,11 +280,12 @@ class HippoProposer:
     def capture_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
         """The attention capture failed inside the target's forward (it never raises there).
 
-        The capture already marked those requests' videos incomplete, so their views
-        are built without s_attn. Their draft state and capture are kept: under
-        tensor parallelism every rank must go on tracking the same requests.
+        The capture marked those requests' videos incomplete, so their views are
+        built without s_attn; drafting itself goes on, and the captures are kept
+        (under tensor parallelism every rank must go on tracking the same requests).
         """
-        self.step_failed(where, exc, req_ids, release=False)
+        with contextlib.suppress(Exception):
+            self.failures.record(where, exc, req_ids)
 
     def disable(self) -> None:
         """Stop drafting for the engine: free every draft state; no more spec tokens."""

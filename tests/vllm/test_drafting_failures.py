@@ -137,9 +137,8 @@ def test_faults_in_drafting_cost_only_speculation(parallel, tiny, fault_requests
         stats = proposer.stats
 
         # The attention capture fails inside the target's forward, on every prefill
-        # (these prompts are new to the engine, so no recent view stands in): no
-        # single request is to blame, the step's requests lose drafting for that
-        # step, and their views are built without s_attn.
+        # (these prompts are new to the engine, so no recent view stands in): the
+        # forward goes on, the views are built without s_attn, drafting goes on.
         original_observe = proposer.capture._observe
         proposer.capture._observe = lambda *args: 1 / 0
         with FailureLogs() as logs:  # two batches: the same failure in two steps
