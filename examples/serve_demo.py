@@ -7,8 +7,8 @@ Builds the tiny offline Qwen2.5-VL target/draft pair and its sample mp4s, starts
 
 on 127.0.0.1 (a free port), sends one chat request with a `video_url` through the
 `openai` client, prints the answer and the acceptance figures from the server's
-`/metrics`, and stops the server. Drafting runs in the default parallel mode
-(VPSD); pass `--serial` for draft-then-verify. The models have random weights, so the answer
+`/metrics`, and stops the server. Drafting runs in the default draft-then-verify
+mode; pass `--parallel` for VPSD's schedule. The models have random weights, so the answer
 is gibberish; what matters is that it is exactly the target's own answer (the
 tests in tests/server/ check that against a server without speculation) and how
 many drafted tokens the target accepted.
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--video", type=Path, help="an mp4 to ask about (default: a generated one)")
     parser.add_argument("--question", default="Describe this video.")
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--serial", action="store_true", help="draft-then-verify instead of parallel drafting")
+    parser.add_argument("--parallel", action="store_true", help="VPSD's schedule instead of draft-then-verify")
     args = parser.parse_args()
 
     print("building the tiny target/draft pair and sample videos (cached after the first run)")
@@ -124,8 +124,8 @@ def main() -> None:
     video = (args.video or fixtures.synthetic_videos[0]).resolve()
     speculative_config = {"method": "hippo", "model": str(fixtures.draft),
                           "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
-    if args.serial:
-        speculative_config["parallel"] = False
+    if args.parallel:
+        speculative_config["parallel"] = True
     serve_args = fast_cpu_serve_args(video.parent, served_model_name=SERVED_NAME,
                                      speculative_config=speculative_config)
     log_path = Path(tempfile.mkdtemp(prefix="hippo_serve_demo_")) / "server.log"

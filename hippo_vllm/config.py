@@ -56,7 +56,7 @@ class HippoConfig:
     crop_size: int = 5
     selection: str = "global"
     pruning: str = "holistic"
-    parallel: bool = True
+    parallel: bool = False
     draft_kv_tokens: int | str = "auto"
 
     @classmethod

@@ -11,7 +11,7 @@ def test_defaults_match_the_documented_table():
     assert cfg.keep_ratio == 0.1
     assert cfg.score_weights == {"attn": 1.0, "temp": 1.0, "spa": 1.0}
     assert cfg.attn_layers == "all"
-    assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", True)
+    assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", False)
     assert cfg.draft_kv_tokens == "auto"
 
 
@@ -45,7 +45,8 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "keep_ratio": True}, r'\["keep_ratio"\]=True'),
         ({"model": "d", "num_speculative_tokens": 0, "parallel": False}, r'\["num_speculative_tokens"\]=0 .*: an integer >= 1'),
         ({"model": "d", "num_speculative_tokens": 2.0}, r'\["num_speculative_tokens"\]=2.0'),
-        ({"model": "d", "num_speculative_tokens": 1}, r'=1 is not allowed: an integer >= 2 with "parallel": true.*>= 1 with "parallel": false'),
+        ({"model": "d", "num_speculative_tokens": 1, "parallel": True},
+         r'=1 is not allowed: an integer >= 2 with "parallel": true.*>= 1 with "parallel": false'),
         ({"model": "d", "num_speculative_tokens": 0, "parallel": True}, r'=0 is not allowed: an integer >= 2 with "parallel": true'),
         ({"model": "d", "crop_size": 4}, r'\["crop_size"\]=4 .*odd integer >= 3'),
         ({"model": "d", "crop_size": 1}, r'\["crop_size"\]=1 '),
@@ -72,8 +73,9 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):
 
 
 def test_vllm_verifies_one_token_less_per_step_in_parallel_mode():
-    assert HippoConfig(model="d", num_speculative_tokens=4).vllm_num_speculative_tokens == 3
-    assert HippoConfig(model="d", num_speculative_tokens=1, parallel=False).vllm_num_speculative_tokens == 1
+    assert HippoConfig(model="d", num_speculative_tokens=4, parallel=True).vllm_num_speculative_tokens == 3
+    assert HippoConfig(model="d", num_speculative_tokens=4).vllm_num_speculative_tokens == 4
+    assert HippoConfig(model="d", num_speculative_tokens=1).vllm_num_speculative_tokens == 1
 
 
 def test_attn_layers_are_checked_against_the_target_depth():

@@ -3,8 +3,18 @@
 No attention backend returns probabilities, so the text→video block is rebuilt
 from the q and k that reach each chosen layer's ``impl.forward`` (Qwen2 applies
 M-RoPE before ``self.attn``, so they are post-RoPE, as the model used them). The
-wrapper is per instance (no class patching) and costs nothing unless a step
-carries a request whose prompt prefill includes video or the text after it.
+wrapper is per instance (no class patching; listed in the patch index) and costs
+nothing unless a step carries a request whose prompt prefill includes video or
+the text after it.
+
+The wrapper only sees the rows of the forwards that actually call
+``impl.forward``: on CUDA a step replayed from a full CUDA graph does not (a
+prefill chunk of exactly the uniform-decode shape, or any step when a
+compilation pass such as ``fuse_attn_quant`` forces full graphs). So the rows
+each layer saw are counted, per request and video, against the rows scheduled
+for its prefill; a capture with any gap is incomplete and the draft view prunes
+without s_attn (counted in ``views_without_target_attention``). s_attn is never
+computed from a subset of the rows.
 
 Chunked prefill may put a video's keys and the question's queries in different
 steps. Video keys seen in an earlier chunk are kept (for the configured layers
@@ -31,17 +41,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
 from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.patching import patch_instance_attribute
 
 logger = get_logger(__name__)
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
+PATCH_TARGET = "vllm.model_executor.layers.attention.attention:Attention.impl.forward"
 
 
 @dataclasses.dataclass
@@ -53,6 +65,24 @@ class _VideoCapture:
     keys: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> [N, Hkv, d]
     keys_seen: dict[int, int] = dataclasses.field(default_factory=dict)  # layer -> rows stored
     missing_keys: bool = False
+    # Rows of the prompt scheduled while tracked, and the rows each layer saw of them.
+    queries_scheduled: int = 0
+    keys_scheduled: int = 0
+    queries_observed: dict[int, int] = dataclasses.field(default_factory=dict)  # layer -> rows
+    keys_observed: dict[int, int] = dataclasses.field(default_factory=dict)  # layer -> rows
+    failed: bool = False  # an error while observing: never scored
+
+    def complete(self, layers: Iterable[int]) -> bool:
+        """Every query and key row of the prompt was scheduled and seen by every layer."""
+        if self.failed or self.missing_keys or len(self.query_positions) == 0:
+            return False
+        if self.queries_scheduled != len(self.query_positions) or self.keys_scheduled != self.length:
+            return False
+        return all(
+            self.queries_observed.get(layer, 0) == self.queries_scheduled
+            and self.keys_observed.get(layer, 0) == self.keys_scheduled
+            for layer in layers
+        )
 
 
 @dataclasses.dataclass
@@ -78,14 +108,17 @@ class TargetAttentionCapture:
         attention_layers: dict[int, Any],
         layer_indices: tuple[int, ...],
         sum_over_ranks: Callable[[torch.Tensor], None] | None = None,
+        on_failure: Callable[[str, BaseException, Iterable[str]], None] | None = None,
     ):
         self.layers = {i: attention_layers[i] for i in layer_indices}
         # Tensor parallelism: sums a CPU float64 tensor over the TP ranks, in place.
         self._sum_over_ranks = sum_over_ranks
         self._summed: dict[str, list[torch.Tensor | None]] = {}  # req -> s_attn summed over ranks
+        self.on_failure = on_failure  # told about an error while observing (never raised)
         self._requests: dict[str, _RequestCapture] = {}
         self._step_rows: dict[str, tuple[int, int, int]] | None = None  # req -> (row, start, n)
         self._step_source = None
+        self._observing = True  # False after an error, until the next step
         for index, layer in self.layers.items():
             self._wrap(index, layer.impl)
 
@@ -104,11 +137,11 @@ class TargetAttentionCapture:
         capture = self
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
-            if attn_metadata is not None and capture._step_source is not None:
-                capture._observe(index, impl, query, key)
+            if attn_metadata is not None and capture._step_source is not None and capture._observing:
+                capture._observe_safely(index, impl, query, key)
             return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
 
-        impl.forward = forward
+        patch_instance_attribute(impl, "forward", forward, PATCH_TARGET)
 
     # -- request lifecycle -------------------------------------------------------------
 
@@ -143,12 +176,8 @@ class TargetAttentionCapture:
         return [video.accumulator.scores() if self._complete(video) else None for video in state.videos]
 
     def _complete(self, video: _VideoCapture) -> bool:
-        """Whether this rank saw everything s_attn needs for the video."""
-        return (
-            not video.missing_keys
-            and video.accumulator.num_layers == len(self.layers)
-            and len(video.query_positions) > 0
-        )
+        """Whether this rank saw every row s_attn needs for the video."""
+        return video.complete(self.layers)
 
     def drop(self, req_id: str) -> None:
         self._requests.pop(req_id, None)
@@ -157,9 +186,28 @@ class TargetAttentionCapture:
     # -- per step ------------------------------------------------------------------------
 
     def begin_step(self, runner: Any, scheduler_output: Any) -> None:
-        """Remember the step so the first observed layer can map rows to requests."""
+        """Count the prompt rows scheduled for tracked requests; remember the step so the
+        first observed layer can map rows to requests."""
         self._step_source = (runner, scheduler_output) if self._requests else None
         self._step_rows = None
+        self._observing = True
+        if self._requests:
+            self._count_scheduled(scheduler_output)
+
+    def _count_scheduled(self, scheduler_output: Any) -> None:
+        starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        starts.update(zip(cached.req_ids, cached.num_computed_tokens))
+        for req_id, state in self._requests.items():
+            n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            start = starts.get(req_id)
+            if not n or start is None:
+                continue
+            end = min(start + n, state.prompt_len)
+            for video in state.videos:
+                positions = video.query_positions
+                video.queries_scheduled += int(((positions >= start) & (positions < end)).sum())
+                video.keys_scheduled += max(0, min(video.offset + video.length, end) - max(video.offset, start))
 
     def end_step(self) -> None:
         self._step_source = None
@@ -243,16 +291,33 @@ class TargetAttentionCapture:
             self._step_rows = rows
         return self._step_rows
 
+    def _observe_safely(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:
+        """``_observe``, with any error kept out of the target's forward."""
+        try:
+            self._observe(layer_index, impl, query, key)
+        except Exception as exc:  # noqa: BLE001 - the target's forward must go on
+            req_ids = [r for r in (self._step_rows or self._requests) if r in self._requests]
+            for req_id in req_ids:
+                for video in self._requests[req_id].videos:
+                    video.failed = True
+            self._observing = False  # for the rest of this step (tensor parallelism still sums)
+            if self.on_failure is not None:
+                self.on_failure("target attention capture", exc, req_ids)
+
     def _observe(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:
         num_heads, num_kv_heads, head_size = impl.num_heads, impl.num_kv_heads, impl.head_size
         for req_id, (row, start, n) in self._rows().items():
             state = self._requests[req_id]
+            if all(video.failed for video in state.videos):
+                continue  # an earlier error: incomplete for good
             end = min(start + n, state.prompt_len)
             if end <= start:
                 continue
             q = query[row : row + end - start].view(-1, num_heads, head_size)
             k = key[row : row + end - start].view(-1, num_kv_heads, head_size)
             for video in state.videos:
+                key_rows = max(0, min(video.offset + video.length, end) - max(video.offset, start))
+                video.keys_observed[layer_index] = video.keys_observed.get(layer_index, 0) + key_rows
                 keys = self._video_keys(video, layer_index, k, start, end, state.prompt_len)
                 wanted = video.query_positions
                 wanted = wanted[(wanted >= start) & (wanted < end)]
@@ -262,6 +327,7 @@ class TargetAttentionCapture:
                     video.missing_keys = True
                     continue
                 video.accumulator.add_layer(q[wanted - start], keys, scale=impl.scale, layer=layer_index)
+                video.queries_observed[layer_index] = video.queries_observed.get(layer_index, 0) + len(wanted)
 
     @staticmethod
     def _video_keys(video, layer_index, k, start, end, prompt_len) -> torch.Tensor | None:

@@ -1,13 +1,17 @@
-"""Draft γ-token chunks for a batch of requests without waiting on the device.
+"""Draft γ-token chunks for a batch of requests.
 
 Both schedules use this: draft-then-verify drafts after the target sampled;
-parallel drafting (VPSD) launches it before the target's forward and reads the
-tokens after it. Drafted tokens stay on the device from one draft step to the
-next (each step's argmax is the next step's input), and positions and KV slots
-do not depend on token values, so γ forwards are issued without a host sync. On
-a CUDA device they go to a side stream, which lets them run while the target's
-forward is issued on the main stream; on CPU the same calls simply run in order.
-Only :meth:`PendingChunks.tokens` waits, once, for the whole chunk.
+parallel drafting (VPSD) drafts before the target's forward and reads the tokens
+after sampling. Drafted tokens stay on the device from one draft step to the
+next (each step's argmax is the next step's input); :meth:`PendingChunks.tokens`
+copies the whole chunk to the host once.
+
+The draft runs in the target's process, on the target's device and stream, so
+drafting runs in sequence with the target's forward, never beside it: each draft
+step also makes small blocking host-to-device copies (positions, token ids, the
+attention metadata), and the attention backends' metadata buffers are shared
+with the target. Overlapping the two, as VPSD intends, needs the draft on its own
+device or worker.
 
 Each request's draft KV holds its compact prompt followed by the output tokens
 fed so far (``fed_outputs``). Before drafting, the KV is rolled back to the
@@ -18,10 +22,7 @@ the same rule.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -56,18 +57,15 @@ class ChunkRequest:
 class PendingChunks:
     """Chunks issued to the device; :meth:`tokens` returns them as lists."""
 
-    def __init__(self, requests: list[ChunkRequest], chunk: torch.Tensor | None, event: Any):
+    def __init__(self, requests: list[ChunkRequest], chunk: torch.Tensor | None):
         self.requests = requests
         for r in requests:
             r.state.chunk_in_flight = True
         self._chunk = chunk  # [R, max budget] on the draft device, -1 past a budget
-        self._event = event
         self._tokens: list[list[int]] | None = None
 
     def tokens(self) -> list[list[int]]:
         if self._tokens is None:
-            if self._event is not None:
-                self._event.synchronize()
             rows = self._chunk.tolist() if self._chunk is not None else []
             self._tokens = [row[: r.budget] for row, r in zip(rows, self.requests)]
             for r, row in zip(self.requests, self._tokens):
@@ -76,47 +74,55 @@ class PendingChunks:
                 r.state.chunk_in_flight = False
         return self._tokens
 
+    def discard(self) -> None:
+        """Drop chunks that will never be read (e.g. vLLM skipped the drafter).
 
-def _side_stream(device: torch.device):
-    if device.type != "cuda":
-        return None
-    return torch.cuda.Stream(device=device)
+        Only ``chunk_in_flight`` is cleared: ``fed_outputs`` then lags the draft
+        KV, and the next chunk rolls the KV back to it, so nothing stale is used.
+        """
+        if self._tokens is None:
+            for r in self.requests:
+                r.state.chunk_in_flight = False
+            self._tokens = [[] for _ in self.requests]
 
 
 class ChunkDrafter:
-    """Issues chunk drafting on the draft engine (side stream on CUDA)."""
+    """Drafts chunks on the draft engine."""
 
     def __init__(self, engine: DraftEngine):
         self.engine = engine
-        self._stream = _side_stream(engine.device)
-
-    @contextlib.contextmanager
-    def side_stream(self) -> Iterator[None]:
-        """Run draft work issued inside on the side stream (a no-op on CPU)."""
-        if self._stream is None:
-            yield
-            return
-        self._stream.wait_stream(torch.cuda.current_stream(self.engine.device))
-        with torch.cuda.stream(self._stream):
-            yield
-
-    def join(self) -> None:
-        """Make the current stream wait for side-stream work (a no-op on CPU)."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self.engine.device).wait_stream(self._stream)
 
     def launch(self, requests: list[ChunkRequest]) -> PendingChunks:
         if not requests:
-            return PendingChunks([], None, None)
-        if self._stream is None:
-            return PendingChunks(requests, self._draft(requests), None)
-        # The side stream waits for everything the main stream did to the draft's
-        # KV and inputs so far (e.g. a compact prefill issued there).
-        with self.side_stream():
-            chunk = self._draft(requests)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return PendingChunks(requests, chunk, event)
+            return PendingChunks([], None)
+        return PendingChunks(requests, self._draft(requests))
+
+    def launch_each(
+        self, requests: list[ChunkRequest]
+    ) -> tuple[list[tuple[PendingChunks, int] | None], list[tuple[ChunkRequest, Exception]]]:
+        """Draft a batch; if it fails, draft each request alone to find the failing ones.
+
+        Returns, per request, its (chunks, row) or None, and the requests that
+        failed on their own with their exception. A ``DraftCapacityError`` of the
+        batch is raised as is (no request is at fault).
+        """
+        try:
+            pending = self.launch(requests)
+            return [(pending, row) for row in range(len(requests))], []
+        except DraftCapacityError:
+            raise
+        except Exception:
+            pass  # one request's input may be at fault: find it
+        found: list[tuple[PendingChunks, int] | None] = []
+        failures = []
+        for r in requests:
+            try:
+                found.append((self.launch([r]), 0))
+            except Exception as exc:  # noqa: BLE001 - capacity included: this request gets none
+                found.append(None)
+                if not isinstance(exc, DraftCapacityError):
+                    failures.append((r, exc))
+        return found, failures
 
     def _draft(self, requests: list[ChunkRequest]) -> torch.Tensor:
         engine = self.engine

@@ -28,6 +28,11 @@ EXPORTED_STATS: dict[str, str] = {
         "Times a request got no draft for a step because the draft's KV cache was full "
         "(drafting pauses for it; outputs are unaffected)."
     ),
+    "drafting_failures": (
+        "Requests hit by an error in drafting (they go on without speculation) or in the "
+        "attention capture (their views are built without s_attn); an error not attributable "
+        "to one request counts every request of its step."
+    ),
     # Parallel drafting (VPSD) rounds, counted by hippo_vllm.core.vpsd.RoundStats.
     "target_forwards": "Target steps of requests drafted in parallel mode (one per request and step).",
     "committed_tokens": "Tokens those steps committed (accepted draft tokens plus the target's own).",
@@ -40,7 +45,7 @@ EXPORTED_STATS: dict[str, str] = {
     "conservative_rounds": "Steps a request spent in conservative mode (no spec tokens).",
     "mat_sum": "Sum of PEARL accepted-run lengths (+1 for the correction): MAT = mat_sum / mat_runs.",
     "mat_runs": "Number of PEARL accepted runs recorded.",
-    # Where the time goes (wall clock in the worker; on CUDA, launches overlap).
+    # Where the time goes (wall clock in the worker; drafting runs in sequence with the target).
     "target_step_seconds": "Time in the target's steps (forward and sampling, without drafting).",
     "draft_seconds": "Time drafting chunks, including waiting for them.",
     "draft_prefill_seconds": "Time building draft views and prefilling the draft (vision encoder included).",
@@ -64,6 +69,7 @@ class HippoStats:
     views_without_target_attention: int = 0  # s_attn unavailable (e.g. prefix-cache hit)
     draft_tokens: int = 0  # tokens proposed
     draft_kv_full: int = 0  # request steps without a draft: draft KV cache full
+    drafting_failures: int = 0  # requests hit by an error in drafting or the capture
     target_forwards: int = 0
     committed_tokens: int = 0
     round_drafted_tokens: int = 0

@@ -14,6 +14,13 @@ sampling, rejection sampling and bookkeeping run unchanged. The mixin only
 - allocates the draft's KV cache right after the target's, once vLLM has sized
   the target's cache from the memory the hippo worker left it
   (:func:`reserve_draft_kv_cache`).
+
+Every call into the proposer is guarded: an exception is reported to
+``HippoProposer.step_failed`` (the step's requests lose drafting for that step)
+and never reaches vLLM's engine core, since speculation is optional for the
+output. A step in which vLLM does not call the drafter at all (it skips it when
+a request is near ``max_model_len``) is detected by the proposer when the next
+step starts.
 """
 
 from __future__ import annotations
@@ -37,16 +44,20 @@ class HippoRunnerMixin:
         proposer = self._hippo()
         if proposer is None:
             return super().execute_model(scheduler_output, *args, **kwargs)
-        proposer.begin_step(self, scheduler_output)
-        proposer.launch_parallel_drafts(self, scheduler_output)  # overlaps the target forward on CUDA
+        proposer.new_step()  # plain bookkeeping, cannot fail
+        _guarded(proposer, "begin_step", scheduler_output, proposer.begin_step, self, scheduler_output)
+        # In the target's process this runs before the target's forward, not beside it.
+        _guarded(proposer, "parallel chunk drafting", scheduler_output,
+                 proposer.launch_parallel_drafts, self, scheduler_output)
         start = time.perf_counter()
         try:
             output = super().execute_model(scheduler_output, *args, **kwargs)
-            proposer.after_target_forward()  # under TP a collective: every rank, same point of the step
+            # Under TP a collective: every rank, same point of the step.
+            _guarded(proposer, "after_target_forward", scheduler_output, proposer.after_target_forward)
             return output
         finally:
             proposer.stats.target_step_seconds += time.perf_counter() - start
-            proposer.end_step()
+            _guarded(proposer, "end_step", scheduler_output, proposer.end_step)
 
     def sample_tokens(self, *args: Any, **kwargs: Any):
         proposer = self._hippo()
@@ -66,7 +77,9 @@ class HippoRunnerMixin:
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
         ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
-        return proposer.propose_batch(self, scheduler_output, sampled_token_ids)
+        drafts = _guarded(proposer, "propose_batch", scheduler_output,
+                          proposer.propose_batch, self, scheduler_output, sampled_token_ids)
+        return drafts if drafts is not None else [[] for _ in self.input_batch.req_ids]
 
     def initialize_kv_cache(self, kv_cache_config: Any, is_profiling: bool = False, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, is_profiling, **kwargs)
@@ -78,6 +91,15 @@ class HippoRunnerMixin:
     def shutdown(self) -> None:
         stop_exporting(self._hippo())  # the stats snapshot goes with the engine
         super().shutdown()
+
+
+def _guarded(proposer: HippoProposer, where: str, scheduler_output: Any, call, *args: Any) -> Any:
+    """``call(*args)``, or None after reporting its exception as a step-wide failure."""
+    try:
+        return call(*args)
+    except Exception as exc:  # noqa: BLE001 - drafting must never stop the engine
+        proposer.step_failed(where, exc, scheduler_output.num_scheduled_tokens)
+        return None
 
 
 def reserve_draft_kv_cache(runner: Any, available_bytes: int) -> int:

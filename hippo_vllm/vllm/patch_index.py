@@ -18,6 +18,9 @@ class PatchEntry:
     why: str
     remove_when: str
     temporary: bool = False  # only replaced for the duration of one call
+    per_instance: bool = False  # replaced on chosen objects only, not on their class
+    platforms: tuple[str, ...] = ("cpu", "cuda")  # where an engine applies it
+    only_with_tensor_parallelism: bool = False  # applied only when tensor_parallel_size > 1
 
 
 PATCHES: tuple[PatchEntry, ...] = (
@@ -42,6 +45,7 @@ PATCHES: tuple[PatchEntry, ...] = (
         ),
         remove_when="CPUWorker constructs its runner through an overridable method.",
         temporary=True,
+        platforms=("cpu",),
     ),
     PatchEntry(
         target="vllm.distributed.parallel_state:_TP",
@@ -58,6 +62,7 @@ PATCHES: tuple[PatchEntry, ...] = (
             "draft_model method requires the draft's TP size to equal the target's)."
         ),
         temporary=True,
+        only_with_tensor_parallelism=True,
     ),
     PatchEntry(
         target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
@@ -86,6 +91,19 @@ PATCHES: tuple[PatchEntry, ...] = (
             "vllm.utils.cpu_triton_utils._expand_kernel_impl copies its result back "
             "(tests/vllm/test_cpu_sampling_fix.py then fails on the defect check)."
         ),
+        platforms=("cpu",),
+    ),
+    PatchEntry(
+        target="vllm.model_executor.layers.attention.attention:Attention.impl.forward",
+        module="hippo_vllm.vllm.attention_capture",
+        why=(
+            "No attention backend returns attention probabilities, and s_attn needs the "
+            "target's post-RoPE text queries against its video keys. The forward of the "
+            "impl object of each configured decoder layer (only those, only on configs "
+            "whose pruning uses s_attn) is wrapped to see q and k, then calls the original."
+        ),
+        remove_when="vLLM offers a hook to read attention scores or q/k of chosen layers.",
+        per_instance=True,
     ),
     PatchEntry(
         target="vllm.v1.sample.rejection_sampler:apply_top_k_top_p",

@@ -6,21 +6,31 @@ requests whose prefill needs s_attn, release finished and preempted ones),
 ``launch_parallel_drafts`` right after it (VPSD only), ``after_target_forward``
 after the target's forward, and ``propose_batch`` after sampling, with the tokens
 each request committed. Under tensor parallelism every rank captures s_attn, but
-only the output rank loads and runs the draft (see tensor_parallel).
+only the output rank loads and runs the draft (see tensor_parallel). The draft
+runs in the target's process, so all of this runs in sequence with the target's
+forward.
 
 Per request the draft keeps, in its own KV cache, the compact prompt (the draft
 view) followed by output tokens (see chunk_drafting). Draft-then-verify drafts a
 chunk after sampling; parallel mode drafts it before the target's forward and lets
 parallel_rounds decide after sampling. Either way the draft proposes greedily: a
 one-hot proposal, which vLLM's rejection sampler verifies exactly for greedy and
-random sampling alike. A failure while drafting one request only stops drafting
-for that request; the target's outputs never depend on the draft.
+random sampling alike.
+
+No exception leaves the proposer's entry points (the runner guards each call and
+reports to :meth:`step_failed`): a failure while drafting one request stops
+drafting for that request, one that cannot be attributed costs every request of
+the step its drafting for that step (their draft state is rebuilt next step from
+the kept view), and after ``MAX_FAILED_STEPS_IN_A_ROW`` such steps drafting stops
+for the engine. The target's outputs never depend on the draft.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -31,6 +41,7 @@ from hippo_vllm.vllm.chunk_drafting import ChunkDrafter, ChunkRequest, DraftStat
 from hippo_vllm.vllm.config_rewrite import hippo_settings
 from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
 from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
+from hippo_vllm.vllm.drafting_failures import DraftingFailures
 from hippo_vllm.vllm.draft_view import (
     DraftView,
     build_draft_view,
@@ -49,6 +60,7 @@ from hippo_vllm.vllm.tensor_parallel import (
 logger = get_logger(__name__)
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
+MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good
 
 
 class _LruCache:
@@ -96,10 +108,14 @@ class HippoProposer:
         self.rounds: ParallelRounds | None = None
         self.capture: TargetAttentionCapture | None = None
         self.stats = HippoStats()
+        self.failures = DraftingFailures(self.stats)
         self._requests: dict[str, DraftState] = {}
         self._views: dict[str, DraftView] = {}  # survives preemption, freed on finish
-        self._failed: set[str] = set()
-        self._early_embeds: dict[str, list[torch.Tensor]] = {}  # draft vision encodings
+        self._failed: set[str] = set()  # requests that lost drafting for good
+        self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
+        self._failed_steps_in_a_row = 0
+        self._step_failed = False
+        self.disabled = False  # drafting stopped for the engine after repeated failures
         # A prompt served from vLLM's prefix cache is not recomputed, so the target's
         # attention to its video cannot be captured again; an identical prompt seen
         # recently reuses its view (same prompt, same selection).
@@ -117,7 +133,9 @@ class HippoProposer:
                 config.compilation_config.static_forward_context
             )
             indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
-            self.capture = TargetAttentionCapture(layers, indices, sum_over_ranks=make_sum_over_ranks())
+            self.capture = TargetAttentionCapture(
+                layers, indices, sum_over_ranks=make_sum_over_ranks(), on_failure=self.capture_failed
+            )
         # Under tensor parallelism the draft runs whole on the output rank only; the
         # group it runs in is created by every rank (a collective), before that split.
         draft_group = make_draft_group()
@@ -140,7 +158,10 @@ class HippoProposer:
         self.prefill_chunk_tokens = sched.max_num_batched_tokens
         self.chunks = ChunkDrafter(self.engine)
         self.rounds = (
-            ParallelRounds(self.num_speculative_tokens, self.chunks, self.stats, self.max_model_len)
+            ParallelRounds(
+                self.num_speculative_tokens, self.chunks, self.stats, self.max_model_len,
+                on_failure=self._request_failed,
+            )
             if self.hippo.parallel
             else None
         )
@@ -180,12 +201,19 @@ class HippoProposer:
 
     # -- per step ------------------------------------------------------------------------
 
+    def new_step(self) -> None:
+        """A target step starts: step-wide failures of the last one expire."""
+        if not self._step_failed:
+            self._failed_steps_in_a_row = 0
+        self._step_failed = False
+        self._failed_this_step.clear()
+
     def begin_step(self, runner: Any, scheduler_output: Any) -> None:
         for req_id in scheduler_output.finished_req_ids:
             self.release(req_id, finished=True)
         for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
             self.release(req_id, finished=False)
-        if self.capture is None:
+        if self.capture is None or self.disabled:
             return
         # The runner adds new requests to runner.requests only inside execute_model,
         # so they are read from the scheduler output; resumed ones are still there.
@@ -217,58 +245,91 @@ class HippoProposer:
             ranges = [(f.mm_position.offset, f.mm_position.length) for f in mm_features]
             self.capture.track(req_id, len(prompt_token_ids), spans, ranges)
 
-    def release(self, req_id: str, finished: bool) -> None:
+    def release(self, req_id: str, finished: bool, keep_capture: bool = False) -> None:
         """Free the request's draft KV; a finished request also loses its view."""
         if self.engine is not None:
             self.engine.free(req_id)
         self._requests.pop(req_id, None)
-        self._early_embeds.pop(req_id, None)
         if self.rounds is not None:
             self.rounds.release(req_id)
         if finished:
             self._views.pop(req_id, None)
             self._failed.discard(req_id)
-        if self.capture is not None:
+        if self.capture is not None and not keep_capture:
             self.capture.drop(req_id)
 
     def launch_parallel_drafts(self, runner: Any, scheduler_output: Any) -> None:
-        """VPSD: issue draft work that needs nothing from this target step, before it.
-
-        That is the draft's vision encoding of prompts whose prefill ends in this
-        step (only the compact prefill has to wait for the target's s_attn) and
-        this step's draft chunks.
-        """
-        if self.rounds is None:
+        """VPSD: draft this step's chunks, before the target's forward (in sequence with it)."""
+        if self.rounds is None or self.disabled:
             return
-        start = time.perf_counter()
-        self._encode_videos_early(runner, scheduler_output)
-        self.stats.draft_prefill_seconds += time.perf_counter() - start
         start = time.perf_counter()
         self.rounds.launch(runner, scheduler_output, self._requests)
         self.stats.draft_seconds += time.perf_counter() - start
 
-    def _encode_videos_early(self, runner: Any, scheduler_output: Any) -> None:
-        new = {r.req_id: (r.prompt_token_ids, r.mm_features, r.num_computed_tokens)
-               for r in scheduler_output.scheduled_new_reqs}
-        for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
-            if req_id in self._views or req_id in self._early_embeds or req_id in self._failed:
-                continue
-            if req_id in new:
-                prompt, features, computed = new[req_id]
-            elif req_id in runner.requests:
-                state = runner.requests[req_id]
-                prompt, features, computed = state.prompt_token_ids, state.mm_features, state.num_computed_tokens
-            else:
-                continue
-            ends_prefill = prompt is not None and computed < len(prompt) <= computed + scheduled
-            if not ends_prefill or not video_spans(features):
-                continue
-            try:
-                with self.chunks.side_stream():
-                    self._early_embeds[req_id] = self.engine.embed_multimodal(features)
-            except Exception:
-                logger.exception("hippo: drafting disabled for request %s", req_id)
-                self._failed.add(req_id)
+    # -- failures ------------------------------------------------------------------------
+
+    def _request_failed(self, req_id: str, exc: BaseException, where: str) -> None:
+        """Drafting failed for one request: it goes on without speculation."""
+        self.failures.record(where, exc, [req_id])
+        self._failed.add(req_id)
+        with contextlib.suppress(Exception):
+            self.release(req_id, finished=False, keep_capture=self._captures_agree_over_ranks())
+
+    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+        """An error no single request can be blamed for; never raises.
+
+        Every request of the step loses drafting for this step: its draft state
+        and round are released (rebuilt next step from the kept view, so the
+        output only loses speculation). After ``MAX_FAILED_STEPS_IN_A_ROW`` steps
+        with such a failure, drafting stops for the engine.
+        """
+        try:
+            req_ids = list(req_ids)
+            self.failures.record(where, exc, req_ids)
+            self._failed_this_step.update(req_ids)
+            keep_capture = self._captures_agree_over_ranks()
+            for req_id in req_ids:
+                with contextlib.suppress(Exception):
+                    self.release(req_id, finished=False, keep_capture=keep_capture)
+            if not self._step_failed:
+                self._step_failed = True
+                self._failed_steps_in_a_row += 1
+            if self._failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                self.disable()
+        except Exception:  # noqa: BLE001 - the last line of defence
+            self.disable()
+
+    def _captures_agree_over_ranks(self) -> bool:
+        """Under tensor parallelism every rank must track the same requests, so a
+        failure seen by one rank must not drop a capture (vLLM's finish and
+        preemption, seen by all ranks, still do)."""
+        return self.capture is not None and self.capture.sums_over_ranks
+
+    def capture_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+        """The attention capture failed inside the target's forward (it never raises there).
+
+        The capture marked those requests' videos incomplete, so their views are
+        built without s_attn; drafting itself goes on, and the captures are kept
+        (under tensor parallelism every rank must go on tracking the same requests).
+        """
+        with contextlib.suppress(Exception):
+            self.failures.record(where, exc, req_ids)
+
+    def disable(self) -> None:
+        """Stop drafting for the engine: free every draft state; no more spec tokens."""
+        if self.disabled:
+            return
+        self.disabled = True
+        logger.error(
+            "hippo: drafting failed in %d steps in a row; speculation is off for this engine "
+            "from now on (outputs are unaffected)", self._failed_steps_in_a_row,
+        )
+        for req_id in list(self._requests):
+            with contextlib.suppress(Exception):
+                self.release(req_id, finished=False)
+        if self.capture is not None:
+            with contextlib.suppress(Exception):
+                self.capture.end_step()
 
     def propose_batch(
         self, runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]]
@@ -276,12 +337,12 @@ class HippoProposer:
         """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
         batch = runner.input_batch
         drafts: list[list[int]] = [[] for _ in batch.req_ids]
-        if self.engine is None:  # a tensor-parallel rank whose drafts vLLM does not read
+        if self.engine is None or self.disabled:  # engine None: a TP rank whose drafts vLLM does not read
             return drafts
         active: list[tuple[int, str, int]] = []  # (batch index, req id, draft budget)
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         for i, req_id in enumerate(batch.req_ids):
-            if not sampled_token_ids[i] or req_id in self._failed:
+            if not sampled_token_ids[i] or req_id in self._failed or req_id in self._failed_this_step:
                 continue
             budget = self._draft_budget(runner, i, req_id)
             # A request has rounds exactly while it has draft state (start/release).
@@ -289,8 +350,13 @@ class HippoProposer:
                 # Account this step's round first, also when it is the request's last.
                 spec = list(spec_tokens.get(req_id, ()))
                 start = time.perf_counter()  # waiting for the chunk counts as drafting
-                next_spec = self.rounds.resolve(req_id, spec, list(sampled_token_ids[i]))
-                self.stats.draft_seconds += time.perf_counter() - start
+                try:
+                    next_spec = self.rounds.resolve(req_id, spec, list(sampled_token_ids[i]))
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    self._request_failed(req_id, exc, "parallel round")
+                    continue
+                finally:
+                    self.stats.draft_seconds += time.perf_counter() - start
                 if budget >= 0:
                     # At 0 the next step commits one token without spec tokens; the
                     # request stays so that step is accounted too.
@@ -308,15 +374,16 @@ class HippoProposer:
             except DraftCapacityError:
                 self.stats.draft_kv_full += 1  # drafting pauses; retried next step
                 continue
-            except Exception:
-                logger.exception("hippo: drafting disabled for request %s", req_id)
-                self._failed.add(req_id)
-                self.release(req_id, finished=False)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._request_failed(req_id, exc, "draft prefill")
                 continue
             if self.rounds is not None:
                 # First step of a (re)started request: conservative, the draft's
                 # first chunk is launched with the next target step.
-                drafts[i] = self.rounds.start(req_id, list(sampled_token_ids[i]))
+                try:
+                    drafts[i] = self.rounds.start(req_id, list(sampled_token_ids[i]))
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    self._request_failed(req_id, exc, "parallel round")
             else:
                 active.append((i, req_id, budget))
         if self.rounds is not None:
@@ -352,10 +419,7 @@ class HippoProposer:
         engine.free(req_id)
         if view is not None:
             self._check_room(req_id, view)  # before encoding the video again
-        item_embeds = self._early_embeds.pop(req_id, None)
-        if item_embeds is not None:
-            self.chunks.join()  # encoded on the side stream during the target's prefill
-        elif state.mm_features:
+        if state.mm_features:
             item_embeds = engine.embed_multimodal(state.mm_features)
         else:
             item_embeds = []
@@ -412,12 +476,16 @@ class HippoProposer:
             outputs = batch.token_ids_cpu[i, state.view.prompt_len : n_tokens].tolist()
             requests.append(ChunkRequest(req_id, state, outputs, budget))
         try:
-            pending = self.chunks.launch(requests)
+            found, failures = self.chunks.launch_each(requests)
         except DraftCapacityError:
             self.stats.draft_kv_full += len(requests)  # drafting pauses this step
             return
-        for (i, _, _), tokens in zip(active, pending.tokens()):
-            drafts[i] = tokens
+        for (i, _, _), chunk in zip(active, found):
+            if chunk is not None:
+                pending, row = chunk
+                drafts[i] = pending.tokens()[row]
+        for request, exc in failures:
+            self._request_failed(request.req_id, exc, "chunk drafting")
         self.stats.record_drafts(sum(len(d) for d in drafts))
 
     # -- introspection (tests, metrics) ---------------------------------------------------

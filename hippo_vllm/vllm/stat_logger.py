@@ -74,6 +74,10 @@ def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
         args.append(delta["committed_tokens"] / forwards)
         parts.append("rounds %d optimistic / %d conservative")
         args += [int(delta["optimistic_rounds"]), int(delta["conservative_rounds"])]
+    failures = int(delta.get("drafting_failures", 0))
+    if failures:
+        parts.append("%d drafting failures")
+        args.append(failures)
     if delta.get("draft_kv_full"):
         parts.append("%d request steps without drafts (draft KV cache full)")
         args.append(int(delta["draft_kv_full"]))
@@ -135,7 +139,7 @@ class HippoStatLogger(AggregateStatLoggerBase):
             values = reader.read()
             delta = {field: values[field] - self._logged[idx][field] for field in EXPORTED_STATS}
             self._logged[idx] = values
-            if delta["draft_views"] <= 0 and delta.get("target_forwards", 0) <= 0:
+            if all(delta.get(f, 0) <= 0 for f in ("draft_views", "target_forwards", "drafting_failures")):
                 continue  # nothing new in this interval
             fmt, args = format_log_line(delta)
             if len(self.readers) > 1:

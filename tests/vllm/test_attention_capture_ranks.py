@@ -42,7 +42,9 @@ def prefill(capture, queries, keys, chunks) -> None:
     for n in chunks:
         runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["req"]),
                                  requests={"req": SimpleNamespace(num_computed_tokens=done)})
-        capture.begin_step(runner, SimpleNamespace(num_scheduled_tokens={"req": n}))
+        cached = SimpleNamespace(req_ids=["req"], num_computed_tokens=[done])
+        capture.begin_step(runner, SimpleNamespace(num_scheduled_tokens={"req": n}, scheduled_new_reqs=[],
+                                                   scheduled_cached_reqs=cached))
         for i in LAYERS:
             impl = capture.layers[i].impl
             impl.forward(None, queries[i][done : done + n], keys[i][done : done + n], None, None, object())

@@ -32,9 +32,9 @@ def test_hippo_is_rewritten_to_custom_class_with_settings_in_additional_config(t
                                          "num_speculative_tokens": 4, "keep_ratio": 0.25})
     assert config.speculative_config.method == "custom_class"
     assert config.speculative_config.model == PROPOSER_CLASS_PATH
-    # Parallel mode (the default) verifies the chunk's first token beside vLLM's
-    # rejection sampler; vLLM itself sees the other 3 as spec tokens.
-    assert config.speculative_config.num_speculative_tokens == 3
+    # Draft-then-verify (the default): vLLM verifies all 4 (parallel mode would hand
+    # it 3 and check each chunk's first token beside its rejection sampler).
+    assert config.speculative_config.num_speculative_tokens == 4
     assert config.parallel_config.worker_cls == CPU_WORKER_PATH
     hippo = hippo_settings(config)
     assert (hippo.model, hippo.keep_ratio, hippo.num_speculative_tokens) == (str(tiny.draft), 0.25, 4)

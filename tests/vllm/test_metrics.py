@@ -135,7 +135,7 @@ def test_every_counter_is_exported_under_vllm_names():
     assert {metric_name(field) for field in EXPORTED_STATS} >= {
         "vllm:hippo_video_tokens_total", "vllm:hippo_video_tokens_seen_total",
         "vllm:hippo_pruning_seconds_total", "vllm:hippo_draft_views_total",
-        "vllm:hippo_views_without_target_attention_total"}
+        "vllm:hippo_views_without_target_attention_total", "vllm:hippo_drafting_failures_total"}
 
 
 def test_snapshot_round_trip_survives_a_bad_file_and_is_removed_on_close(tmp_path):
@@ -178,6 +178,8 @@ def test_log_line_reads_like_vllms_stats_lines():
     fmt, args = format_log_line({**delta, "draft_views": 0, **rounds})
     assert fmt % tuple(args) == (
         "hippo: MAT (PEARL, +1) 4.12, 2.30 tokens/target forward, rounds 12 optimistic / 8 conservative")
+    fmt, args = format_log_line({**delta, "draft_views": 0, "drafting_failures": 2})
+    assert fmt % tuple(args) == "hippo: 2 drafting failures"
     fmt, args = format_log_line({**delta, **rounds, "mat_runs": 0, "mat_sum": 0})
     assert (fmt % tuple(args)).endswith(
         "1.2 ms/view, 1 without target attention, MAT (PEARL, +1) n/a, 2.30 tokens/target forward, "

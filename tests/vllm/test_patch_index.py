@@ -1,4 +1,4 @@
-"""The patch index names exactly the patches the code applies."""
+"""The patch index names exactly the patches the code applies, statically and in a real engine."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import ast
 import importlib
 import pathlib
 
+import pytest
+
 import hippo_vllm.vllm as integration
 from hippo_vllm.vllm.patch_index import PATCHES
 
-PATCH_FUNCTIONS = {"patch_attribute", "temporarily_patched"}
+PATCH_FUNCTIONS = {"patch_attribute", "patch_instance_attribute", "temporarily_patched"}
 
 
 def patch_calls() -> set[tuple[str, str]]:
@@ -41,5 +43,23 @@ def test_indexed_targets_exist_in_the_installed_vllm():
     for entry in PATCHES:
         module_name, attr_path = entry.target.split(":")
         obj = importlib.import_module(module_name)
-        for part in attr_path.split("."):
+        parts = attr_path.split(".")
+        # A per-instance target is "Class.instance_attribute.attribute": only the class
+        # is reachable without building one.
+        for part in parts[:1] if entry.per_instance else parts:
             obj = getattr(obj, part)
+
+
+@pytest.mark.engine
+def test_a_hippo_engine_applies_exactly_the_indexed_patches(tiny, tiny_tokenizer):
+    from engine_utils import engine, generate_ids, hippo_config, proposer_of, video_request
+
+    from hippo_vllm.vllm.patching import applied_patches
+
+    request = video_request(tiny_tokenizer, "Describe this video.", tiny.synthetic_videos[0])
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft)) as llm:
+        assert proposer_of(llm).capture is not None  # the default pruning uses s_attn
+        generate_ids(llm, [request], max_tokens=4)
+        applied = applied_patches()
+    assert applied == {entry.target for entry in PATCHES
+                       if "cpu" in entry.platforms and not entry.only_with_tensor_parallelism}
