@@ -121,9 +121,13 @@ def run(target, requests, **engine_args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, requests):
-    hippo = hippo_config(tiny.draft, num_speculative_tokens=3, parallel=True)
-    baseline = run(tiny.target, requests)
+def baseline(tiny, requests):
+    return run(tiny.target, requests)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["serial", "vpsd"])
+def runs(request, tiny, requests, baseline):
+    hippo = hippo_config(tiny.draft, num_speculative_tokens=3, parallel=request.param)
     tp1 = run(tiny.target, requests, speculative_config=hippo)
     with cpu_threads_bound_per_rank("0|1"):
         tp2 = run(tiny.target, requests, speculative_config=hippo, tensor_parallel_size=2)
