@@ -50,21 +50,8 @@ def fast_cpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny
     - `--allowed-local-media-path`: `file://` video URLs are refused outside it;
     - 8 frames decoded per video: one 2-s fixture clip becomes 32 video tokens.
     """
-    args = [
-        "--served-model-name", served_model_name,
-        "--dtype", "float32",
-        "--enforce-eager",
-        "--max-model-len", "1024",
-        "--max-num-seqs", "4",
-        "--kv-cache-memory-bytes", str(64 << 20),
-        "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
-        "--allowed-local-media-path", str(media_dir),
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),
-        "--seed", "0",
-    ]
-    if speculative_config is not None:
-        args += ["--speculative-config", json.dumps(speculative_config)]
-    return args
+    settings = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
+    return _serve_args(media_dir, served_model_name, speculative_config, settings)
 
 
 def gpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny",
@@ -76,13 +63,19 @@ def gpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny",
     so that a previous engine's leftovers do not fail the free-memory check at start;
     the same prompt limits and video decoding as `fast_cpu_serve_args`.
     """
+    settings = ["--dtype", "bfloat16", "--gpu-memory-utilization", "0.4",
+                "--tensor-parallel-size", str(tensor_parallel_size)]
+    return _serve_args(media_dir, served_model_name, speculative_config, settings)
+
+
+def _serve_args(media_dir: str | Path, served_model_name: str, speculative_config: dict | None,
+                settings: list[str]) -> list[str]:
+    """The flags both settings share (prompt limits, video decoding, seed) plus ``settings``."""
     args = [
         "--served-model-name", served_model_name,
-        "--dtype", "bfloat16",
+        *settings,
         "--max-model-len", "1024",
         "--max-num-seqs", "4",
-        "--gpu-memory-utilization", "0.4",
-        "--tensor-parallel-size", str(tensor_parallel_size),
         "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
         "--allowed-local-media-path", str(media_dir),
         "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),

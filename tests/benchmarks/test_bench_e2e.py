@@ -5,12 +5,12 @@ No timing assertions: wall times on a shared CI machine say nothing about the co
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from script_loading import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
@@ -22,12 +22,7 @@ ROW_KEYS = {"name", "wall_seconds", "tokens_per_second", "generated_tokens", "ta
 
 @pytest.fixture(scope="module")
 def bench():
-    # benchmarks/ is a folder of scripts, not a package.
-    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH)
 
 
 def test_a_differing_output_aborts_the_benchmark(bench):
