@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,14 +41,10 @@ from hippo_vllm.vllm.config_rewrite import hippo_settings
 from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
 from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
 from hippo_vllm.vllm.drafting_failures import DraftingFailures
-from hippo_vllm.vllm.draft_view import (
-    DraftView,
-    build_draft_view,
-    needs_target_attention,
-    video_spans,
-)
+from hippo_vllm.vllm.draft_view import DraftView, needs_target_attention, video_spans
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.parallel_rounds import ParallelRounds
+from hippo_vllm.vllm.request_views import RequestViews
 from hippo_vllm.vllm.tensor_parallel import (
     is_output_rank,
     make_draft_group,
@@ -59,34 +54,7 @@ from hippo_vllm.vllm.tensor_parallel import (
 
 logger = get_logger(__name__)
 
-RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good
-
-
-class _LruCache:
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any) -> Any:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-
-def _prompt_key(state: Any) -> tuple:
-    return tuple(state.prompt_token_ids), tuple(f.identifier for f in state.mm_features)
-
-
-def _attention_missing(attention: list | None) -> bool:
-    return attention is not None and any(a is None for a in attention)
 
 
 class HippoProposer:
@@ -110,16 +78,12 @@ class HippoProposer:
         self.stats = HippoStats()
         self.failures = DraftingFailures(self.stats)
         self._requests: dict[str, DraftState] = {}
-        self._views: dict[str, DraftView] = {}  # survives preemption, freed on finish
+        self._views: RequestViews | None = None  # survive preemption, freed on finish
         self._failed: set[str] = set()  # requests that lost drafting for good
         self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
         self._failed_steps_in_a_row = 0
         self._step_failed = False
         self.disabled = False  # drafting stopped for the engine after repeated failures
-        # A prompt served from vLLM's prefix cache is not recomputed, so the target's
-        # attention to its video cannot be captured again; an identical prompt seen
-        # recently reuses its view (same prompt, same selection).
-        self._recent_views = _LruCache(RECENT_VIEWS)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -127,7 +91,9 @@ class HippoProposer:
         """Called by vLLM's runner after the target is loaded."""
         config = self.vllm_config
         hf_text = config.model_config.hf_text_config
-        self.spatial_merge_size = config.model_config.hf_config.vision_config.spatial_merge_size
+        self._views = RequestViews(
+            self.hippo, config.model_config.hf_config.vision_config.spatial_merge_size, self.stats
+        )
         if needs_target_attention(self.hippo):
             layers = TargetAttentionCapture.find_text_attention_layers(
                 config.compilation_config.static_forward_context
@@ -253,7 +219,7 @@ class HippoProposer:
         if self.rounds is not None:
             self.rounds.release(req_id)
         if finished:
-            self._views.pop(req_id, None)
+            self._views.drop(req_id)
             self._failed.discard(req_id)
         if self.capture is not None and not keep_capture:
             self.capture.drop(req_id)
@@ -408,7 +374,6 @@ class HippoProposer:
             budget = min(budget, params.max_tokens - produced - 1)
         return budget
 
-
     def _ensure_prefilled(self, runner: Any, req_id: str) -> None:
         if req_id in self._requests:
             return
@@ -425,16 +390,7 @@ class HippoProposer:
             item_embeds = []
         if view is None:
             attention = self.capture.finish(req_id) if self.capture is not None else None
-            key = _prompt_key(state)
-            view = self._recent_views.get(key) if _attention_missing(attention) else None
-            if view is None:
-                view = build_draft_view(
-                    self.hippo, len(prompt), state.mm_features, item_embeds, attention,
-                    self.spatial_merge_size,
-                )
-            self._recent_views.put(key, view)
-            self._views[req_id] = view
-            self.stats.record_view(view)
+            view = self._views.build(req_id, state, item_embeds, attention)
         embeds = engine.embed_prompt(prompt, state.mm_features, item_embeds)[view.keep_rows]
         positions = self._prompt_positions(state, len(prompt))[:, view.keep_rows]
         self._check_room(req_id, view)
@@ -496,4 +452,4 @@ class HippoProposer:
 
     @property
     def num_views(self) -> int:
-        return len(self._views)
+        return len(self._views) if self._views is not None else 0

@@ -6,7 +6,6 @@ No timing assertions: wall times on a shared CI machine say nothing about the co
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
