@@ -102,8 +102,9 @@ class ChunkDrafter:
     ) -> tuple[list[tuple[PendingChunks, int] | None], list[tuple[ChunkRequest, Exception]]]:
         """Draft a batch; if it fails, draft each request alone to find the failing ones.
 
-        Returns, per request, its (chunks, row) or None, and the requests that
-        failed on their own with their exception. A ``DraftCapacityError`` of the
+        Returns, per request, its (chunks, row) or None (it failed, or alone it
+        found no room in the draft KV cache), and the requests that failed on
+        their own with their exception. A ``DraftCapacityError`` of the
         batch is raised as is (no request is at fault).
         """
         try:

@@ -113,6 +113,7 @@ class ParallelRounds:
             entry.chunk = chunk
         for request, exc in failures:
             self.on_failure(request.req_id, exc, "parallel chunk drafting")
+        self.stats.draft_kv_full += found.count(None) - len(failures)  # drafted alone, out of room
 
     def _close_skipped_step(self, runner: Any) -> None:
         """The last step ran without the drafter: account what each request committed."""

@@ -442,6 +442,7 @@ class HippoProposer:
                 drafts[i] = pending.tokens()[row]
         for request, exc in failures:
             self._request_failed(request.req_id, exc, "chunk drafting")
+        self.stats.draft_kv_full += found.count(None) - len(failures)  # drafted alone, out of room
         self.stats.record_drafts(sum(len(d) for d in drafts))
 
     # -- introspection (tests, metrics) ---------------------------------------------------
