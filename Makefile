@@ -2,7 +2,7 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo scoring-demo test bench bench-e2e gpu-check
+.PHONY: setup demo scoring-demo test test-quick bench bench-e2e gpu-check
 setup:
 	@tools/setup_env.sh
 
@@ -14,6 +14,10 @@ scoring-demo: setup
 
 test: setup
 	@$(PY) -m pytest
+
+# The tests that start no in-process engine (about a minute): for a quick loop.
+test-quick: setup
+	@$(PY) -m pytest -m "not engine"
 
 bench: setup
 	@$(PY) benchmarks/bench_scoring.py
