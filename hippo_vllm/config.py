@@ -102,8 +102,11 @@ class HippoConfig:
         if not _is_int(k) or k < 1:
             raise _fail("num_speculative_tokens", k, "an integer >= 1 (tokens drafted per round)")
         r = self.keep_ratio
-        if not _is_number(r) or not (0.0 < float(r) <= 1.0) or math.isnan(r):
-            raise _fail("keep_ratio", r, "a number in (0, 1] (share of video tokens the draft sees)")
+        # 0 is allowed on purpose: the draft then sees the prompt's text without any
+        # video token (the "no video for the draft" baseline of a pruning study).
+        if not _is_number(r) or not (0.0 <= float(r) <= 1.0) or math.isnan(r):
+            raise _fail("keep_ratio", r,
+                        "a number in [0, 1] (share of video tokens the draft sees; 0 = no video)")
         object.__setattr__(self, "keep_ratio", float(r))
         object.__setattr__(self, "score_weights", self._checked_weights(self.score_weights))
         object.__setattr__(self, "attn_layers", self._checked_layers(self.attn_layers))

@@ -27,6 +27,10 @@ def test_every_key_round_trips_through_to_dict():
     assert HippoConfig(**cfg.to_dict()) == cfg
 
 
+def test_keep_ratio_zero_is_the_draft_without_video():
+    assert HippoConfig.from_speculative_config({"model": "d", "keep_ratio": 0}).keep_ratio == 0.0
+
+
 def test_dashed_keys_are_accepted_like_vllm_does():
     cfg = HippoConfig.from_speculative_config({"model": "d", "keep-ratio": 0.5})
     assert cfg.keep_ratio == 0.5
@@ -38,8 +42,8 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "keep_rato": 0.1}, r"Unknown key\(s\) \['keep_rato'\].*Allowed keys"),
         ({"keep_ratio": 0.1}, r'\["model"\] is required'),
         ({"model": ""}, r'\["model"\]=\'\''),
-        ({"model": "d", "keep_ratio": 0}, r'\["keep_ratio"\]=0 .*\(0, 1\]'),
-        ({"model": "d", "keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\(0, 1\]'),
+        ({"model": "d", "keep_ratio": -0.1}, r'\["keep_ratio"\]=-0.1 .*\[0, 1\]'),
+        ({"model": "d", "keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\[0, 1\]'),
         ({"model": "d", "keep_ratio": float("nan")}, r'\["keep_ratio"\]=nan'),
         ({"model": "d", "keep_ratio": "0.1"}, r'\["keep_ratio"\]=\'0.1\''),
         ({"model": "d", "keep_ratio": True}, r'\["keep_ratio"\]=True'),

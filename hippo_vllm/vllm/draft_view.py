@@ -43,6 +43,8 @@ def mm_item_grid(feature: Any, spatial_merge_size: int) -> VideoGrid:
 
 
 def needs_target_attention(hippo: HippoConfig) -> bool:
+    if hippo.keep_ratio == 0.0:  # the draft sees no video: nothing to rank
+        return False
     if hippo.pruning in ("attention", "specvlm"):
         return True
     return hippo.pruning == "holistic" and hippo.score_weights["attn"] > 0
@@ -96,16 +98,7 @@ def build_draft_view(
             weights["attn"] = 0.0
         if pruning == "holistic" and not any(weights.values()):
             pruning = "uniform"  # attention was the only enabled signal
-        kept = select_video_tokens(
-            pruning,
-            grid,
-            hippo.keep_ratio,
-            video_embeds=embeds,
-            attn=attn,
-            weights=weights,
-            crop=hippo.crop_size,
-            selection=hippo.selection,
-        ).cpu()
+        kept = _kept_video_tokens(hippo, pruning, grid, embeds, attn, weights)
         keep[pos.offset : pos.offset + pos.length] = False
         keep[pos.offset + kept] = True
         total += pos.length
@@ -118,3 +111,22 @@ def build_draft_view(
         pruning_seconds=time.perf_counter() - start,
         attention_used=attention_used,
     )
+
+
+def _kept_video_tokens(
+    hippo: HippoConfig, pruning: str, grid: VideoGrid, embeds: torch.Tensor, attn: torch.Tensor | None,
+    weights: dict[str, float],
+) -> torch.Tensor:
+    """Indices of one video's kept tokens; none at ``keep_ratio`` 0 (the core keeps at least one)."""
+    if hippo.keep_ratio == 0.0:
+        return torch.empty(0, dtype=torch.int64)
+    return select_video_tokens(
+        pruning,
+        grid,
+        hippo.keep_ratio,
+        video_embeds=embeds,
+        attn=attn,
+        weights=weights,
+        crop=hippo.crop_size,
+        selection=hippo.selection,
+    ).cpu()

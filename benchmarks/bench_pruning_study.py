@@ -1,0 +1,580 @@
+"""Pruning study: which video tokens should the draft keep? Measured through the vLLM engine.
+
+HIPPO's claim is that its holistic score (the target's text->video attention, temporal
+change, spatial distinctiveness) keeps the video tokens that matter at high pruning,
+where attention-only pruning drifts to the frame borders and loses acceptance. This
+benchmark measures that claim on the synthetic video QA task
+(``hippo_vllm/fixtures/video_task.py``: known answers, three pruning-adversarial scene
+kinds), with real mp4s, through ``vllm.LLM`` with the hippo speculative config.
+
+Rows (one engine per row and schedule; every engine answers all questions in one batch):
+
+- every pruning method (holistic, attention, temporal, uniform, specvlm) at every
+  keep ratio;
+- ``none`` (keep_ratio 1: the draft sees the whole video) and ``no video``
+  (keep_ratio 0: the draft sees the prompt's text only);
+- ablations of the holistic score at one keep ratio: each signal off (score_weights),
+  crop size 3 and 7 (5 is the default row), per-frame instead of global selection.
+
+Per row: acceptance rate (vLLM's spec-decode counters), MAT in draft-then-verify
+(vLLM's mean acceptance length, 1 + accepted / drafts) and in the parallel schedule
+(hippo's PEARL MAT, mat_sum / mat_runs, and tokens per target forward), the draft's
+own answer accuracy from its pruned view, the boundary selection ratio of the kept
+tokens (``hippo_vllm.core.position_bias``), and how many of the tokens showing the
+question's object the draft kept (from the task's pixel masks). Ablation rows run the
+default schedule only (their MAT in the parallel schedule is not measured).
+
+The draft's answer is read inside the engine: when hippo prefills a request's draft
+from its view, this benchmark decodes the draft greedily from that same KV cache, at
+the same M-RoPE positions drafting uses, up to the answer's end, then rolls the
+draft's KV back so drafting goes on unchanged. It is exactly what the draft would
+answer alone from the tokens it kept. (A plain vLLM engine on the draft checkpoint
+cannot be given a pruned video: its kept tokens must keep their original positions.)
+
+Every hippo engine's outputs must equal the target alone's, token for token, and every
+row must have drafted, or the benchmark aborts. Outputs: a JSON file and three PNGs
+(``--plots``): MAT and accuracy against keep ratio, boundary ratio per method, and one
+video's frames with each method's kept tokens.
+
+Usage: python benchmarks/bench_pruning_study.py [--quick] [--pair NAME] [--out PATH]
+       [--plots DIR] [--samples-per-kind N] [--max-tokens N] [--k K]
+"""
+
+from __future__ import annotations
+
+import os
+
+# In-process engine core, so the proposer (views, draft KV, stats) is reachable.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+METHODS = ("holistic", "attention", "temporal", "uniform", "specvlm")
+KEEP_RATIOS = (0.05, 0.1, 0.25, 0.5)
+ABLATION_RATIO = 0.1
+# name -> hippo config keys changed from the default holistic score
+ABLATIONS = {
+    "holistic no attn": {"score_weights": {"attn": 0.0, "temp": 1.0, "spa": 1.0}},
+    "holistic no temp": {"score_weights": {"attn": 1.0, "temp": 0.0, "spa": 1.0}},
+    "holistic no spa": {"score_weights": {"attn": 1.0, "temp": 1.0, "spa": 0.0}},
+    "holistic crop 3": {"crop_size": 3},
+    "holistic crop 7": {"crop_size": 7},
+    "holistic per_frame": {"selection": "per_frame"},
+}
+QUICK = {"methods": ("holistic", "attention"), "ratios": (0.1,), "ablations": ("holistic no attn",),
+         "references": ("none", "no video"), "samples_per_kind": 1, "max_tokens": 12}
+SCHEDULES = {"serial": False, "parallel": True}
+PICTURE_RATIO = 0.1  # the keep ratio whose kept tokens the frame picture shows
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """The target/draft checkpoints a study runs on."""
+
+    name: str
+    target: str
+    draft: str
+    trained: bool  # trained on the video task (else its answers mean nothing)
+
+
+def load_pair(name: str) -> Pair:
+    from hippo_vllm.fixtures import build_fixtures
+
+    fx = build_fixtures()
+    if name == "tiny":
+        return Pair("tiny", str(fx.target), str(fx.draft), trained=False)
+    if name == "self":  # the target drafts for itself: keep_ratio 1 must reproduce its answers
+        return Pair("self", str(fx.target), str(fx.target), trained=False)
+    raise SystemExit(f"--pair must be one of {PAIRS}, got {name!r}")
+
+
+PAIRS = ("tiny", "self")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One hippo configuration of the study."""
+
+    name: str
+    group: str  # "grid", "reference" or "ablation"
+    method: str  # pruning method, "none" or "no video"
+    keep_ratio: float
+    keys: dict  # hippo speculative-config keys besides model, k and parallel
+    schedules: tuple[str, ...]
+
+
+def build_variants(methods, ratios, ablations, references) -> list[Variant]:
+    both = tuple(SCHEDULES)
+    variants = [Variant(f"{m} {r:g}", "grid", m, r, {"pruning": m, "keep_ratio": r}, both)
+                for m in methods for r in ratios]
+    known = {"none": Variant("none", "reference", "none", 1.0, {"pruning": "none", "keep_ratio": 1.0}, both),
+             "no video": Variant("no video", "reference", "no video", 0.0, {"keep_ratio": 0.0}, both)}
+    variants += [known[name] for name in references]
+    variants += [Variant(name, "ablation", "holistic", ABLATION_RATIO,
+                         {"pruning": "holistic", "keep_ratio": ABLATION_RATIO, **ABLATIONS[name]}, ("serial",))
+                 for name in ablations]
+    return variants
+
+
+# -- questions -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Question:
+    seed: int
+    kind: str
+    topic: str
+    question: str
+    answer: str
+    video: str  # mp4 path
+    frames: object  # uint8 [T, H, W, 3] as decoded for the engine
+    masks: object  # int8 [T, H, W] object labels (0 background)
+    object_labels: tuple[int, ...]  # mask labels of the objects the question is about
+
+
+def build_questions(samples_per_kind: int, video_dir: pathlib.Path) -> list[Question]:
+    """The focus questions of held-out samples, the scene kinds taking turns."""
+    from hippo_vllm.fixtures import load_video
+    from hippo_vllm.fixtures.video_task import HELD_OUT_SEEDS, SCENE_KINDS, make_sample
+
+    video_dir.mkdir(parents=True, exist_ok=True)
+    questions = []
+    for i in range(samples_per_kind):
+        for kind in SCENE_KINDS:
+            seed = HELD_OUT_SEEDS[0] + i
+            sample = make_sample(seed, kind)
+            path = sample.write_mp4(video_dir / f"{kind}_{seed}.mp4")
+            frames, metadata = load_video(path, len(sample.frames))
+            for qa in sample.qa:
+                if qa.topic not in sample.focus:
+                    continue
+                # mover: objects[0]; position question: objects[1]; count: every object.
+                labels = {"position": (2,), "count": tuple(range(1, len(sample.objects) + 1))}.get(qa.topic, (1,))
+                questions.append(Question(seed, kind, qa.topic, qa.question, qa.answer, str(path),
+                                          (frames, metadata), sample.masks, labels))
+    return questions
+
+
+def is_correct(text: str, answer: str) -> bool:
+    """The answer's first sentence, case and spacing aside, is the expected sentence."""
+    def first_sentence(s: str) -> str:
+        s = " ".join(s.lower().split())
+        return s[: s.index(".") + 1] if "." in s else s
+
+    return first_sentence(text) == first_sentence(answer)
+
+
+# -- engine ----------------------------------------------------------------------------------------
+
+
+def engine_settings(num_questions: int) -> dict:
+    """The tests' fast CPU settings, sized so one batch holds every question."""
+    return {
+        "max_model_len": 1024, "max_num_batched_tokens": 4096, "max_num_seqs": max(1, num_questions),
+        "limit_mm_per_prompt": {"image": 0, "video": 1}, "seed": 0,
+        # Several questions share a video: a prefix-cache hit would skip the target's
+        # prefill of it, and with it the attention the attention-based methods rank by.
+        "enable_prefix_caching": False,
+        "disable_log_stats": False,  # vLLM's spec-decode counters
+        "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
+    }
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
+
+
+def proposer_of(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
+
+
+class ViewRecorder:
+    """Every draft view the engine builds, by request, with the video's kept token indices;
+    with ``answer_tokens`` > 0 also the draft's greedy answer from that view."""
+
+    def __init__(self, llm, answer_tokens: int, stop_ids: set[int]):
+        from hippo_vllm.vllm.draft_view import mm_item_grid
+
+        self.proposer = proposer = proposer_of(llm)
+        self.views: dict[str, dict] = {}
+        self.answers: dict[str, list[int] | str] = {}
+        views, build = proposer._views, proposer._views.build
+        merge = views.spatial_merge_size
+
+        def recording_build(req_id, state, item_embeds, attention):
+            view = build(req_id, state, item_embeds, attention)
+            videos = [f for f in state.mm_features if f.modality == "video"]
+            record = {"view": view}
+            if len(videos) == 1:
+                pos = videos[0].mm_position
+                rows = view.keep_rows
+                inside = rows[(rows >= pos.offset) & (rows < pos.offset + pos.length)] - pos.offset
+                grid = mm_item_grid(videos[0], merge)
+                record.update(kept=inside.tolist(), grid=(grid.t, grid.h, grid.w))
+            self.views[external_id(req_id)] = record
+            return view
+
+        views.build = recording_build
+        if answer_tokens > 0:
+            self._wrap_prefill(answer_tokens, stop_ids)
+
+    def _wrap_prefill(self, answer_tokens: int, stop_ids: set[int]) -> None:
+        proposer = self.proposer
+        prefill = proposer._ensure_prefilled
+
+        def answering_prefill(runner, req_id):
+            fresh = req_id not in proposer._requests
+            engine = proposer.engine
+            logits = []
+            run = engine.run
+            engine.run = lambda inputs: logits.append(run(inputs)) or logits[-1]
+            try:
+                prefill(runner, req_id)
+            finally:
+                del engine.run  # the class's method again
+            key = external_id(req_id)
+            if fresh and req_id in proposer._requests and key not in self.answers:
+                self.answers[key] = self._draft_answer(req_id, logits[-1][0], answer_tokens, stop_ids)
+
+        proposer._ensure_prefilled = answering_prefill
+
+    def _draft_answer(self, req_id, logits, max_tokens: int, stop_ids: set[int]):
+        """The draft's greedy answer from its just-prefilled view; its KV is rolled back after."""
+        import torch
+
+        from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftInput
+
+        engine, state = self.proposer.engine, self.proposer._requests[req_id]
+        tokens: list[int] = []
+        try:
+            token = int(logits.argmax())
+            while True:
+                tokens.append(token)
+                if token in stop_ids or len(tokens) == max_tokens:
+                    return tokens
+                position = torch.full((3, 1), state.output_position(len(tokens) - 1), dtype=torch.long)
+                out = engine.run([DraftInput(req_id, position, token_ids=torch.tensor([token]))])
+                token = int(out[0].argmax())
+        except DraftCapacityError:
+            return "draft KV cache full"
+        finally:
+            engine.truncate(req_id, state.view.compact_len)
+
+
+def external_id(req_id: str) -> str:
+    """vLLM's engine adds ``-<8 characters>`` to the id LLM.generate assigns (and returns)."""
+    return req_id.rsplit("-", 1)[0]
+
+
+def make_requests(questions: list[Question], tokenizer) -> list[dict]:
+    from hippo_vllm.fixtures import video_chat_prompt
+
+    return [{"prompt": video_chat_prompt(tokenizer, q.question), "multi_modal_data": {"video": q.frames}}
+            for q in questions]
+
+
+def start_engine(target: str, settings: dict, speculative_config: dict | None):
+    from vllm import LLM
+
+    extra = {"speculative_config": speculative_config} if speculative_config else {}
+    return LLM(model=target, **settings, **extra)
+
+
+def stop_engine(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm, requests: list[dict], max_tokens: int) -> list:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return llm.generate(requests, params, use_tqdm=False)
+
+
+def check_lossless(name: str, ids: list, reference: list) -> None:
+    for i, (ours, theirs) in enumerate(zip(ids, reference)):
+        if ours != theirs:
+            first = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise SystemExit(f"LOSSLESS CHECK FAILED: {name}, question {i} differs from the target at token "
+                             f"{first}: {ours[first:first + 8]} vs {theirs[first:first + 8]}")
+
+
+def run_target(pair: Pair, requests, questions, args) -> dict:
+    started = time.perf_counter()
+    llm = start_engine(pair.target, engine_settings(len(requests)), None)
+    try:
+        outputs = generate(llm, requests, args.max_tokens)
+    finally:
+        stop_engine(llm)
+    texts = [o.outputs[0].text for o in outputs]
+    return {"ids": [list(o.outputs[0].token_ids) for o in outputs], "texts": texts,
+            "accuracy": sum(is_correct(t, q.answer) for t, q in zip(texts, questions)) / len(questions),
+            "seconds": time.perf_counter() - started}
+
+
+def run_variant(variant: Variant, schedule: str, pair: Pair, requests, questions, reference, tokenizer,
+                args) -> dict:
+    """One engine: every question in one batch; the default schedule also reads views and draft answers."""
+    spec = {"method": "hippo", "model": pair.draft, "num_speculative_tokens": args.k,
+            "parallel": SCHEDULES[schedule], **variant.keys}
+    started = time.perf_counter()
+    llm = start_engine(pair.target, engine_settings(len(requests)), spec)
+    try:
+        reads_views = schedule == variant.schedules[0]
+        recorder = ViewRecorder(llm, args.max_tokens if reads_views else 0,
+                                {tokenizer.eos_token_id, *_stop_ids(tokenizer)})
+        outputs = generate(llm, requests, args.max_tokens)
+        stats = recorder.proposer.stats.as_dict()
+        vllm_counts = {name: counter(llm, f"vllm:spec_decode_{name}")
+                       for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens")}
+    finally:
+        stop_engine(llm)
+    ids = [list(o.outputs[0].token_ids) for o in outputs]
+    check_lossless(f"{variant.name} ({schedule})", ids, reference)
+    if vllm_counts["num_draft_tokens"] <= 0 or stats["draft_tokens"] <= 0:
+        raise SystemExit(f"NO DRAFTING: {variant.name} ({schedule}) verified no draft token; "
+                         "its figures would not measure the draft")
+    row = {"schedule": schedule, "seconds": time.perf_counter() - started, "lossless": True,
+           "vllm": vllm_counts, "hippo": stats,
+           "acceptance_rate": _ratio(vllm_counts["num_accepted_tokens"], vllm_counts["num_draft_tokens"])}
+    if schedule == "serial":
+        row["mat"] = 1 + vllm_counts["num_accepted_tokens"] / vllm_counts["num_drafts"]
+        row["mat_source"] = "vLLM mean acceptance length: 1 + accepted / drafts"
+    else:
+        row["mat"] = _ratio(stats["mat_sum"], stats["mat_runs"])
+        row["mat_source"] = "hippo PEARL MAT: mat_sum / mat_runs"
+        row["tokens_per_target_forward"] = _ratio(stats["committed_tokens"], stats["target_forwards"])
+    if reads_views:
+        row["selection"] = selection_figures(recorder.views, outputs, questions)
+        row["draft_answers"] = draft_answer_figures(recorder.answers, outputs, questions, tokenizer)
+    return row
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    return {i for i in ids if isinstance(i, int) and i >= 0}
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def selection_figures(views: dict, outputs, questions: list[Question]) -> dict:
+    """Boundary ratio, video seen, and recall of the question's object tokens, over the questions."""
+    import torch
+
+    from hippo_vllm.core import VideoGrid, position_bias
+
+    bsr, ring_share, seen, recall, kept_lists = [], [], [], [], []
+    for output, question in zip(outputs, questions):
+        record = views.get(output.request_id)
+        if record is None or "kept" not in record:
+            raise SystemExit(f"no draft view was recorded for question {output.request_id}")
+        kept, grid = record["kept"], VideoGrid(*record["grid"])
+        kept_lists.append(kept)
+        seen.append(len(kept) / grid.num_tokens)
+        if kept:
+            ring = grid.boundary_mask()
+            bsr.append(position_bias(torch.tensor(kept), grid))
+            ring_share.append(ring[torch.tensor(kept)].float().mean().item())
+        object_tokens = object_token_mask(question, grid)
+        if object_tokens is not None and object_tokens.any():
+            hit = object_tokens[torch.tensor(kept, dtype=torch.long)].sum().item() if kept else 0
+            recall.append(hit / object_tokens.sum().item())
+    return {"video_share_seen": _mean(seen), "boundary_selection_ratio": _mean(bsr),
+            "boundary_share": _mean(ring_share), "object_token_recall": _mean(recall),
+            "kept": kept_lists, "grid": list(views[outputs[0].request_id]["grid"])}
+
+
+def object_token_mask(question: Question, grid) -> object:
+    """bool [N]: the tokens whose pixels (2 frames x a merged patch) show the question's object.
+
+    None when the decoded video does not map onto the grid that way (a resized video).
+    """
+    import numpy as np
+    import torch
+
+    masks = question.masks
+    frames, height, width = masks.shape
+    if frames != 2 * grid.t or height % grid.h or width % grid.w:
+        return None
+    wanted = np.isin(masks, question.object_labels)
+    cells = wanted.reshape(grid.t, 2, grid.h, height // grid.h, grid.w, width // grid.w).any(axis=(1, 3, 5))
+    return torch.from_numpy(cells.reshape(-1))
+
+
+def draft_answer_figures(answers: dict, outputs, questions: list[Question], tokenizer) -> dict:
+    texts, correct, as_target = [], 0, 0
+    for output, question in zip(outputs, questions):
+        tokens = answers.get(output.request_id)
+        if tokens is None or isinstance(tokens, str):
+            raise SystemExit(f"no draft answer for question {output.request_id}: {tokens or 'not read'}")
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        texts.append(text)
+        correct += is_correct(text, question.answer)
+        as_target += tokens == list(output.outputs[0].token_ids)
+    # same_as_target: share of draft answers token-identical to the target's (whole video) answer.
+    return {"accuracy": correct / len(questions), "same_as_target": as_target / len(questions), "texts": texts}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(variant: Variant, runs: dict[str, dict]) -> dict:
+    """The row's headline figures: schedule-independent ones from its first schedule."""
+    first = runs[variant.schedules[0]]
+    selection = first["selection"]
+    return {
+        "name": variant.name, "group": variant.group, "method": variant.method, "keep_ratio": variant.keep_ratio,
+        "hippo_keys": variant.keys,
+        "acceptance_rate": first["acceptance_rate"],
+        "mat_serial": runs["serial"]["mat"] if "serial" in runs else None,
+        "mat_parallel": runs["parallel"]["mat"] if "parallel" in runs else None,
+        "tokens_per_target_forward_parallel": runs.get("parallel", {}).get("tokens_per_target_forward"),
+        "draft_accuracy": first["draft_answers"]["accuracy"],
+        "draft_same_as_target": first["draft_answers"]["same_as_target"],
+        "boundary_selection_ratio": selection["boundary_selection_ratio"],
+        "boundary_share": selection["boundary_share"],
+        "object_token_recall": selection["object_token_recall"],
+        "video_share_seen": selection["video_share_seen"],
+        "lossless": all(run["lossless"] for run in runs.values()),
+        "drafted_tokens": {s: run["vllm"]["num_draft_tokens"] for s, run in runs.items()},
+        "runs": runs,
+    }
+
+
+def print_table(rows: list[dict], target: dict) -> None:
+    header = (f"{'row':<20} {'keep':>5} {'accept':>7} {'MAT ser':>7} {'MAT par':>7} {'tok/fwd':>7} "
+              f"{'draft acc':>9} {'BSR':>5} {'border':>6} {'obj rec':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['name']:<20} {r['keep_ratio']:>5.2f} {_fmt(r['acceptance_rate'], '.3f'):>7} "
+              f"{_fmt(r['mat_serial'], '.2f'):>7} {_fmt(r['mat_parallel'], '.2f'):>7} "
+              f"{_fmt(r['tokens_per_target_forward_parallel'], '.2f'):>7} {r['draft_accuracy']:>9.2f} "
+              f"{_fmt(r['boundary_selection_ratio'], '.2f'):>5} {_fmt(r['boundary_share'], '.2f'):>6} "
+              f"{_fmt(r['object_token_recall'], '.2f'):>7}")
+    print(f"target alone (full video): answer accuracy {target['accuracy']:.2f}")
+    print("accept: vLLM accepted / draft tokens (default schedule); MAT ser: 1 + accepted / drafts; MAT par: PEARL\n"
+          "MAT (+1); tok/fwd: tokens per target forward (parallel); draft acc: the draft's own greedy answer\n"
+          "from its view; BSR: boundary selection ratio (1 = no border bias); border: share of kept tokens on\n"
+          "the frame ring; obj rec: share of the question object's tokens the draft kept.")
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="holistic and attention at 0.1, no video, one ablation, one sample per kind")
+    parser.add_argument("--pair", default="tiny", choices=PAIRS,
+                        help="target/draft checkpoints (self: the target drafts for itself, a sanity check)")
+    parser.add_argument("--methods", help=f"comma-separated pruning methods of the grid, from {METHODS} "
+                                          "(default all; quick: holistic,attention)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/pruning_study.json"))
+    parser.add_argument("--plots", type=pathlib.Path, default=None,
+                        help="folder for the PNGs (default: beside --out; none with --no-plots)")
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--video-dir", type=pathlib.Path, default=None,
+                        help="where the task's mp4s are written (default: a folder beside --out)")
+    parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 4)")
+    parser.add_argument("--max-tokens", type=int, help="answer length cap (default 24)")
+    parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (γ, >= 2)")
+    args = parser.parse_args(argv)
+    for key, full in (("samples_per_kind", 4), ("max_tokens", 24)):
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else full)
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    methods = QUICK["methods"] if args.quick else METHODS
+    args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else methods
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods must list names from {METHODS}, got {unknown or args.methods}")
+    if args.k < 2:
+        parser.error(f"--k must be >= 2 (the parallel schedule needs two), got {args.k}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    pair = load_pair(args.pair)
+    tokenizer = AutoTokenizer.from_pretrained(pair.target)
+    video_dir = args.video_dir or args.out.parent / "pruning_study_videos"
+    questions = build_questions(args.samples_per_kind, video_dir)
+    requests = make_requests(questions, tokenizer)
+    if args.quick:
+        variants = build_variants(args.methods, QUICK["ratios"], QUICK["ablations"], QUICK["references"])
+    else:
+        variants = build_variants(args.methods, KEEP_RATIOS, tuple(ABLATIONS), ("none", "no video"))
+    print(f"pruning study on pair '{pair.name}': {len(questions)} questions, {len(variants)} rows, "
+          f"{sum(len(v.schedules) for v in variants) + 1} engines", flush=True)
+
+    target = run_target(pair, requests, questions, args)
+    rows = []
+    for variant in variants:
+        runs = {s: run_variant(variant, s, pair, requests, questions, target["ids"], tokenizer, args)
+                for s in variant.schedules}
+        rows.append(summarize(variant, runs))
+        print(f"  {variant.name}: outputs equal the target's ({', '.join(variant.schedules)})", flush=True)
+    print()
+    print_table(rows, target)
+    result = {
+        "benchmark": "hippo_vllm pruning study",
+        "pair": dataclasses.asdict(pair),
+        "claim_tested": pair.trained,
+        "note": None if pair.trained else (
+            "random-weight checkpoints: answers, acceptance and MAT do not test the pruning claim; "
+            "the selection figures (boundary ratio, object-token recall) come from random models too"),
+        "settings": {"quick": args.quick, "k": args.k, "max_tokens": args.max_tokens, "greedy": True,
+                     "samples_per_kind": args.samples_per_kind, "num_questions": len(questions),
+                     "keep_ratios": sorted({v.keep_ratio for v in variants if v.group == "grid"}),
+                     "ablation_keep_ratio": ABLATION_RATIO, "engine": engine_settings(len(questions))},
+        "questions": [{"seed": q.seed, "kind": q.kind, "topic": q.topic, "question": q.question,
+                       "answer": q.answer, "video": pathlib.Path(q.video).name} for q in questions],
+        "target": {"accuracy": target["accuracy"], "texts": target["texts"]},
+        "lossless_checked": True,
+        "rows": rows,
+        "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version()},
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    if not args.no_plots:
+        import sys
+
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the plots module beside this script
+        from pruning_study_plots import write_plots
+
+        written = write_plots(result, questions, args.plots or args.out.parent)
+        result["plots"] = [str(p) for p in written]
+        print("wrote " + ", ".join(result["plots"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
