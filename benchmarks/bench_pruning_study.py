@@ -485,7 +485,7 @@ def _fmt(value, spec: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="holistic and attention at 0.1, no video, one ablation, one sample per kind")
+                        help="holistic and attention at 0.1, none, no video, one ablation, one sample per kind")
     parser.add_argument("--pair", default="tiny", choices=PAIRS,
                         help="target/draft checkpoints (self: the target drafts for itself, a sanity check)")
     parser.add_argument("--methods", help=f"comma-separated pruning methods of the grid, from {METHODS} "
