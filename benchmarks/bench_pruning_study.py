@@ -93,10 +93,18 @@ def load_pair(name: str) -> Pair:
         return Pair("tiny", str(fx.target), str(fx.draft), trained=False)
     if name == "self":  # the target drafts for itself: keep_ratio 1 must reproduce its answers
         return Pair("self", str(fx.target), str(fx.target), trained=False)
+    if name == "trained":  # trained on the video task (built into the fixture cache on first use)
+        from hippo_vllm.fixtures.trained_pair import trained_pair_paths
+
+        target, draft = trained_pair_paths()
+        return Pair("trained", str(target), str(draft), trained=True)
     raise SystemExit(f"--pair must be one of {PAIRS}, got {name!r}")
 
 
-PAIRS = ("tiny", "self")
+PAIRS = ("tiny", "self", "trained")
+# Frames sampled from each 16-frame clip, as the trained pair was trained: 8 frames of
+# 112x112 -> 4 token frames of 4x4 merged tokens (64 video tokens).
+NUM_FRAMES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +160,15 @@ def build_questions(samples_per_kind: int, video_dir: pathlib.Path) -> list[Ques
             seed = HELD_OUT_SEEDS[0] + i
             sample = make_sample(seed, kind)
             path = sample.write_mp4(video_dir / f"{kind}_{seed}.mp4")
-            frames, metadata = load_video(path, len(sample.frames))
+            frames, metadata = load_video(path, NUM_FRAMES)
+            masks = sample.masks[list(metadata["frames_indices"])]  # the decoded frames' masks
             for qa in sample.qa:
                 if qa.topic not in sample.focus:
                     continue
                 # mover: objects[0]; position question: objects[1]; count: every object.
                 labels = {"position": (2,), "count": tuple(range(1, len(sample.objects) + 1))}.get(qa.topic, (1,))
                 questions.append(Question(seed, kind, qa.topic, qa.question, qa.answer, str(path),
-                                          (frames, metadata), sample.masks, labels))
+                                          (frames, metadata), masks, labels))
     return questions
 
 

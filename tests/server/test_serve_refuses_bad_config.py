@@ -17,7 +17,7 @@ pytestmark = pytest.mark.engine
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"keep_ratio": 1.5}, 'speculative_config["keep_ratio"]=1.5 is not allowed: a number in (0, 1]'),
+        ({"keep_ratio": 1.5}, 'speculative_config["keep_ratio"]=1.5 is not allowed: a number in [0, 1]'),
         ({"keep_rato": 0.1}, "Unknown key(s) ['keep_rato'] in the hippo speculative_config"),
     ],
     ids=["keep_ratio", "unknown-key"],
