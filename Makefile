@@ -2,7 +2,7 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo scoring-demo test test-quick bench bench-e2e gpu-check
+.PHONY: setup demo scoring-demo test test-quick bench bench-e2e bench-pruning gpu-check
 setup:
 	@tools/setup_env.sh
 
@@ -24,6 +24,11 @@ bench: setup
 
 bench-e2e: setup
 	@$(PY) benchmarks/bench_e2e.py
+
+# PAIR=trained (default) or tiny; the trained pair is built on first use.
+PAIR ?= trained
+bench-pruning: setup
+	@$(PY) benchmarks/bench_pruning_study.py --pair $(PAIR)
 
 gpu-check: setup
 	@$(PY) tools/gpu_check.py

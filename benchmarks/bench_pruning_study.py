@@ -55,6 +55,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 METHODS = ("holistic", "attention", "temporal", "uniform", "specvlm")
@@ -495,16 +496,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="holistic and attention at 0.1, none, no video, one ablation, one sample per kind")
-    parser.add_argument("--pair", default="tiny", choices=PAIRS,
+    parser.add_argument("--pair", default="trained", choices=PAIRS,
                         help="target/draft checkpoints (self: the target drafts for itself, a sanity check)")
     parser.add_argument("--methods", help=f"comma-separated pruning methods of the grid, from {METHODS} "
                                           "(default all; quick: holistic,attention)")
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results/pruning_study.json"))
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="JSON path (default benchmarks/results/pruning_study_<pair>/study.json)")
     parser.add_argument("--plots", type=pathlib.Path, default=None,
                         help="folder for the PNGs (default: beside --out; none with --no-plots)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--video-dir", type=pathlib.Path, default=None,
-                        help="where the task's mp4s are written (default: a folder beside --out)")
+                        help="keep the task's mp4s there (default: a temporary folder)")
     parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 4)")
     parser.add_argument("--max-tokens", type=int, help="answer length cap (default 24)")
     parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (γ, >= 2)")
@@ -519,6 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
         parser.error(f"--methods must list names from {METHODS}, got {unknown or args.methods}")
+    if args.out is None:
+        args.out = pathlib.Path(f"benchmarks/results/pruning_study_{args.pair}/study.json")
     if args.k < 2:
         parser.error(f"--k must be >= 2 (the parallel schedule needs two), got {args.k}")
     return args
@@ -531,8 +535,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     pair = load_pair(args.pair)
     tokenizer = AutoTokenizer.from_pretrained(pair.target)
-    video_dir = args.video_dir or args.out.parent / "pruning_study_videos"
-    questions = build_questions(args.samples_per_kind, video_dir)
+    with tempfile.TemporaryDirectory() as scratch:  # the engine gets decoded frames, not the files
+        questions = build_questions(args.samples_per_kind, args.video_dir or pathlib.Path(scratch))
     requests = make_requests(questions, tokenizer)
     if args.quick:
         variants = build_variants(args.methods, QUICK["ratios"], QUICK["ablations"], QUICK["references"])
