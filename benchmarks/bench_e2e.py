@@ -25,9 +25,15 @@ from ``HippoStats``, as do hippo's time breakdown and video counts. Times are wa
 clock of the generation only (engine start excluded): the median of ``--repeats``
 batches after one warm-up batch, every figure of a row taken from that same batch.
 
+``--models trained`` runs the same rows on the target and draft trained on the synthetic
+video task (``hippo_vllm/fixtures/trained_pair.py``, built on first use) instead of the
+random-weight fixtures: the prompts are held-out task questions on task videos, and the
+text-only draft of row 2 is the trained draft's own language model without its vision
+encoder (`text_only_checkpoint`), so row 2 is that same draft never seeing the video.
+
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
-       [--production]
+       [--production] [--models tiny|trained]
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import tempfile  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
 
@@ -84,6 +91,66 @@ def build_configs(fx, pairs: list[str], k: int) -> list[Config]:
             schedule = "parallel" if parallel else "serial"
             configs.append(Config(f"hippo {schedule} {pair}", "hippo", spec, pair))
     return configs
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModels:
+    """The trained pair in the fixtures' shape: target, draft (the ``tiny`` pair) and text_draft."""
+
+    target: pathlib.Path
+    draft: pathlib.Path
+    text_draft: pathlib.Path
+
+    def as_dict(self) -> dict:
+        return {key: str(value) for key, value in dataclasses.asdict(self).items()}
+
+
+def trained_models(scratch: pathlib.Path) -> TrainedModels:
+    from hippo_vllm.fixtures.trained_pair import trained_pair_paths
+
+    target, draft = trained_pair_paths()
+    return TrainedModels(target, draft, text_only_checkpoint(draft, scratch / "text_draft"))
+
+
+def text_only_checkpoint(vl_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """A Qwen2ForCausalLM checkpoint of a Qwen2.5-VL checkpoint's language model (vision dropped).
+
+    On text the two compute the same logits: M-RoPE with equal (t, h, w) positions is
+    plain RoPE. Weights keep their names (``model.*``, ``lm_head``); tokenizer files are copied.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((vl_dir / "config.json").read_text())
+    text = dict(config["text_config"])
+    rope = {key: value for key, value in text.get("rope_parameters", {}).items() if key != "mrope_section"}
+    text.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_parameters=rope,
+                tie_word_embeddings=config.get("tie_word_embeddings", False))
+    (out / "config.json").write_text(json.dumps(text, indent=2))
+    weights = load_file(str(vl_dir / "model.safetensors"))
+    save_file({name: w for name, w in weights.items() if not name.startswith("visual.")},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (vl_dir / name).exists():
+            shutil.copy(vl_dir / name, out / name)
+    return out
+
+
+def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path) -> list[dict]:
+    """Held-out questions of the synthetic video task, each sample's focus questions first."""
+    from hippo_vllm.fixtures import load_video, video_chat_prompt
+    from hippo_vllm.fixtures.video_task import HELD_OUT_SEEDS, make_sample
+
+    requests, seed = [], HELD_OUT_SEEDS[0]
+    while len(requests) < num_prompts:
+        sample = make_sample(seed)
+        video = load_video(sample.write_mp4(scratch / f"task_{seed}.mp4"), num_frames)
+        requests += [{"prompt": video_chat_prompt(tokenizer, qa.question), "multi_modal_data": {"video": video}}
+                     for qa in sample.qa[:2]]
+        seed += 1
+    return requests[:num_prompts]
 
 
 def engine_settings(args) -> dict:
@@ -390,11 +457,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", default=None, help=f"comma-separated draft pairs from {sorted(PAIRS)} "
                                                       "(default all; quick: tiny)")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--models", choices=("tiny", "trained"), default="tiny",
+                        help="tiny: the random-weight fixtures; trained: the pair trained on the video task "
+                             "(default 16 tokens of 8 frames: its answers are a few tokens long)")
     parser.add_argument("--production", action="store_true",
                         help="bfloat16, torch.compile and CUDA graphs, default KV-cache sizing (GPU settings)")
     args = parser.parse_args(argv)
     defaults = {"max_tokens": (64, 16), "num_prompts": (4, 2), "num_frames": (16, 8), "repeats": (3, 1),
                 "pairs": (",".join(PAIRS), "tiny")}
+    if args.models == "trained":  # trained on 8 frames per clip, to answer in a few tokens
+        defaults.update(max_tokens=(16, 8), num_frames=(8, 8))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
@@ -417,11 +489,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hippo_vllm.fixtures import build_fixtures
 
-    fx = build_fixtures()
+    scratch = tempfile.TemporaryDirectory()  # the trained pair's text-only draft and task videos
+    fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name))
     tokenizer = AutoTokenizer.from_pretrained(str(fx.target))
     args.target = str(fx.target)
     args.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
-    requests = build_requests(fx, tokenizer, args.num_prompts, args.num_frames)
+    if args.models == "tiny":
+        requests = build_requests(fx, tokenizer, args.num_prompts, args.num_frames)
+    else:
+        requests = task_requests(tokenizer, args.num_prompts, args.num_frames, pathlib.Path(scratch.name))
     rows, reference = [], None
     for config in build_configs(fx, args.pairs, args.k):
         started = time.perf_counter()
@@ -441,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
-                     "production": args.production,
+                     "production": args.production, "models": args.models,
                      "greedy": True, "ignore_eos": True},
         "lossless_checked": True,
         "environment": environment(args, fx),

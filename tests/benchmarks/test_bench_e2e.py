@@ -83,3 +83,16 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
     assert all(column in header for column in COLUMNS), header
     for name in ROWS:
         assert sum(line.startswith(name + " ") for line in printed.splitlines()) == 1, name
+
+
+def test_text_only_checkpoint_is_the_vl_language_model_on_text(bench, tiny, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
+
+    text_dir = bench.text_only_checkpoint(tiny.draft, tmp_path / "text_draft")
+    text_model = AutoModelForCausalLM.from_pretrained(text_dir)
+    assert type(text_model).__name__ == "Qwen2ForCausalLM"
+    vl_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny.draft)
+    ids = torch.tensor([[480, 17, 230, 99, 5, 311, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(text_model(ids).logits, vl_model(ids).logits, rtol=1e-5, atol=1e-5)
