@@ -389,7 +389,9 @@ def selection_figures(views: dict, outputs, questions: list[Question]) -> dict:
     from hippo_vllm.core import VideoGrid, position_bias
 
     bsr, ring_share, seen, recall, kept_lists = [], [], [], [], []
+    by_kind: dict[str, dict[str, list[float]]] = {}
     for output, question in zip(outputs, questions):
+        kind = by_kind.setdefault(question.kind, {"boundary_share": [], "object_token_recall": []})
         record = views.get(output.request_id)
         if record is None or "kept" not in record:
             raise SystemExit(f"no draft view was recorded for question {output.request_id}")
@@ -400,12 +402,15 @@ def selection_figures(views: dict, outputs, questions: list[Question]) -> dict:
             ring = grid.boundary_mask()
             bsr.append(position_bias(torch.tensor(kept), grid))
             ring_share.append(ring[torch.tensor(kept)].float().mean().item())
+            kind["boundary_share"].append(ring_share[-1])
         object_tokens = object_token_mask(question, grid)
         if object_tokens is not None and object_tokens.any():
             hit = object_tokens[torch.tensor(kept, dtype=torch.long)].sum().item() if kept else 0
             recall.append(hit / object_tokens.sum().item())
+            kind["object_token_recall"].append(recall[-1])
     return {"video_share_seen": _mean(seen), "boundary_selection_ratio": _mean(bsr),
             "boundary_share": _mean(ring_share), "object_token_recall": _mean(recall),
+            "by_kind": {k: {key: _mean(v) for key, v in figures.items()} for k, figures in by_kind.items()},
             "kept": kept_lists, "grid": list(views[outputs[0].request_id]["grid"])}
 
 
@@ -428,6 +433,7 @@ def object_token_mask(question: Question, grid) -> object:
 
 def draft_answer_figures(answers: dict, outputs, questions: list[Question], tokenizer) -> dict:
     texts, correct, as_target = [], 0, 0
+    by_kind: dict[str, list[bool]] = {}
     for output, question in zip(outputs, questions):
         tokens = answers.get(output.request_id)
         if tokens is None or isinstance(tokens, str):
@@ -435,9 +441,11 @@ def draft_answer_figures(answers: dict, outputs, questions: list[Question], toke
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         texts.append(text)
         correct += is_correct(text, question.answer)
+        by_kind.setdefault(question.kind, []).append(is_correct(text, question.answer))
         as_target += tokens == list(output.outputs[0].token_ids)
     # same_as_target: share of draft answers token-identical to the target's (whole video) answer.
-    return {"accuracy": correct / len(questions), "same_as_target": as_target / len(questions), "texts": texts}
+    return {"accuracy": correct / len(questions), "same_as_target": as_target / len(questions),
+            "accuracy_by_kind": {kind: sum(hits) / len(hits) for kind, hits in by_kind.items()}, "texts": texts}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -461,6 +469,9 @@ def summarize(variant: Variant, runs: dict[str, dict]) -> dict:
         "boundary_share": selection["boundary_share"],
         "object_token_recall": selection["object_token_recall"],
         "video_share_seen": selection["video_share_seen"],
+        # per scene kind: draft_accuracy, boundary_share, object_token_recall
+        "by_kind": {kind: {"draft_accuracy": first["draft_answers"]["accuracy_by_kind"][kind], **figures}
+                    for kind, figures in selection["by_kind"].items()},
         "lossless": all(run["lossless"] for run in runs.values()),
         "drafted_tokens": {s: run["vllm"]["num_draft_tokens"] for s, run in runs.items()},
         "runs": runs,

@@ -17,7 +17,7 @@ QUICK_ROWS = ["holistic 0.1", "none", "no video", "holistic no attn"]
 ROW_KEYS = {"name", "group", "method", "keep_ratio", "acceptance_rate", "mat_serial", "mat_parallel",
             "tokens_per_target_forward_parallel", "draft_accuracy", "draft_same_as_target",
             "boundary_selection_ratio", "boundary_share", "object_token_recall", "video_share_seen",
-            "lossless", "drafted_tokens", "runs"}
+            "lossless", "drafted_tokens", "by_kind", "runs"}
 PLOTS = ("pruning_study_mat.png", "pruning_study_boundary.png", "pruning_study_kept_tokens.png")
 
 
@@ -91,6 +91,9 @@ def test_quick_study_is_lossless_drafts_and_reports_every_field(bench, tmp_path,
         if row["group"] != "ablation":
             assert row["mat_parallel"] >= 1  # PEARL runs span rounds: no upper bound of k
             assert row["tokens_per_target_forward_parallel"] >= 1
+        assert set(row["by_kind"]) == {q["kind"] for q in result["questions"]}
+        assert all({"draft_accuracy", "boundary_share", "object_token_recall"} <= set(figures)
+                   for figures in row["by_kind"].values())
         selection = row["runs"]["serial"]["selection"]
         assert len(selection["kept"]) == num_questions
         assert len(row["runs"]["serial"]["draft_answers"]["texts"]) == num_questions
