@@ -516,6 +516,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plots", type=pathlib.Path, default=None,
                         help="folder for the PNGs (default: beside --out; none with --no-plots)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--replot", type=pathlib.Path, default=None, metavar="JSON",
+                        help="only redraw the PNGs of a saved study (its questions are rebuilt from the seeds)")
     parser.add_argument("--video-dir", type=pathlib.Path, default=None,
                         help="keep the task's mp4s there (default: a temporary folder)")
     parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 4)")
@@ -543,6 +545,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from transformers import AutoTokenizer
 
+    if args.replot is not None:
+        return replot(args.replot, args.plots)
     started = time.perf_counter()
     pair = load_pair(args.pair)
     tokenizer = AutoTokenizer.from_pretrained(pair.target)
@@ -586,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result) + "\n")
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
     if not args.no_plots:
         import sys
@@ -597,6 +601,20 @@ def main(argv: list[str] | None = None) -> dict:
         written = write_plots(result, questions, args.plots or args.out.parent)
         result["plots"] = [str(p) for p in written]
         print("wrote " + ", ".join(result["plots"]))
+    return result
+
+
+def replot(path: pathlib.Path, folder: pathlib.Path | None) -> dict:
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the plots module beside this script
+    from pruning_study_plots import write_plots
+
+    result = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        questions = build_questions(result["settings"]["samples_per_kind"], pathlib.Path(scratch))
+    written = write_plots(result, questions, folder or path.parent)
+    print("wrote " + ", ".join(str(p) for p in written))
     return result
 
 

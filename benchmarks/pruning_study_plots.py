@@ -87,7 +87,7 @@ def _boundary(result: dict, path: pathlib.Path, title: str) -> pathlib.Path:
     grid = _grid_rows(result)
     methods = list(grid)
     ratios = result["settings"]["keep_ratios"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.7))
     width = 0.8 / max(1, len(methods))
     for ax, key, label in ((axes[0], "boundary_share", "share of kept tokens on the frame border"),
                            (axes[1], "object_token_recall", "share of the question object's tokens kept")):
@@ -103,9 +103,9 @@ def _boundary(result: dict, path: pathlib.Path, title: str) -> pathlib.Path:
     ring = _ring_share(result)
     if ring is not None:
         axes[0].axhline(ring, color="black", linestyle="--", linewidth=1, label="border's share of all tokens")
-    axes[0].legend(fontsize=7, loc="upper right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=7, fontsize=8, frameon=False)
     fig.suptitle(f"Where the kept tokens are, {title}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
@@ -133,7 +133,7 @@ def _kept_tokens(result: dict, questions: list, path: pathlib.Path, title: str) 
     selection = rows[0]["runs"]["serial"]["selection"]
     t, h, w = selection["grid"]
     shown = sorted({round(x) for x in np.linspace(0, t - 1, min(FRAMES_SHOWN, t))})
-    fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.6 * len(shown) + 0.6, 1.6 * len(rows) + 0.5),
+    fig, axes = plt.subplots(len(rows), len(shown), figsize=(1.2 * len(shown) + 0.5, 1.2 * len(rows) + 0.6),
                              squeeze=False)
     cell_h, cell_w = frames.shape[1] / h, frames.shape[2] / w
     for r, row in enumerate(rows):
@@ -147,7 +147,7 @@ def _kept_tokens(result: dict, questions: list, path: pathlib.Path, title: str) 
                 if tt == frame_t:
                     dim[rest // w, rest % w] = 1.0
             shade = np.kron(dim, np.ones((int(cell_h), int(cell_w)), dtype=np.float32))
-            ax.imshow((image * shade[..., None]).astype(np.uint8))
+            ax.imshow((image * shade[..., None]).astype(np.uint8), interpolation="nearest")
             for token in kept:
                 tt, rest = divmod(token, h * w)
                 if tt == frame_t:
