@@ -1,7 +1,8 @@
 """What one decode step of the trained draft costs next to one of the trained target.
 
-Each model runs alone in an in-process vLLM CPU engine (float32, eager) on the
-same held-out video questions, decoding greedily with the batch sizes below.
+Each model runs alone in an in-process vLLM CPU engine (float32, eager), each in
+its own process (a second engine in one process runs slower: the CPU worker
+cannot rebind its threads), on the same held-out video questions, decoding greedily with the batch sizes below.
 A forward hook times every call of the model's forward; calls with exactly one
 token per request are decode steps. The draft's median decode-step forward is
 divided by the target's: the trained pair is built so that this is at most 1/5,
@@ -25,6 +26,8 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -92,23 +95,33 @@ def measure(model_dir: pathlib.Path, batch_sizes: list[int], folder: pathlib.Pat
     return results
 
 
+def _measure_in_child(model: pathlib.Path, args) -> dict[int, dict]:
+    command = [sys.executable, __file__, "--measure-one", str(model), "--repeats", str(args.repeats),
+               "--batch-sizes", *map(str, args.batch_sizes)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return {int(batch): result for batch, result in json.loads(out.strip().splitlines()[-1]).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_results/trained_pair.json"))
+    parser.add_argument("--measure-one", type=pathlib.Path, help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
 
-    import torch
+    if args.measure_one is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(measure(args.measure_one, args.batch_sizes, pathlib.Path(tmp), args.repeats)))
+        return
 
     from hippo_vllm.fixtures.trained_pair import build_trained_pair
 
     pair = build_trained_pair()
-    with tempfile.TemporaryDirectory() as tmp:
-        target = measure(pair.target, args.batch_sizes, pathlib.Path(tmp), args.repeats)
-        draft = measure(pair.draft, args.batch_sizes, pathlib.Path(tmp), args.repeats)
-    report = {"target": str(pair.target), "draft": str(pair.draft), "torch_threads": torch.get_num_threads(),
-              "load_average": os.getloadavg(), "batches": {}}
+    load_before = os.getloadavg()
+    target, draft = (_measure_in_child(model, args) for model in (pair.target, pair.draft))
+    report = {"target": str(pair.target), "draft": str(pair.draft),
+              "load_average_before_after": [load_before, os.getloadavg()], "batches": {}}
     ok = True
     for batch in args.batch_sizes:
         ratio = draft[batch]["decode_forward_ms"] / target[batch]["decode_forward_ms"]
