@@ -8,7 +8,7 @@ what the vLLM side must know about it:
 - how its processor lays out a video: the ``mm_features`` key holding the video's
   patch grid, and the patch merger that turns that grid into LLM tokens
   (``video_grid``);
-- how its prompt positions are assigned: for the Qwen2-VL families M-RoPE
+- how its prompt positions are assigned: for Qwen2-VL and Qwen2.5-VL M-RoPE
   (t, h, w) positions, which a kept video token carries with it into the draft.
 
 Draft and target must be of one family: the draft runs on the target's processor

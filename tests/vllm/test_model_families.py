@@ -87,6 +87,23 @@ def test_a_qwen2_vl_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
         _check(tiny, "qwen2_vl_target", draft)
 
 
+def _target_vllm_config(target):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(target), max_model_len=1024, enforce_eager=True).create_engine_config()
+
+
+def test_the_draft_engine_builds_a_qwen2_vl_drafts_config_and_refuses_a_text_model(tiny):
+    from hippo_vllm.vllm.draft_engine import make_draft_vllm_config
+
+    target = _target_vllm_config(tiny.qwen2_vl_target)
+    draft = make_draft_vllm_config(target, tiny.qwen2_vl_draft)
+    assert draft.model_config.uses_mrope and family_of(draft.model_config.hf_config) == QWEN2_VL
+    with pytest.raises(ValueError, match=r"text_draft \(\['Qwen2ForCausalLM'\]\) is of no vision-language "
+                                         r"model family hippo supports; supported architectures: "):
+        make_draft_vllm_config(target, tiny.text_draft)
+
+
 # -- Qwen2-VL served by the real engine ---------------------------------------------------
 
 K = 3
@@ -102,7 +119,11 @@ def requests(tiny, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def baseline(tiny, requests):
     with engine(tiny.qwen2_vl_target) as llm:
-        return generate_ids(llm, requests, max_tokens=24)
+        ids = generate_ids(llm, requests, max_tokens=24)
+    # Each prompt (three videos, one text) gets its own output, so a draft fed the
+    # wrong video rows or positions cannot match them by luck.
+    assert len(set(ids)) == len(ids)
+    return ids
 
 
 def spec_counters(llm) -> tuple[float, float]:
