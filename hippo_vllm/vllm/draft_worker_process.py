@@ -46,16 +46,37 @@ def _watch_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="hippo-draft-parent-watchdog").start()
 
 
-def _init_one_rank_world() -> None:
-    """A vLLM distributed world of this process alone (gloo), for the draft's layers."""
+def _prepare_device() -> None:
+    """The device set-up vLLM's own worker would do before loading a model here."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # As vLLM's CPU model runner does: torch.accelerator calls in vLLM's model
+        # loading become no-ops (torch has no accelerator to answer them).
+        from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+        _set_torch_accelerator_to_noop()
+    elif torch.cuda.is_available():
+        torch.cuda.set_device(0)  # the one GPU this process sees
+
+
+def _init_one_rank_world(vllm_config) -> None:
+    """A vLLM distributed world of this process alone (gloo), for the draft's layers.
+
+    vLLM reads the current config while it builds the groups; the target's serves
+    (the draft is built with a one-rank parallel config of its own).
+    """
+    from vllm.config import set_current_vllm_config
     from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.utils.network_utils import get_open_port
 
-    init_distributed_environment(
-        world_size=1, rank=0, local_rank=0, backend="gloo",
-        distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
-    )
-    ensure_model_parallel_initialized(1, 1)
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, backend="gloo",
+            distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
+        )
+        ensure_model_parallel_initialized(1, 1)
 
 
 def _build(factory: str, vllm_config, hippo):
@@ -86,9 +107,8 @@ def serve(endpoint: str) -> None:
             elif kind == "init":
                 factory, vllm_config, hippo = payload
                 try:
-                    if torch.cuda.is_available():
-                        torch.cuda.set_device(0)  # the one GPU the client made visible
-                    _init_one_rank_world()
+                    _prepare_device()
+                    _init_one_rank_world(vllm_config)
                     worker = _build(factory, vllm_config, hippo)
                     channel.send("ready", (worker.kv_bytes_per_token, worker.block_size))
                 except Exception as exc:  # noqa: BLE001 - reported to the client, which stays up

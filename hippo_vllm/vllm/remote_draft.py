@@ -166,7 +166,7 @@ class RemoteDraft:
                     self._lost("died", f"exit code {self._proc.returncode}")
                     return None
                 if not self._channel.poll(max(0.0, deadline - time.perf_counter())):
-                    self._late(pending.seq)
+                    self._late(pending.seq, timeout)
                     return None
                 self._receive_one()
             return None
@@ -175,13 +175,13 @@ class RemoteDraft:
             for seq in [s for s in self._results if s < pending.seq]:
                 del self._results[seq]  # results nobody asked for (e.g. a step that failed)
 
-    def _late(self, seq: int) -> None:
+    def _late(self, seq: int, timeout: float) -> None:
         self.stats.draft_dropped_steps += 1
         self._abandoned.add(seq)
         self._log_once(
             "late", "hippo: the draft worker's answer for a step came after the %.0f ms deadline; "
             "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",
-            self.settings.timeout_ms,
+            1000 * timeout,
         )
         oldest = min(self._sent.values(), default=None)
         if oldest is not None and time.perf_counter() - oldest > self.stall_after_s:
