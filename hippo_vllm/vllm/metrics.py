@@ -54,7 +54,7 @@ EXPORTED_STATS: dict[str, str] = {
         "Draft worker: time from sending a step's drafting work to reading its answer "
         "(divide by draft_round_trips for the mean)."
     ),
-    "draft_round_trips": "Draft worker: answers read.",
+    "draft_round_trips": "Draft worker: answers read in time (late ones are dropped uncounted here).",
     "draft_wait_seconds": "Draft worker: time the target waited for the draft's answers.",
     "draft_dropped_steps": (
         "Draft worker: steps that went on without drafts because the answer was not back by "

@@ -126,6 +126,10 @@ class RemoteDraft:
         if self._state != UP:
             self.stats.draft_dropped_steps += 1
             return _NoDrafts()
+        if self._proc.poll() is not None:
+            self.stats.draft_dropped_steps += 1
+            self._lost("died", f"exit code {self._proc.returncode}")
+            return _NoDrafts()
         if len(self._sent) >= MAX_STEPS_BEHIND:
             self._lost("fell behind", f"{len(self._sent)} steps unanswered")
             return _NoDrafts()
@@ -193,13 +197,13 @@ class RemoteDraft:
             self._lost("failed", f"unexpected message {kind!r}: {payload}")
             return
         sent = self._sent.pop(payload.seq, None)
+        if payload.seq in self._abandoned:
+            self._abandoned.discard(payload.seq)  # its step went on without it
+            return
         if sent is not None:
             self.stats.draft_round_trip_seconds += time.perf_counter() - sent
             self.stats.draft_round_trips += 1
-        if payload.seq in self._abandoned:
-            self._abandoned.discard(payload.seq)  # its step went on without it
-        else:
-            self._results[payload.seq] = payload
+        self._results[payload.seq] = payload
 
     # -- the worker's life --------------------------------------------------------------
 
