@@ -72,6 +72,8 @@ class DraftActor:
 class _RayPending:
     def __init__(self, client: RayDraft, seq: int, ref: Any, generation: int):
         self._client, self.seq, self.ref, self.generation = client, seq, ref, generation
+        self.sent_at = time.perf_counter()
+        self.late = False  # its first read missed the deadline: its chunks are dropped
 
     def result(self, timeout: float | None = None) -> StepResult | None:
         return self._client._result(self, timeout)
@@ -139,14 +141,14 @@ class RayDraft:
         self._poll_state()
         if self._state != UP:
             self.stats.draft_dropped_steps += 1
-            return _NoDrafts()
+            return _NoDrafts(work.seq)
         self._prune_answered()
         if len(self._outstanding) >= MAX_STEPS_BEHIND:
             self._lost("fell behind", f"{len(self._outstanding)} steps unanswered")
-            return _NoDrafts()
-        ref = self._actor.handle.remote(work)
-        self._outstanding[work.seq] = (time.perf_counter(), ref)
-        return _RayPending(self, work.seq, ref, self._generation)
+            return _NoDrafts(work.seq)
+        pending = _RayPending(self, work.seq, self._actor.handle.remote(work), self._generation)
+        self._outstanding[work.seq] = (pending.sent_at, pending.ref)
+        return pending
 
     def close(self) -> None:
         self._kill_actor()
@@ -159,33 +161,42 @@ class RayDraft:
     # -- results ------------------------------------------------------------------------
 
     def _result(self, pending: _RayPending, timeout: float | None) -> StepResult | None:
+        """As RemoteDraft's: None while not back; a late result can still be read later."""
         import ray
 
         if timeout is None:
             timeout = self.settings.timeout_s
         start = time.perf_counter()
         try:
-            if pending.generation != self._generation or self._state != UP:
-                return None
-            ready, _ = ray.wait([pending.ref], timeout=timeout)
-            if not ready:
-                self._late(timeout)
-                return None
-            sent, _ = self._outstanding.pop(pending.seq, (start, None))
-            try:
-                result = ray.get(pending.ref)
-            except Exception as exc:  # noqa: BLE001 - a dead actor (RayActorError) and the like
-                self.stats.draft_dropped_steps += 1
-                self._lost("died", f"{type(exc).__name__}: {exc}")
-                return None
-            self.stats.draft_round_trip_seconds += time.perf_counter() - sent
-            self.stats.draft_round_trips += 1
-            return result
+            if pending.generation == self._generation and self._state == UP:
+                ready, _ = ray.wait([pending.ref], timeout=timeout)
+                if not ready:
+                    if not pending.late:
+                        self._late(pending, timeout)
+                    return None
+                self._outstanding.pop(pending.seq, None)
+                try:
+                    result = ray.get(pending.ref)
+                except Exception as exc:  # noqa: BLE001 - a dead actor (RayActorError) and the like
+                    self._dropped(pending)
+                    self._lost("died", f"{type(exc).__name__}: {exc}")
+                    return StepResult(pending.seq)
+                if not pending.late:
+                    self.stats.draft_round_trip_seconds += time.perf_counter() - pending.sent_at
+                    self.stats.draft_round_trips += 1
+                return result
+            self._dropped(pending)  # the actor that had this step is gone
+            return StepResult(pending.seq)
         finally:
             self.stats.draft_wait_seconds += time.perf_counter() - start
 
-    def _late(self, timeout: float) -> None:
-        self.stats.draft_dropped_steps += 1
+    def _dropped(self, pending: _RayPending) -> None:
+        if not pending.late:
+            pending.late = True
+            self.stats.draft_dropped_steps += 1
+
+    def _late(self, pending: _RayPending, timeout: float) -> None:
+        self._dropped(pending)
         self._log_once(
             "late", "hippo: the draft actor's answer for a step came after the %.0f ms deadline; "
             "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",

@@ -3,10 +3,11 @@
 The client side of :mod:`hippo_vllm.vllm.draft_worker_process`, in the target's
 output-rank worker. ``submit`` sends a StepWork and returns at once, so the
 worker drafts while the target runs its forward; ``PendingStep.result(timeout)``
-waits at most ``timeout`` seconds for that step's StepResult. A result that is
-not back in time is dropped (None: the proposer's step goes on without chunks);
-when it arrives later it is discarded by its ``seq``. The worker keeps applying
-every StepWork in order, so a late step costs only its chunks.
+waits at most ``timeout`` seconds for that step's StepResult. A step whose
+result is not back in time goes on without chunks (None); the result, matched by
+its ``seq`` when it arrives, can still be read later for its other news (views,
+failures, lack of room). The worker keeps applying every StepWork in order, so a
+late step costs only its chunks.
 
 Faults never reach the target: a worker that dies, stalls (no answer for
 ``stall_after_s``) or falls ``MAX_STEPS_BEHIND`` steps behind is killed and
@@ -42,8 +43,10 @@ logger = get_logger(__name__)
 
 DEFAULT_FACTORY = "hippo_vllm.vllm.draft_worker:DraftWorker"
 MAX_STEPS_BEHIND = 16  # unanswered steps before the worker counts as fallen behind
+MAX_RESULTS_KEPT = 4 * MAX_STEPS_BEHIND  # answers received and not yet read
 MIN_STALL_S = 5.0  # a worker silent this long (and 10 deadlines) with work queued is stalled
 SHUTDOWN_GRACE_S = 5.0
+DEATH_CHECK_S = 0.05  # while waiting for an answer, whether the worker still lives
 
 STARTING, UP, OFF = "starting", "up", "off"
 
@@ -53,15 +56,21 @@ class DraftWorkerError(RuntimeError):
 
 
 class _NoDrafts:
-    """The step of a worker that is not up: no drafts, at once."""
+    """A step no worker will answer (none is up, or the one that had it is gone):
+    an empty result, at once, so the proposer's step goes on without drafts."""
 
-    def result(self, timeout: float | None = None) -> StepResult | None:
-        return None
+    def __init__(self, seq: int):
+        self.seq = seq
+
+    def result(self, timeout: float | None = None) -> StepResult:
+        return StepResult(self.seq)
 
 
 class _Pending:
     def __init__(self, client: RemoteDraft, seq: int, generation: int):
         self._client, self.seq, self.generation = client, seq, generation
+        self.sent_at = time.perf_counter()
+        self.late = False  # its first read missed the deadline: its chunks are dropped
 
     def result(self, timeout: float | None = None) -> StepResult | None:
         return self._client._result(self, timeout)
@@ -125,21 +134,22 @@ class RemoteDraft:
         self._poll_state()
         if self._state != UP:
             self.stats.draft_dropped_steps += 1
-            return _NoDrafts()
+            return _NoDrafts(work.seq)
         if self._proc.poll() is not None:
             self.stats.draft_dropped_steps += 1
             self._lost("died", f"exit code {self._proc.returncode}")
-            return _NoDrafts()
+            return _NoDrafts(work.seq)
         if len(self._sent) >= MAX_STEPS_BEHIND:
             self._lost("fell behind", f"{len(self._sent)} steps unanswered")
-            return _NoDrafts()
+            return _NoDrafts(work.seq)
         try:
             self._channel.send("work", work, block=False)
         except zmq.Again:
             self._lost("fell behind", "its message queue is full")
-            return _NoDrafts()
-        self._sent[work.seq] = time.perf_counter()
-        return _Pending(self, work.seq, self._generation)
+            return _NoDrafts(work.seq)
+        pending = _Pending(self, work.seq, self._generation)
+        self._sent[work.seq] = pending.sent_at
+        return pending
 
     def close(self) -> None:
         """Stop the worker (it also exits by itself when this process dies)."""
@@ -154,34 +164,47 @@ class RemoteDraft:
     # -- results ------------------------------------------------------------------------
 
     def _result(self, pending: _Pending, timeout: float | None) -> StepResult | None:
+        """The step's result; None while it is not back. A late step's result can still be
+        read later (its views, failures and lack of room matter; its chunks are stale)."""
         if timeout is None:
             timeout = self.settings.timeout_s  # a remote worker is never waited for unboundedly
         start = time.perf_counter()
         try:
-            if pending.generation != self._generation or self._state != UP:
-                return None  # the worker that had this step is gone
             deadline = start + timeout
             while pending.generation == self._generation and self._state == UP:
-                result = self._results.pop(pending.seq, None)
-                if result is not None:
+                arrived = self._results.pop(pending.seq, None)
+                if arrived is not None:
+                    result, arrived_at = arrived
+                    if not pending.late:
+                        self.stats.draft_round_trip_seconds += arrived_at - pending.sent_at
+                        self.stats.draft_round_trips += 1
                     return result
                 if self._proc.poll() is not None:
-                    self.stats.draft_dropped_steps += 1
+                    self._dropped(pending)
                     self._lost("died", f"exit code {self._proc.returncode}")
-                    return None
-                if not self._channel.poll(max(0.0, deadline - time.perf_counter())):
-                    self._late(pending.seq, timeout)
+                    break
+                remaining = deadline - time.perf_counter()
+                # In slices, so a worker that dies meanwhile is noticed before the deadline.
+                if not self._channel.poll(max(0.0, min(remaining, DEATH_CHECK_S))):
+                    if remaining > DEATH_CHECK_S:
+                        continue
+                    if not pending.late:
+                        self._late(pending, timeout)
                     return None
                 self._receive_one()
-            return None
+            # The worker that had this step is gone: it will never be answered.
+            self._dropped(pending)
+            return StepResult(pending.seq)
         finally:
             self.stats.draft_wait_seconds += time.perf_counter() - start
-            for seq in [s for s in self._results if s < pending.seq]:
-                del self._results[seq]  # results nobody asked for (e.g. a step that failed)
 
-    def _late(self, seq: int, timeout: float) -> None:
-        self.stats.draft_dropped_steps += 1
-        self._abandoned.add(seq)
+    def _dropped(self, pending: _Pending) -> None:
+        if not pending.late:
+            pending.late = True
+            self.stats.draft_dropped_steps += 1
+
+    def _late(self, pending: _Pending, timeout: float) -> None:
+        self._dropped(pending)
         self._log_once(
             "late", "hippo: the draft worker's answer for a step came after the %.0f ms deadline; "
             "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",
@@ -196,22 +219,17 @@ class RemoteDraft:
         if kind != "result":
             self._lost("failed", f"unexpected message {kind!r}: {payload}")
             return
-        sent = self._sent.pop(payload.seq, None)
-        if payload.seq in self._abandoned:
-            self._abandoned.discard(payload.seq)  # its step went on without it
-            return
-        if sent is not None:
-            self.stats.draft_round_trip_seconds += time.perf_counter() - sent
-            self.stats.draft_round_trips += 1
-        self._results[payload.seq] = payload
+        self._sent.pop(payload.seq, None)
+        self._results[payload.seq] = (payload, time.perf_counter())
+        while len(self._results) > MAX_RESULTS_KEPT:  # results nobody reads (a dropped PendingStep)
+            del self._results[min(self._results)]
 
     # -- the worker's life --------------------------------------------------------------
 
     def _start_worker(self) -> None:
         self._generation += 1
         self._sent: dict[int, float] = {}
-        self._results: dict[int, StepResult] = {}
-        self._abandoned: set[int] = set()
+        self._results: dict[int, tuple[StepResult, float]] = {}  # seq -> (result, arrival time)
         endpoint = f"ipc://{tempfile.gettempdir()}/hippo-draft-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         socket = self._ctx.socket(zmq.PAIR)
         socket.bind(endpoint)
