@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -25,6 +26,21 @@ from hippo_vllm.vllm.metrics import HippoStats
 
 def _refuse(key: str, value: Any, allowed: str) -> HippoConfigError:
     return HippoConfigError(f'speculative_config["draft_worker"]["{key}"]={value!r} is not allowed: {allowed}.')
+
+
+def portable_vllm_config(vllm_config: Any) -> Any:
+    """The target's VllmConfig without what its loaded model put in it, so it pickles.
+
+    Once the target is loaded, its compilation config holds the live attention
+    layers (``static_forward_context``), which a draft worker neither needs nor
+    could receive; the copy shares everything else.
+    """
+    portable = copy.copy(vllm_config)
+    compilation = copy.copy(vllm_config.compilation_config)
+    object.__setattr__(compilation, "static_forward_context", {})
+    object.__setattr__(compilation, "static_all_moe_layers", [])
+    object.__setattr__(portable, "compilation_config", compilation)
+    return portable
 
 
 def target_gpu_indices(parallel_config: Any) -> set[int]:
@@ -83,10 +99,10 @@ def make_draft_backend(vllm_config: Any, hippo: HippoConfig, stats: HippoStats, 
 
         num_gpus = torch.cuda.device_count() if device_type == "cuda" else 0
         env = worker_device_env(settings, device_type, target_gpus, visible, num_gpus)
-        return RemoteDraft(vllm_config, hippo, stats, env=env)
+        return RemoteDraft(portable_vllm_config(vllm_config), hippo, stats, env=env)
     from hippo_vllm.vllm.ray_draft import RayDraft
 
     if settings.device not in (None, "cpu" if device_type != "cuda" else "cuda"):
         raise _refuse("device", settings.device, f'null or "{device_type}": the target runs on {device_type}')
-    return RayDraft(vllm_config, hippo, stats, use_gpu=device_type == "cuda",
+    return RayDraft(portable_vllm_config(vllm_config), hippo, stats, use_gpu=device_type == "cuda",
                     target_physical_gpus=physical_gpu_ids(target_gpus, visible))
