@@ -89,4 +89,4 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
     header = next(line for line in printed.splitlines() if line.startswith("configuration"))
     assert all(column in header for column in COLUMNS), header
     for name in expected:
-        assert sum(line.startswith(name + " ") for line in printed.splitlines()) == 1, name
+        assert sum(line.startswith(f"{name:<28} ") for line in printed.splitlines()) == 1, name
