@@ -35,6 +35,9 @@ the TP group (:meth:`TargetAttentionCapture.sum_ended_prefills`). Every rank get
 the same scheduler output and tracks the same requests, so the ranks take part in
 the same sums in the same order, and the result is what one rank holding every
 head would compute (up to float rounding).
+
+vLLM's step reaches the capture only as ``step_records`` (the scheduled prompt
+rows at ``begin_step``, the batch rows at forward time).
 """
 
 from __future__ import annotations
