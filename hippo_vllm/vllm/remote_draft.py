@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +50,12 @@ SHUTDOWN_GRACE_S = 5.0
 DEATH_CHECK_S = 0.05  # while waiting for an answer, whether the worker still lives
 
 STARTING, UP, OFF = "starting", "up", "off"
+
+
+def _kill_quietly(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 class DraftWorkerError(RuntimeError):
@@ -242,6 +249,8 @@ class RemoteDraft:
         root = os.path.dirname(os.path.dirname(os.path.abspath(hippo_vllm.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # A client dropped without close() (e.g. an engine garbage-collected) takes its worker along.
+        weakref.finalize(self, _kill_quietly, self._proc)
         self._started_at = time.perf_counter()
         self._state = STARTING
         self._handshake_step = "hello"
