@@ -51,10 +51,6 @@ class StepStart:
     num_scheduled_tokens: dict[str, int]
     computed_before: dict[str, int]  # scheduled request -> its tokens computed before this step
 
-    @property
-    def scheduled(self) -> list[str]:
-        return list(self.num_scheduled_tokens)
-
 
 @dataclasses.dataclass(frozen=True)
 class RequestRecord:

@@ -18,10 +18,10 @@ import pytest
 from engine_utils import (
     ENGINE_DEFAULTS,
     counter,
+    draft_worker_of,
     engine,
     generate_ids,
     greedy,
-    draft_worker_of,
     proposer_of,
     recording_views,
     schedule_matrix,

@@ -133,7 +133,7 @@ def test_step_start_names_the_requests_and_where_their_rows_start():
         ("new", 12, ["video"]), ("embeds", None, []), ("back", 9, [])
     ]
     assert step.computed_before == {"new": 4, "embeds": 0, "back": 0, "run": 20}
-    assert step.scheduled == ["new", "embeds", "back", "run"]
+    assert list(step.num_scheduled_tokens) == ["new", "embeds", "back", "run"]
     # vLLM versions without preempted_req_ids
     del so.preempted_req_ids
     assert step_start(runner, so).preempted == []
