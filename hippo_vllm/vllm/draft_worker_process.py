@@ -79,11 +79,10 @@ def _init_one_rank_world(vllm_config) -> None:
         ensure_model_parallel_initialized(1, 1)
 
 
-def _build(factory: str, vllm_config, hippo):
-    import importlib
+def _build(vllm_config, hippo):
+    from hippo_vllm.vllm.draft_worker import DraftWorker
 
-    module, _, name = factory.partition(":")
-    return getattr(importlib.import_module(module), name)(vllm_config, hippo)
+    return DraftWorker(vllm_config, hippo)
 
 
 def serve(endpoint: str) -> None:
@@ -105,11 +104,11 @@ def serve(endpoint: str) -> None:
             if kind == "work":
                 channel.send("result", worker.handle(payload))  # handle never raises
             elif kind == "init":
-                factory, vllm_config, hippo = payload
+                vllm_config, hippo = payload
                 try:
                     _prepare_device()
                     _init_one_rank_world(vllm_config)
-                    worker = _build(factory, vllm_config, hippo)
+                    worker = _build(vllm_config, hippo)
                     channel.send("ready", (worker.kv_bytes_per_token, worker.block_size))
                 except Exception as exc:  # noqa: BLE001 - reported to the client, which stays up
                     channel.send("error", describe_error("draft worker start", exc))

@@ -58,7 +58,8 @@ EXPORTED_STATS: dict[str, str] = {
     "draft_wait_seconds": "Draft worker: time the target waited for the draft's answers.",
     "draft_dropped_steps": (
         "Draft worker: steps that went on without drafts because the answer was not back by "
-        "the deadline (timeout_ms; it is discarded when it comes) or the worker was down."
+        "the deadline (timeout_ms; its chunks are dropped, its other news is taken in when it "
+        "comes) or the worker was down."
     ),
     "draft_worker_restarts": "Draft worker: restarts after it died, stalled or fell behind.",
 }

@@ -24,7 +24,6 @@ from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.draft_protocol import StepResult, StepWork
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.remote_draft import (
-    DEFAULT_FACTORY,
     MAX_STEPS_BEHIND,
     MIN_STALL_S,
     DraftWorkerError,
@@ -39,7 +38,7 @@ STARTING, UP, OFF = "starting", "up", "off"
 class DraftActor:
     """Runs in the actor's process: a one-rank vLLM world and the draft worker."""
 
-    def __init__(self, factory: str, vllm_config: Any, hippo: HippoConfig):
+    def __init__(self, vllm_config: Any, hippo: HippoConfig):
         from hippo_vllm.vllm.draft_worker_process import _bind_threads, _build, _init_one_rank_world, _prepare_device
 
         import torch
@@ -50,7 +49,7 @@ class DraftActor:
             torch.set_num_threads(len(cores))
         _prepare_device()  # on a GPU: the one Ray assigned, cuda:0 in this process
         _init_one_rank_world(vllm_config)
-        self.worker = _build(factory, vllm_config, hippo)
+        self.worker = _build(vllm_config, hippo)
 
     def info(self) -> tuple[float, int, int, list[str]]:
         import ray
@@ -90,11 +89,10 @@ class RayDraft:
         *,
         use_gpu: bool,
         target_physical_gpus: set[str] = frozenset(),
-        factory: str = DEFAULT_FACTORY,
     ):
         import ray
 
-        self.vllm_config, self.hippo, self.stats, self.factory = vllm_config, hippo, stats, factory
+        self.vllm_config, self.hippo, self.stats = vllm_config, hippo, stats
         self.settings = hippo.draft_worker
         self.use_gpu = use_gpu
         self.target_physical_gpus = set(target_physical_gpus)
@@ -225,7 +223,7 @@ class RayDraft:
         options = {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": len(cores) if cores else 1}
         self._generation += 1
         self._outstanding: dict[int, tuple[float, Any]] = {}
-        self._actor = self._actor_class.options(**options).remote(self.factory, self.vllm_config, self.hippo)
+        self._actor = self._actor_class.options(**options).remote(self.vllm_config, self.hippo)
         self._ready_ref = self._actor.info.remote()
         self._alloc_ref = None
         self._started_at = time.perf_counter()

@@ -42,7 +42,6 @@ from hippo_vllm.vllm.metrics import HippoStats
 
 logger = get_logger(__name__)
 
-DEFAULT_FACTORY = "hippo_vllm.vllm.draft_worker:DraftWorker"
 MAX_STEPS_BEHIND = 16  # unanswered steps before the worker counts as fallen behind
 MAX_RESULTS_KEPT = 4 * MAX_STEPS_BEHIND  # answers received and not yet read
 MIN_STALL_S = 5.0  # a worker silent this long (and 10 deadlines) with work queued is stalled
@@ -93,13 +92,11 @@ class RemoteDraft:
         stats: HippoStats,
         *,
         env: Mapping[str, str] | None = None,
-        factory: str = DEFAULT_FACTORY,
     ):
         self.vllm_config = vllm_config
         self.hippo = hippo
         self.settings = hippo.draft_worker
         self.stats = stats
-        self.factory = factory
         self.extra_env = dict(env or {})
         self.stall_after_s = max(MIN_STALL_S, 10 * self.settings.timeout_s)
         self._ctx = zmq.Context()
@@ -275,7 +272,7 @@ class RemoteDraft:
                 continue
             got, payload = self._channel.recv()
             if got == "hello":
-                self._channel.send("init", (self.factory, self.vllm_config, self.hippo))
+                self._channel.send("init", (self.vllm_config, self.hippo))
             elif got == "error":
                 self._stop_worker(graceful=False)
                 raise DraftWorkerError(
@@ -293,7 +290,7 @@ class RemoteDraft:
             while self._channel.poll(0):
                 got, payload = self._channel.recv()
                 if got == "hello":
-                    self._channel.send("init", (self.factory, self.vllm_config, self.hippo))
+                    self._channel.send("init", (self.vllm_config, self.hippo))
                 elif got == "ready":
                     self._channel.send("alloc", self._num_blocks)
                 elif got == "allocated":
