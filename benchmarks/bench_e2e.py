@@ -17,9 +17,12 @@ token for token, or the benchmark aborts.
 
 With two or more cores (unless ``--no-worker``) it also measures the draft in a
 worker process of its own (``"draft_worker": {"placement": "process"}``): the
-target alone with its threads bound to core 0 (``VLLM_CPU_OMP_THREADS_BIND=0``),
+target alone with its threads bound to core 0,
 then VPSD for each pair with the target on core 0 and the draft worker on core 1,
-drafting the next chunk while the target verifies. For those rows it prints the
+drafting the next chunk while the target verifies. (vLLM applies
+``VLLM_CPU_OMP_THREADS_BIND`` only to the worker processes of its multiprocess
+executor; this engine runs in this process, so the benchmark binds this process's
+threads to core 0 itself, with one torch thread, for those rows.) For those rows it prints the
 overlap efficiency, sum over steps of max(target step, the draft's work for that
 step) / the measured step time (1.0: drafting fully hidden; the draft's time is
 the worker's own, reported with each answer), and the time the target waited for
@@ -52,6 +55,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
@@ -74,7 +78,7 @@ class Config:
     method: str  # "target", "draft_model" or "hippo"
     speculative_config: dict | None = None
     pair: str | None = None
-    bind: str | None = None  # VLLM_CPU_OMP_THREADS_BIND for the target's threads (None: vLLM's default)
+    cores: frozenset[int] | None = None  # the CPU cores the target's threads are bound to (None: all)
 
     @property
     def worker(self) -> bool:
@@ -86,7 +90,7 @@ class Config:
         return bool(self.speculative_config and self.speculative_config.get("parallel"))
 
 
-TARGET_CORE, DRAFT_CORE = "0", 1  # the worker rows: the target's threads on core 0, the draft's on core 1
+TARGET_CORE, DRAFT_CORE = 0, 1  # the worker rows: the target's threads on core 0, the draft's on core 1
 
 
 def build_configs(fx, pairs: list[str], k: int, worker: bool) -> list[Config]:
@@ -103,13 +107,14 @@ def build_configs(fx, pairs: list[str], k: int, worker: bool) -> list[Config]:
             schedule = "parallel" if parallel else "serial"
             configs.append(Config(f"hippo {schedule} {pair}", "hippo", spec, pair))
     if worker:
-        configs.append(Config("target core0", "target", bind=TARGET_CORE))
+        configs.append(Config("target core0", "target", cores=frozenset({TARGET_CORE})))
         for pair in pairs:
             attribute, keep_ratio = PAIRS[pair]
             spec = {"method": "hippo", "model": str(getattr(fx, attribute)), "num_speculative_tokens": k,
                     "keep_ratio": keep_ratio, "parallel": True,
                     "draft_worker": {"placement": "process", "cpu_cores": [DRAFT_CORE]}}
-            configs.append(Config(f"hippo parallel {pair} worker", "hippo", spec, pair, bind=TARGET_CORE))
+            configs.append(Config(f"hippo parallel {pair} worker", "hippo", spec, pair,
+                                  cores=frozenset({TARGET_CORE})))
     return configs
 
 
@@ -245,21 +250,43 @@ class StepTracker:
         return result
 
 
+@contextlib.contextmanager
+def threads_bound_to(cores: frozenset[int] | None):
+    """Every thread of this process (and those it starts) on ``cores``, torch with one
+    thread per core; restored afterwards. A worker process it starts binds itself."""
+    if cores is None:
+        yield
+        return
+    import torch
+
+    everywhere, threads = os.sched_getaffinity(0), torch.get_num_threads()
+
+    def bind(mask) -> None:
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(int(task), mask)
+
+    # vLLM's CPU worker replaces torch.set_num_threads with a no-op; the C setter stays.
+    torch._C._set_num_threads(len(cores))
+    bind(cores)
+    try:
+        yield
+    finally:
+        bind(everywhere)
+        torch._C._set_num_threads(threads)
+
+
 def run_config(config: Config, requests: list[dict], args, reference: list | None) -> tuple[dict, list]:
-    from vllm import LLM, SamplingParams, envs
+    with threads_bound_to(config.cores):
+        return _run_config(config, requests, args, reference)
+
+
+def _run_config(config: Config, requests: list[dict], args, reference: list | None) -> tuple[dict, list]:
+    from vllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     extra = {"speculative_config": config.speculative_config} if config.speculative_config else {}
-    if config.bind is not None:
-        # The in-process engine reads it when its worker starts; vLLM caches its environment.
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.bind
-        envs.disable_envs_cache()
-    try:
-        llm = LLM(model=args.target, **engine_settings(args), **extra)
-    finally:
-        if config.bind is not None:
-            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-            envs.disable_envs_cache()
+    llm = LLM(model=args.target, **engine_settings(args), **extra)
     try:
         tracker = StepTracker(llm, args.max_tokens, config.worker)
         batches = []
