@@ -250,6 +250,9 @@ class StepTracker:
         return result
 
 
+_torch_set_num_threads = None  # torch's own, taken before vLLM's CPU worker replaces it with a no-op
+
+
 @contextlib.contextmanager
 def threads_bound_to(cores: frozenset[int] | None):
     """Every thread of this process (and those it starts) on ``cores``, torch with one
@@ -266,14 +269,13 @@ def threads_bound_to(cores: frozenset[int] | None):
             with contextlib.suppress(OSError):  # a thread that just ended
                 os.sched_setaffinity(int(task), mask)
 
-    # vLLM's CPU worker replaces torch.set_num_threads with a no-op; the C setter stays.
-    torch._C._set_num_threads(len(cores))
+    _torch_set_num_threads(len(cores))
     bind(cores)
     try:
         yield
     finally:
         bind(everywhere)
-        torch._C._set_num_threads(threads)
+        _torch_set_num_threads(threads)
 
 
 def run_config(config: Config, requests: list[dict], args, reference: list | None) -> tuple[dict, list]:
@@ -490,6 +492,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
+
+    global _torch_set_num_threads
+    _torch_set_num_threads = _torch_set_num_threads or torch.set_num_threads
     from transformers import AutoTokenizer
 
     from hippo_vllm.fixtures import build_fixtures
