@@ -94,7 +94,7 @@ class HippoConfig:
         if "model" not in values:
             raise HippoConfigError(
                 'speculative_config["model"] is required for method "hippo": '
-                "the path or name of a Qwen2.5-VL-family draft checkpoint."
+                "the path or name of a draft checkpoint of the target's model family."
             )
         return cls(**values)
 

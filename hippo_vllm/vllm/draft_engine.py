@@ -1,4 +1,4 @@
-"""The HIPPO draft engine: a small Qwen2.5-VL run by vLLM's own model code, with its own KV cache.
+"""The HIPPO draft engine: a small Qwen2.5-VL or Qwen2-VL run by vLLM's own model code, with its own KV cache.
 
 The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps
@@ -40,6 +40,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
 from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.model_families import MROPE, family_of, supported_architectures
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
@@ -128,9 +129,16 @@ def make_draft_vllm_config(
         enforce_eager=True,  # see below: the draft always runs eagerly
         **mm_args,
     ).create_model_config()
-    if not draft_mc.uses_mrope or draft_mc.multimodal_config is None:
+    family = family_of(draft_mc.hf_config)
+    if family is None or draft_mc.multimodal_config is None:
         raise ValueError(
-            f"draft {draft_model} ({draft_mc.architectures}) must be a multimodal M-RoPE model like Qwen2.5-VL"
+            f"draft {draft_model} ({draft_mc.architectures}) is of no vision-language model family "
+            f"hippo supports; supported architectures: {supported_architectures()}"
+        )
+    if family.positions == MROPE and not draft_mc.uses_mrope:
+        raise ValueError(
+            f"draft {draft_model} ({draft_mc.architectures}): vLLM does not run it with M-RoPE "
+            f"positions, which the {family.name} family needs"
         )
     return replace(
         target_vllm_config,
@@ -150,7 +158,7 @@ def make_draft_vllm_config(
 
 
 class DraftEngine:
-    """A Qwen2.5-VL draft with a private paged KV cache, batched over requests.
+    """A vision-language draft (see model_families) with a private paged KV cache, batched over requests.
 
     Each request's draft sequence is addressed by compact index 0..length-1
     (KV slots); positions are whatever the caller passes. ``run`` is the only

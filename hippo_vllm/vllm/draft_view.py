@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,11 +38,6 @@ class DraftView:
         return int(self.keep_rows.numel())
 
 
-def mm_item_grid(feature: Any, spatial_merge_size: int) -> VideoGrid:
-    thw = feature.data["video_grid_thw"].data
-    return VideoGrid.from_thw(tuple(int(x) for x in thw.flatten().tolist()), spatial_merge_size)
-
-
 def needs_target_attention(hippo: HippoConfig) -> bool:
     if hippo.pruning in ("attention", "specvlm"):
         return True
@@ -60,13 +56,14 @@ def build_draft_view(
     mm_features: list[Any],
     item_embeds: list[torch.Tensor],
     attention: list[torch.Tensor | None] | None,
-    spatial_merge_size: int,
+    video_grid: Callable[[Any], VideoGrid],
 ) -> DraftView:
     """Choose the prompt rows the draft keeps.
 
     ``item_embeds`` are the draft's encoder outputs, one per mm item in
     ``mm_features`` order; ``attention`` holds s_attn per *video* (None entries
-    where the target's attention could not be captured).
+    where the target's attention could not be captured); ``video_grid`` reads a
+    video feature's token grid (the target family's ``ModelFamily.video_grid``).
     """
     start = time.perf_counter()
     keep = torch.ones(prompt_len, dtype=torch.bool)
@@ -78,7 +75,7 @@ def build_draft_view(
             continue
         attn = attention[video_index] if attention else None
         video_index += 1
-        grid = mm_item_grid(feature, spatial_merge_size)
+        grid = video_grid(feature)
         pos = feature.mm_position
         if grid.num_tokens != pos.length or embeds.shape[0] != pos.length:
             raise ValueError(

@@ -25,6 +25,7 @@ becomes the step's ``step_failure``.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -45,6 +46,7 @@ from hippo_vllm.vllm.draft_protocol import (
 )
 from hippo_vllm.vllm.draft_view import DraftView
 from hippo_vllm.vllm.drafting_failures import failure_record
+from hippo_vllm.vllm.model_families import architecture_of, family_of, supported_architectures
 from hippo_vllm.vllm.request_views import RequestViews
 
 logger = get_logger(__name__)
@@ -58,9 +60,15 @@ class DraftWorker:
         # The draft's KV cache is allocated later (allocate_kv_cache), once its size is known.
         self.engine = DraftEngine(target_vllm_config, hippo.model, tensor_parallel_group=tensor_parallel_group)
         self.chunks = ChunkDrafter(self.engine)
-        # The mm features come from the target's processor, so its merge size applies.
-        spatial_merge_size = target_vllm_config.model_config.hf_config.vision_config.spatial_merge_size
-        self.views = RequestViews(hippo, spatial_merge_size)
+        # The mm features come from the target's processor, so its family's layout applies.
+        target_hf = target_vllm_config.model_config.hf_config
+        family = family_of(target_hf)
+        if family is None:
+            raise ValueError(
+                f"target {target_vllm_config.model_config.model} ({architecture_of(target_hf)}) is of no "
+                f"model family hippo supports; supported architectures: {supported_architectures()}"
+            )
+        self.views = RequestViews(hippo, functools.partial(family.video_grid, hf_config=target_hf))
         # The compact prefill runs in pieces no larger than the target's own batches.
         self.prefill_chunk_tokens = target_vllm_config.scheduler_config.max_num_batched_tokens
         self._prompts: dict[str, DraftPrompt] = {}  # until a finished Release

@@ -14,11 +14,13 @@ each view through a ``ViewReport``.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hippo_vllm.config import HippoConfig
+from hippo_vllm.core import VideoGrid
 from hippo_vllm.vllm.draft_protocol import DraftPrompt
 from hippo_vllm.vllm.draft_view import DraftView, build_draft_view
 
@@ -54,9 +56,9 @@ def _attention_missing(attention: list | None) -> bool:
 class RequestViews:
     """Draft views by request id."""
 
-    def __init__(self, hippo: HippoConfig, spatial_merge_size: int):
+    def __init__(self, hippo: HippoConfig, video_grid: Callable[[Any], VideoGrid]):
         self.hippo = hippo
-        self.spatial_merge_size = spatial_merge_size
+        self.video_grid = video_grid
         self._views: dict[str, DraftView] = {}
         self._recent = _LruCache(RECENT_VIEWS)
 
@@ -85,7 +87,7 @@ class RequestViews:
         if view is None:
             view = build_draft_view(
                 self.hippo, len(prompt.prompt_token_ids), prompt.mm_features, item_embeds, attention,
-                self.spatial_merge_size,
+                self.video_grid,
             )
         self._recent.put(key, view)
         self._views[req_id] = view

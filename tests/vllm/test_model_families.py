@@ -1,0 +1,155 @@
+"""Model families: which checkpoints hippo serves, and Qwen2-VL served losslessly.
+
+The family checks are pure (configs only); the engine tests run the real vLLM
+engine in-process on the tiny Qwen2-VL checkpoints with real mp4s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, text_request, video_request
+from hippo_vllm.config import HippoConfig, HippoConfigError
+from hippo_vllm.core import VideoGrid
+from hippo_vllm.vllm.config_rewrite import check_draft_against_target
+from hippo_vllm.vllm.model_families import QWEN2_5_VL, QWEN2_VL, family_of
+
+QUESTIONS = ("Describe this video.", "What moves in the video?")
+
+
+def _config(tiny, name: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(getattr(tiny, name)))
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [("target", QWEN2_5_VL), ("draft", QWEN2_5_VL), ("qwen2_vl_target", QWEN2_VL),
+     ("qwen2_vl_draft", QWEN2_VL), ("text_draft", None)],
+)
+def test_each_checkpoint_is_of_its_family(tiny, name, family):
+    assert family_of(_config(tiny, name)) == family
+
+
+@pytest.mark.parametrize("family", [QWEN2_5_VL, QWEN2_VL])
+def test_the_video_grid_is_the_merged_token_grid(family):
+    feature = SimpleNamespace(data={"video_grid_thw": SimpleNamespace(data=torch.tensor([[4, 16, 12]]))})
+    hf_config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2))
+    assert family.video_grid(feature, hf_config) == VideoGrid(4, 8, 6)
+
+
+def _check(tiny, target: str, draft) -> None:
+    target_model_config = SimpleNamespace(
+        model=str(getattr(tiny, target)), hf_config=_config(tiny, target), trust_remote_code=False
+    )
+    check_draft_against_target(HippoConfig(model=str(draft)), target_model_config)
+
+
+@pytest.mark.parametrize("target, draft", [("target", "draft"), ("qwen2_vl_target", "qwen2_vl_draft"),
+                                           ("qwen2_vl_target", "qwen2_vl_target")])
+def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
+    _check(tiny, target, getattr(tiny, draft))
+
+
+@pytest.mark.parametrize(
+    "target, draft, message",
+    [
+        ("target", "qwen2_vl_draft", r"qwen2_vl_draft' is a Qwen2VLForConditionalGeneration \(Qwen2-VL family\), "
+                                     r"the target '.*/target' a Qwen2_5_VLForConditionalGeneration "
+                                     r"\(Qwen2.5-VL family\); the draft must be of the target's family"),
+        ("qwen2_vl_target", "draft", r"draft' is a Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\), "
+                                     r"the target '.*/qwen2_vl_target' a Qwen2VLForConditionalGeneration"),
+        ("qwen2_vl_target", "text_draft", r"text_draft' is a Qwen2ForCausalLM, not a vision-language model "
+                                          r"hippo can run as the draft; supported architectures: "
+                                          r"\['Qwen2_5_VLForConditionalGeneration', 'Qwen2VLForConditionalGeneration'\]"),
+        ("text_draft", "draft", r"the target model '.*/text_draft' is a Qwen2ForCausalLM, not a "
+                                r"vision-language model hippo can run as the target"),
+    ],
+)
+def test_a_draft_of_another_family_or_an_unsupported_model_is_refused(tiny, target, draft, message):
+    with pytest.raises(HippoConfigError, match=message):
+        _check(tiny, target, getattr(tiny, draft))
+
+
+def test_a_qwen2_vl_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny.qwen2_vl_draft, draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = cfg["vocab_size"] = 576
+    (draft / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vocabulary size 576, the target 512"):
+        _check(tiny, "qwen2_vl_target", draft)
+
+
+def _target_vllm_config(target):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(target), max_model_len=1024, enforce_eager=True).create_engine_config()
+
+
+def test_the_draft_engine_builds_a_qwen2_vl_drafts_config_and_refuses_a_text_model(tiny):
+    from hippo_vllm.vllm.draft_engine import make_draft_vllm_config
+
+    target = _target_vllm_config(tiny.qwen2_vl_target)
+    draft = make_draft_vllm_config(target, tiny.qwen2_vl_draft)
+    assert draft.model_config.uses_mrope and family_of(draft.model_config.hf_config) == QWEN2_VL
+    with pytest.raises(ValueError, match=r"text_draft \(\['Qwen2ForCausalLM'\]\) is of no vision-language "
+                                         r"model family hippo supports; supported architectures: "):
+        make_draft_vllm_config(target, tiny.text_draft)
+
+
+# -- Qwen2-VL served by the real engine ---------------------------------------------------
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def requests(tiny, tiny_tokenizer):
+    videos = tiny.synthetic_videos
+    reqs = [video_request(tiny_tokenizer, QUESTIONS[i % 2], videos[i]) for i in range(3)]
+    return reqs + [text_request(tiny_tokenizer, QUESTIONS[0])]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny, requests):
+    with engine(tiny.qwen2_vl_target) as llm:
+        ids = generate_ids(llm, requests, max_tokens=24)
+    # Each prompt (three videos, one text) gets its own output, so a draft fed the
+    # wrong video rows or positions cannot match them by luck.
+    assert len(set(ids)) == len(ids)
+    return ids
+
+
+def spec_counters(llm) -> tuple[float, float]:
+    return (counter(llm, "vllm:spec_decode_num_draft_tokens"),
+            counter(llm, "vllm:spec_decode_num_accepted_tokens"))
+
+
+@pytest.mark.engine
+def test_qwen2_vl_self_draft_keeping_every_token_is_lossless_and_accepts_everything(tiny, requests, baseline):
+    config = hippo_config(tiny.qwen2_vl_target, K, parallel=False, keep_ratio=1.0)
+    with engine(tiny.qwen2_vl_target, speculative_config=config) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline
+        drafted, accepted = spec_counters(llm)
+        stats = proposer_of(llm).stats
+    assert drafted > 0 and accepted / drafted >= 0.99, (drafted, accepted)
+    assert stats.video_tokens_seen == stats.video_tokens_total > 0
+
+
+@pytest.mark.engine
+def test_qwen2_vl_pruned_draft_is_lossless_in_the_parallel_schedule(tiny, requests, baseline):
+    config = hippo_config(tiny.qwen2_vl_draft, K, parallel=True, keep_ratio=0.25)
+    with engine(tiny.qwen2_vl_target, speculative_config=config) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline
+        drafted, _ = spec_counters(llm)
+        stats = proposer_of(llm).stats
+    assert drafted > 0
+    # keep_ratio 0.25 of each 64-token video: 16 tokens seen per video prompt
+    assert stats.video_tokens_total == 3 * 64
+    assert stats.video_tokens_seen == 3 * 16
