@@ -192,7 +192,7 @@ def test_the_worker_exits_when_its_parent_is_killed(tmp_path, tiny):
             parent.kill()
 
 
-def test_a_ray_actor_drafts_like_the_in_process_worker_and_drops_late_answers(target_config, tiny, reference):
+def test_a_ray_actor_drafts_like_a_plain_worker_and_is_restarted_when_it_dies(target_config, tiny, reference):
     import ray
 
     from hippo_vllm.vllm.metrics import HippoStats
