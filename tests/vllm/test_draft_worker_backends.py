@@ -2,8 +2,9 @@
 
 These drive the real DraftWorker (tiny draft checkpoint) in a real worker
 process or actor through the backends, with the target's VllmConfig as vLLM
-builds it, and check what the proposer relies on: answers match the in-process
-worker's, late answers are dropped and discarded by seq, a worker that stalls
+builds it, and check what the proposer relies on: answers match those of a
+DraftWorker called directly, a late answer gives None at its deadline and can
+be read later (matched by seq), a worker that stalls
 or dies is restarted with ``epoch`` bumped (or stays off after
 ``max_restarts``), and no worker process outlives its client or its parent.
 Engine-level (lossless) tests with these placements are in
