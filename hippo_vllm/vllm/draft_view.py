@@ -51,6 +51,18 @@ def video_spans(mm_features: list[Any]) -> list[tuple[int, int]]:
     ]
 
 
+def video_embed_rows(pos: Any) -> torch.Tensor:
+    """Rows of a video's placeholder (relative to its offset) that hold video embeddings.
+
+    A Qwen3-VL placeholder also holds text: ``<t seconds><|vision_start|>`` before and
+    ``<|vision_end|>`` after each temporal patch's pads, with ``is_embed`` marking the
+    pads. Only those rows are scored and pruned; the text rows are always kept.
+    """
+    if pos.is_embed is None:
+        return torch.arange(pos.length)
+    return torch.nonzero(pos.is_embed.cpu()).flatten()
+
+
 def build_draft_view(
     hippo: HippoConfig,
     prompt_len: int,
