@@ -114,6 +114,16 @@ def test_a_qwen3_vl_video_is_pruned_among_its_video_rows_and_its_text_rows_are_k
     assert len(kept & set(video_rows.tolist())) == 4
     assert (view.video_tokens, view.video_tokens_seen) == (8, 4)
 
+    # The target's s_attn covers the whole placeholder; only its video rows rank them.
+    attn = torch.zeros(length)
+    favoured = video_rows[[0, 2, 5, 7]] - offset
+    attn[favoured] = 1.0
+    attn[~is_embed] = 5.0  # text rows score highest, but are not candidates
+    view = build_draft_view(HippoConfig(model="draft", keep_ratio=0.5, pruning="attention"), prompt_len, [feature],
+                            [torch.randn(8, 16)], [attn], lambda f: VideoGrid(2, 2, 2))
+    assert set(view.keep_rows.tolist()) & set(video_rows.tolist()) == set((offset + favoured).tolist())
+    assert view.attention_used
+
 
 def _target_vllm_config(target):
     from vllm.engine.arg_utils import EngineArgs
@@ -224,3 +234,5 @@ def test_qwen3_vl_pruned_draft_is_lossless(tiny, requests, qwen3_vl_baseline, pa
     # 64 video rows per video (the timestamps and vision start/end rows are not counted)
     assert stats.video_tokens_total == 3 * 64
     assert stats.video_tokens_seen == 3 * 16
+    # The target's s_attn (over each whole placeholder) ranked the video rows.
+    assert stats.views_without_target_attention == 0
