@@ -1,4 +1,4 @@
-"""The HIPPO draft engine: a small vision-language model (model_families) run by vLLM's own model code, with its own KV cache.
+"""The HIPPO draft engine: a small vision-language model run by vLLM's own model code, with its own KV cache.
 
 The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps

@@ -11,9 +11,10 @@ what the vLLM side must know about it:
 - how its prompt positions are assigned: M-RoPE (t, h, w) positions (Qwen3-VL's
   interleave the three sections across the rotary dims, inside vLLM's rotary
   embedding), which a kept video token carries with it into the draft;
-- whether a video's placeholder holds text rows too: Qwen3-VL's spans
-  ``<t seconds><|vision_start|>`` pads ``<|vision_end|>`` per temporal patch, and
-  ``is_embed`` marks the pad rows; the draft prunes among those and keeps the text;
+- (no field: read from vLLM for every family) which rows of a video's placeholder
+  are video: Qwen3-VL's also spans ``<t seconds><|vision_start|>`` and
+  ``<|vision_end|>`` text around each temporal patch's pads, and ``is_embed`` marks
+  the pads; the draft prunes among those and keeps the text;
 - whether the vision tower feeds DeepStack features into the first decoder layers
   (Qwen3-VL): each video row's features travel with its row into the draft.
 
