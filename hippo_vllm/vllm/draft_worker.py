@@ -143,7 +143,10 @@ class DraftWorker:
             self._check_room(req_id, view)  # before encoding the video again
         item_embeds = engine.embed_multimodal(prompt.mm_features) if prompt.mm_features else []
         if view is None:
-            view = self.views.build(req_id, prompt, item_embeds, attention)
+            # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
+            # encoder appends to it.
+            visual = [e[:, : engine.hidden_size] for e in item_embeds]
+            view = self.views.build(req_id, prompt, visual, attention)
             result.views.append(_report(req_id, view))
         token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
         embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds)[view.keep_rows]

@@ -8,8 +8,15 @@ what the vLLM side must know about it:
 - how its processor lays out a video: the ``mm_features`` key holding the video's
   patch grid, and the patch merger that turns that grid into LLM tokens
   (``video_grid``);
-- how its prompt positions are assigned: for Qwen2-VL and Qwen2.5-VL M-RoPE
-  (t, h, w) positions, which a kept video token carries with it into the draft.
+- how its prompt positions are assigned: M-RoPE (t, h, w) positions (Qwen3-VL's
+  interleave the three sections across the rotary dims, inside vLLM's rotary
+  embedding), which a kept video token carries with it into the draft;
+- (no field: read from vLLM for every family) which rows of a video's placeholder
+  are video: Qwen3-VL's also spans ``<t seconds><|vision_start|>`` and
+  ``<|vision_end|>`` text around each temporal patch's pads, and ``is_embed`` marks
+  the pads; the draft prunes among those and keeps the text;
+- whether the vision tower feeds DeepStack features into the first decoder layers
+  (Qwen3-VL): each video row's features travel with its row into the draft.
 
 Draft and target must be of one family: the draft runs on the target's processor
 outputs and positions.
@@ -31,6 +38,7 @@ class ModelFamily:
     architectures: tuple[str, ...]
     positions: str  # how prompt positions are assigned, e.g. MROPE
     video_grid_key: str  # the mm_features data key holding a video's (t, h, w) patch grid
+    deepstack: bool = False  # vision features also added to early decoder layers' outputs
 
     def covers(self, hf_config: Any) -> bool:
         return architecture_of(hf_config) in self.architectures
@@ -54,7 +62,14 @@ QWEN2_VL = ModelFamily(
     positions=MROPE,
     video_grid_key="video_grid_thw",
 )
-FAMILIES = (QWEN2_5_VL, QWEN2_VL)
+QWEN3_VL = ModelFamily(
+    name="Qwen3-VL",
+    architectures=("Qwen3VLForConditionalGeneration",),
+    positions=MROPE,
+    video_grid_key="video_grid_thw",
+    deepstack=True,
+)
+FAMILIES = (QWEN2_5_VL, QWEN2_VL, QWEN3_VL)
 
 
 def architecture_of(hf_config: Any) -> str:

@@ -94,7 +94,10 @@ class HippoRunnerMixin:
             proposer.allocate_draft_kv_cache(kv_cache_config.num_blocks * spec.block_size)
 
     def shutdown(self) -> None:
-        stop_exporting(self._hippo())  # the stats snapshot goes with the engine
+        proposer = self._hippo()
+        stop_exporting(proposer)  # the stats snapshot goes with the engine
+        if proposer is not None:
+            proposer.close()  # a draft worker of its own goes with it too
         super().shutdown()
 
 

@@ -17,8 +17,11 @@ back. Draft-then-verify sends and reads it in ``propose_batch``; VPSD sends it
 before the target's forward and reads it after sampling (``draft_schedules``,
 ``parallel_rounds``). Either way the draft proposes greedily: a one-hot
 proposal, which vLLM's rejection sampler verifies exactly for greedy and random
-sampling alike. Today the draft runs in the target's process
-(``InProcessDraft``), so drafting runs in sequence with the target's forward.
+sampling alike. Where the draft runs is ``draft_placement``'s choice: in the
+target's process (``InProcessDraft``, the default) drafting runs in sequence with
+the target's forward; in a worker of its own VPSD drafts while the target
+verifies, and a step whose answer is not back ``timeout_ms`` after sampling goes
+on without chunks.
 
 No exception leaves the proposer's entry points (the runner guards each call and
 reports to :meth:`step_failed`): a failure while drafting one request (reported
@@ -39,13 +42,13 @@ from typing import Any
 from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.config_rewrite import hippo_settings
-from hippo_vllm.vllm.draft_backend import DraftBackend, InProcessDraft, PendingStep
+from hippo_vllm.vllm.draft_backend import DraftBackend, PendingStep
 from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
 from hippo_vllm.vllm.draft_messages import ChunkPlan, DraftMessages
+from hippo_vllm.vllm.draft_placement import make_draft_backend
 from hippo_vllm.vllm.draft_protocol import DraftFailure, StepResult, StepWork
 from hippo_vllm.vllm.draft_schedules import ParallelSchedule, SerialSchedule
 from hippo_vllm.vllm.draft_view import needs_target_attention, video_spans
-from hippo_vllm.vllm.draft_worker import DraftWorker
 from hippo_vllm.vllm.drafting_failures import DraftingFailures, failure_record
 from hippo_vllm.vllm.metrics import HippoStats
 from hippo_vllm.vllm.step_records import (
@@ -123,7 +126,10 @@ class HippoProposer:
             return
         # The draft's KV cache is allocated later (allocate_draft_kv_cache), from the
         # memory the hippo worker sets aside for it.
-        self.draft = InProcessDraft(DraftWorker(config, self.hippo, tensor_parallel_group=draft_group))
+        self.draft = make_draft_backend(config, self.hippo, self.stats, tensor_parallel_group=draft_group)
+        if self.hippo.draft_worker.remote:
+            # A draft of its own answers within the deadline or its step goes without chunks.
+            self.result_timeout = self.hippo.draft_worker.timeout_s
         sched = config.scheduler_config
         self.kv_budget = DraftKVBudget(
             setting=self.hippo.draft_kv_tokens,
@@ -134,13 +140,23 @@ class HippoProposer:
             block_size=self.draft.block_size,
         )
 
+    def close(self) -> None:
+        """Stop the draft's backend (a worker of its own); never raises."""
+        draft, self.draft = self.draft, None
+        if draft is not None:
+            try:
+                draft.close()
+            except Exception:  # noqa: BLE001 - shutting down; the worker also exits with this process
+                logger.exception("hippo: closing the draft worker failed")
+
     def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
         """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest).
 
         0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
-        cache by the smallest figure, the output rank's.
+        cache by the smallest figure, the output rank's. 0 too for a draft in a
+        worker of its own: its cache is in that worker's memory, on its device.
         """
-        if self.draft is None:
+        if self.draft is None or self.hippo.draft_worker.remote:
             return 0
         return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
 
