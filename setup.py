@@ -24,6 +24,8 @@ setup(
     extras_require={
         **{extra: [VERSION_INFO["vllm_requirement"](extra)] for extra in VERSION_INFO["SUPPORTED_VLLM"]},
         "test": ["pytest", "opencv-python-headless"],
+        # The draft as a Ray actor ("draft_worker": {"placement": "ray"}).
+        "ray": ["ray>=2.60,<3"],
     },
     entry_points={
         "vllm.general_plugins": ["hippo = hippo_vllm.vllm.plugin:register"],

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import os
 
-# In-process engine core, so the proposer (views, draft KV, stats) is reachable.
+# In-process engine core, so the proposer (stats) and its in-process draft worker (views, draft KV)
+# are reachable.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -206,55 +207,62 @@ def proposer_of(llm):
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
 
 
+def draft_worker_of(llm):
+    """The draft's side, in the target's process (the default in-process placement)."""
+    return proposer_of(llm).draft.worker
+
+
 class ViewRecorder:
     """Every draft view the engine builds, by request, with the video's kept token indices;
     with ``answer_tokens`` > 0 also the draft's greedy answer from that view."""
 
     def __init__(self, llm, answer_tokens: int, stop_ids: set[int]):
-        from hippo_vllm.vllm.draft_view import mm_item_grid
+        import torch
 
-        self.proposer = proposer = proposer_of(llm)
+        from hippo_vllm.vllm.draft_view import video_embed_rows
+
+        self.proposer = proposer_of(llm)
+        self.worker = worker = draft_worker_of(llm)
         self.views: dict[str, dict] = {}
         self.answers: dict[str, list[int] | str] = {}
-        views, build = proposer._views, proposer._views.build
-        merge = views.spatial_merge_size
+        views, build = worker.views, worker.views.build
 
-        def recording_build(req_id, state, item_embeds, attention):
-            view = build(req_id, state, item_embeds, attention)
-            videos = [f for f in state.mm_features if f.modality == "video"]
+        def recording_build(req_id, prompt, item_embeds, attention):
+            view = build(req_id, prompt, item_embeds, attention)
+            videos = [f for f in prompt.mm_features if f.modality == "video"]
             record = {"view": view}
             if len(videos) == 1:
                 pos = videos[0].mm_position
-                rows = view.keep_rows
-                inside = rows[(rows >= pos.offset) & (rows < pos.offset + pos.length)] - pos.offset
-                grid = mm_item_grid(videos[0], merge)
-                record.update(kept=inside.tolist(), grid=(grid.t, grid.h, grid.w))
+                video_rows = pos.offset + video_embed_rows(pos)  # the placeholder's video rows
+                kept = torch.nonzero(torch.isin(video_rows, view.keep_rows)).flatten()
+                grid = views.video_grid(videos[0])
+                record.update(kept=kept.tolist(), grid=(grid.t, grid.h, grid.w))
             self.views[external_id(req_id)] = record
             return view
 
-        views.build = recording_build
+        views.build = recording_build  # on this instance only
         if answer_tokens > 0:
             self._wrap_prefill(answer_tokens, stop_ids)
 
     def _wrap_prefill(self, answer_tokens: int, stop_ids: set[int]) -> None:
-        proposer = self.proposer
-        prefill = proposer._ensure_prefilled
+        worker = self.worker
+        prefill = worker._prefill
 
-        def answering_prefill(runner, req_id):
-            fresh = req_id not in proposer._requests
-            engine = proposer.engine
+        def answering_prefill(req_id, attention, result):
+            fresh = req_id not in worker._states
+            engine = worker.engine
             logits = []
             run = engine.run
             engine.run = lambda inputs: logits.append(run(inputs)) or logits[-1]
             try:
-                prefill(runner, req_id)
+                prefill(req_id, attention, result)
             finally:
                 del engine.run  # the class's method again
             key = external_id(req_id)
-            if fresh and req_id in proposer._requests and key not in self.answers:
+            if fresh and req_id in worker._states and key not in self.answers:
                 self.answers[key] = self._draft_answer(req_id, logits[-1][0], answer_tokens, stop_ids)
 
-        proposer._ensure_prefilled = answering_prefill
+        worker._prefill = answering_prefill  # on this instance only
 
     def _draft_answer(self, req_id, logits, max_tokens: int, stop_ids: set[int]):
         """The draft's greedy answer from its just-prefilled view; its KV is rolled back after."""
@@ -262,7 +270,7 @@ class ViewRecorder:
 
         from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftInput
 
-        engine, state = self.proposer.engine, self.proposer._requests[req_id]
+        engine, state = self.worker.engine, self.worker._states[req_id]
         tokens: list[int] = []
         try:
             token = int(logits.argmax())

@@ -22,6 +22,7 @@ from hippo_vllm.core.pruning import PRUNING_METHODS, SELECTION_MODES
 
 METHOD_NAME = "hippo"
 SIGNALS = ("attn", "temp", "spa")
+PLACEMENTS = ("in_process", "process", "ray")
 
 
 class HippoConfigError(ValueError):
@@ -31,6 +32,12 @@ class HippoConfigError(ValueError):
 def _fail(key: str, value: Any, allowed: str) -> HippoConfigError:
     return HippoConfigError(
         f'speculative_config["{key}"]={value!r} is not allowed: {allowed}.'
+    )
+
+
+def _fail_worker(key: str, value: Any, allowed: str) -> HippoConfigError:
+    return HippoConfigError(
+        f'speculative_config["draft_worker"]["{key}"]={value!r} is not allowed: {allowed}.'
     )
 
 
@@ -58,6 +65,9 @@ class HippoConfig:
     pruning: str = "holistic"
     parallel: bool = False
     draft_kv_tokens: int | str = "auto"
+    draft_worker: DraftWorkerConfig | Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: DraftWorkerConfig()
+    )
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -84,7 +94,7 @@ class HippoConfig:
         if "model" not in values:
             raise HippoConfigError(
                 'speculative_config["model"] is required for method "hippo": '
-                "the path or name of a Qwen2.5-VL-family draft checkpoint."
+                "the path or name of a draft checkpoint of the target's model family."
             )
         return cls(**values)
 
@@ -126,6 +136,8 @@ class HippoConfig:
                 '"auto" or an integer >= 1 (tokens the draft\'s KV cache holds, taken from '
                 "the KV cache memory)",
             )
+        if not isinstance(self.draft_worker, DraftWorkerConfig):
+            object.__setattr__(self, "draft_worker", DraftWorkerConfig.from_dict(self.draft_worker))
 
     @staticmethod
     def _checked_weights(weights: Any) -> dict[str, float]:
@@ -176,9 +188,108 @@ class HippoConfig:
         d["score_weights"] = dict(self.score_weights)
         if self.attn_layers != "all":
             d["attn_layers"] = list(self.attn_layers)
+        d["draft_worker"] = self.draft_worker.to_dict()
         return d
 
     @property
     def vllm_num_speculative_tokens(self) -> int:
         """Spec tokens vLLM verifies per step: γ serially, γ−1 in parallel mode."""
         return self.num_speculative_tokens - 1 if self.parallel else self.num_speculative_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftWorkerConfig:
+    """Where the draft runs: the ``draft_worker`` object of the hippo config.
+
+    ``in_process``: in the target's output-rank worker, in sequence with the
+    target. ``process``: in a worker process of its own, on ``device``, with its
+    threads on ``cpu_cores``; it drafts while the target verifies. ``ray``: the
+    same worker as a Ray actor (one GPU on a GPU machine, ``len(cpu_cores)`` or
+    one CPU on a CPU machine). A step whose draft answer is not back
+    ``timeout_ms`` after the target needs it goes on without drafts; a worker
+    that dies or stalls is restarted at most ``max_restarts`` times.
+    """
+
+    placement: str = "in_process"
+    device: str | None = None  # "cpu", "cuda:N" (process), "cuda" (ray: Ray assigns it); None: the target's kind
+    cpu_cores: tuple[int, ...] | None = None  # None: the threads stay where the worker's parent runs
+    timeout_ms: float = 1000.0
+    max_restarts: int = 3
+    start_timeout_s: float = 600.0  # loading the draft in a fresh worker
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> DraftWorkerConfig:
+        if not isinstance(raw, Mapping):
+            raise _fail("draft_worker", raw, f"an object with keys {list(cls.keys())}")
+        values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise HippoConfigError(
+                f'Unknown key(s) {unknown} in speculative_config["draft_worker"]. '
+                f"Allowed keys: {list(cls.keys())}."
+            )
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise _fail_worker("placement", self.placement, f"one of {list(PLACEMENTS)}")
+        self._check_device()
+        cores = self.cpu_cores
+        if cores is not None:
+            allowed = "null or a non-empty list of distinct CPU core ids >= 0 (the draft worker's threads)"
+            if isinstance(cores, str) or not isinstance(cores, Sequence) or not cores:
+                raise _fail_worker("cpu_cores", cores, allowed)
+            if not all(_is_int(c) and c >= 0 for c in cores) or len(set(cores)) != len(cores):
+                raise _fail_worker("cpu_cores", cores, allowed)
+            if self.placement == "in_process":
+                raise _fail_worker("cpu_cores", cores,
+                            'null with "placement": "in_process" (the draft shares the target\'s threads)')
+            object.__setattr__(self, "cpu_cores", tuple(cores))
+        t = self.timeout_ms
+        if not _is_number(t) or not math.isfinite(t) or t <= 0:
+            raise _fail_worker("timeout_ms", t,
+                        "a number > 0 (how long the target waits for a step's drafts past its own step)")
+        object.__setattr__(self, "timeout_ms", float(t))
+        if not _is_int(self.max_restarts) or self.max_restarts < 0:
+            raise _fail_worker("max_restarts", self.max_restarts,
+                        "an integer >= 0 (restarts of a dead or stalled draft worker)")
+        s = self.start_timeout_s
+        if not _is_number(s) or not math.isfinite(s) or s <= 0:
+            raise _fail_worker("start_timeout_s", s, "a number > 0 (seconds to load the draft in a worker)")
+        object.__setattr__(self, "start_timeout_s", float(s))
+
+    def _check_device(self) -> None:
+        device = self.device
+        if device is None:
+            return
+        if self.placement == "in_process":
+            raise _fail_worker("device", device,
+                        'null with "placement": "in_process" (the draft runs on the output rank\'s device)')
+        if self.placement == "ray":
+            if device not in ("cpu", "cuda"):
+                raise _fail_worker("device", device,
+                            'with "placement": "ray", "cpu" or "cuda" (Ray assigns the GPU)')
+            return
+        index = device[len("cuda:"):] if isinstance(device, str) and device.startswith("cuda:") else None
+        if device != "cpu" and not (index is not None and index.isdigit()):
+            raise _fail_worker("device", device,
+                        '"cpu" or "cuda:N" (N: a GPU index among the visible ones, not one of the target\'s)')
+
+    @property
+    def remote(self) -> bool:
+        """Whether the draft runs outside the target's process."""
+        return self.placement != "in_process"
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ms / 1000.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.cpu_cores is not None:
+            d["cpu_cores"] = list(self.cpu_cores)
+        return d

@@ -185,6 +185,11 @@ def proposer_of(llm):
     return llm.llm_engine.model_executor.driver_worker.worker.model_runner.drafter
 
 
+def draft_worker_of(llm):
+    """The in-process engine's DraftWorker: the draft's side, in the target's process."""
+    return proposer_of(llm).draft.worker
+
+
 def counter(llm, name: str) -> float:
     """A counter from ``llm.get_metrics()`` (summed over its label sets)."""
     return sum(m.value for m in llm.get_metrics() if m.name == name)

@@ -13,6 +13,9 @@ def test_defaults_match_the_documented_table():
     assert cfg.attn_layers == "all"
     assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", False)
     assert cfg.draft_kv_tokens == "auto"
+    worker = cfg.draft_worker
+    assert (worker.placement, worker.device, worker.cpu_cores) == ("in_process", None, None)
+    assert (worker.timeout_ms, worker.max_restarts, worker.start_timeout_s) == (1000.0, 3, 600.0)
 
 
 def test_every_key_round_trips_through_to_dict():
@@ -20,10 +23,13 @@ def test_every_key_round_trips_through_to_dict():
         "model": "d", "num_speculative_tokens": 3, "keep_ratio": 1, "crop_size": 3,
         "score_weights": {"attn": 0, "temp": 2}, "attn_layers": [2, 0], "selection": "per_frame",
         "pruning": "specvlm", "parallel": False, "draft_kv_tokens": 4096,
+        "draft_worker": {"placement": "process", "device": "cuda:4", "cpu_cores": [3, 1],
+                         "timeout_ms": 50, "max_restarts": 0, "start_timeout_s": 60},
     }
     cfg = HippoConfig.from_speculative_config(raw)
     assert cfg.score_weights == {"attn": 0.0, "temp": 2.0, "spa": 1.0}
     assert cfg.attn_layers == (0, 2)
+    assert cfg.draft_worker.cpu_cores == (3, 1) and cfg.draft_worker.timeout_s == 0.05
     assert HippoConfig(**cfg.to_dict()) == cfg
 
 
@@ -69,6 +75,23 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "draft_kv_tokens": "max"}, r'\["draft_kv_tokens"\]=\'max\' '),
         ({"model": "d", "draft_kv_tokens": True}, r'\["draft_kv_tokens"\]=True '),
         ({"model": "d", "method": "draft_model"}, r'\["method"\]=\'draft_model\''),
+        ({"model": "d", "draft_worker": "process"}, r'\["draft_worker"\]=\'process\' .*an object with keys'),
+        ({"model": "d", "draft_worker": {"placment": "ray"}},
+         r'Unknown key\(s\) \[\'placment\'\] in speculative_config\["draft_worker"\]. Allowed keys'),
+        ({"model": "d", "draft_worker": {"placement": "thread"}},
+         r'\["draft_worker"\]\["placement"\]=\'thread\' .*\[\'in_process\', \'process\', \'ray\'\]'),
+        ({"model": "d", "draft_worker": {"placement": "process", "device": "gpu4"}},
+         r'\["device"\]=\'gpu4\' .*"cpu" or "cuda:N"'),
+        ({"model": "d", "draft_worker": {"placement": "process", "device": "cuda"}}, r'\["device"\]=\'cuda\' '),
+        ({"model": "d", "draft_worker": {"placement": "ray", "device": "cuda:4"}}, r'Ray assigns the GPU'),
+        ({"model": "d", "draft_worker": {"device": "cuda:4"}}, r'null with "placement": "in_process"'),
+        ({"model": "d", "draft_worker": {"placement": "process", "cpu_cores": []}}, r'\["cpu_cores"\]=\[\] '),
+        ({"model": "d", "draft_worker": {"placement": "process", "cpu_cores": [1, 1]}}, r'distinct CPU core ids'),
+        ({"model": "d", "draft_worker": {"cpu_cores": [1]}}, r'\["cpu_cores"\]=\[1\] .*in_process'),
+        ({"model": "d", "draft_worker": {"placement": "ray", "timeout_ms": 0}}, r'\["timeout_ms"\]=0 .*> 0'),
+        ({"model": "d", "draft_worker": {"placement": "ray", "max_restarts": -1}}, r'\["max_restarts"\]=-1 '),
+        ({"model": "d", "draft_worker": {"placement": "ray", "start_timeout_s": "1m"}},
+         r'\["start_timeout_s"\]=\'1m\' '),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):

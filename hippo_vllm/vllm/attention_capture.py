@@ -35,13 +35,16 @@ the TP group (:meth:`TargetAttentionCapture.sum_ended_prefills`). Every rank get
 the same scheduler output and tracks the same requests, so the ranks take part in
 the same sums in the same order, and the result is what one rank holding every
 head would compute (up to float rounding).
+
+vLLM's step reaches the capture only as ``step_records`` (the scheduled prompt
+rows at ``begin_step``, the batch rows at forward time).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 import torch
@@ -49,11 +52,14 @@ import torch
 from hippo_vllm.core import AttentionScoreAccumulator
 from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.patching import patch_instance_attribute
+from hippo_vllm.vllm.step_records import StepStart
 
 logger = get_logger(__name__)
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 PATCH_TARGET = "vllm.model_executor.layers.attention.attention:Attention.impl.forward"
+# Tracked request ids -> {req_id: (first batch row, tokens computed before the step, rows scheduled)}
+BatchRows = Callable[[Container[str]], dict[str, tuple[int, int, int]]]
 
 
 @dataclasses.dataclass
@@ -185,22 +191,19 @@ class TargetAttentionCapture:
 
     # -- per step ------------------------------------------------------------------------
 
-    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
-        """Count the prompt rows scheduled for tracked requests; remember the step so the
-        first observed layer can map rows to requests."""
-        self._step_source = (runner, scheduler_output) if self._requests else None
+    def begin_step(self, step: StepStart, batch_rows: BatchRows) -> None:
+        """Count the prompt rows scheduled for tracked requests; keep ``batch_rows`` so the
+        first observed layer can map rows to requests (``step_records.batch_rows``)."""
+        self._step_source = batch_rows if self._requests else None
         self._step_rows = None
         self._observing = True
         if self._requests:
-            self._count_scheduled(scheduler_output)
+            self._count_scheduled(step)
 
-    def _count_scheduled(self, scheduler_output: Any) -> None:
-        starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
-        cached = scheduler_output.scheduled_cached_reqs
-        starts.update(zip(cached.req_ids, cached.num_computed_tokens))
+    def _count_scheduled(self, step: StepStart) -> None:
         for req_id, state in self._requests.items():
-            n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            start = starts.get(req_id)
+            n = step.num_scheduled_tokens.get(req_id, 0)
+            start = step.computed_before.get(req_id)
             if not n or start is None:
                 continue
             end = min(start + n, state.prompt_len)
@@ -278,17 +281,9 @@ class TargetAttentionCapture:
             yield scores
 
     def _rows(self) -> dict[str, tuple[int, int, int]]:
-        # Resolved at forward time, after vLLM has (re)ordered its persistent batch:
-        # the flattened tokens follow input_batch.req_ids.
+        # Resolved at forward time, after vLLM has (re)ordered its persistent batch.
         if self._step_rows is None:
-            runner, scheduler_output = self._step_source
-            rows, row = {}, 0
-            for req_id in runner.input_batch.req_ids:
-                n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
-                if req_id in self._requests:
-                    rows[req_id] = (row, runner.requests[req_id].num_computed_tokens, n)
-                row += n
-            self._step_rows = rows
+            self._step_rows = self._step_source(self._requests)
         return self._step_rows
 
     def _observe_safely(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:

@@ -1,17 +1,17 @@
 """Draft γ-token chunks for a batch of requests.
 
-Both schedules use this: draft-then-verify drafts after the target sampled;
-parallel drafting (VPSD) drafts before the target's forward and reads the tokens
-after sampling. Drafted tokens stay on the device from one draft step to the
+The draft's side (``draft_worker``) uses this for both schedules: draft-then-verify
+orders chunks after the target sampled, parallel drafting (VPSD) before the
+target's forward. Drafted tokens stay on the device from one draft step to the
 next (each step's argmax is the next step's input); :meth:`PendingChunks.tokens`
 copies the whole chunk to the host once.
 
-The draft runs in the target's process, on the target's device and stream, so
-drafting runs in sequence with the target's forward, never beside it: each draft
-step also makes small blocking host-to-device copies (positions, token ids, the
-attention metadata), and the attention backends' metadata buffers are shared
-with the target. Overlapping the two, as VPSD intends, needs the draft on its own
-device or worker.
+In the target's process (``draft_backend.InProcessDraft``) the draft runs on the
+target's device and stream, so drafting runs in sequence with the target's
+forward, never beside it: each draft step also makes small blocking
+host-to-device copies (positions, token ids, the attention metadata), and the
+attention backends' metadata buffers are shared with the target. Overlapping the
+two, as VPSD intends, needs the draft on its own device or worker.
 
 Each request's draft KV holds its compact prompt followed by the output tokens
 fed so far (``fed_outputs``). Before drafting, the KV is rolled back to the
@@ -73,17 +73,6 @@ class PendingChunks:
                 r.state.fed_outputs.extend(row[: r.budget - 1])
                 r.state.chunk_in_flight = False
         return self._tokens
-
-    def discard(self) -> None:
-        """Drop chunks that will never be read (e.g. vLLM skipped the drafter).
-
-        Only ``chunk_in_flight`` is cleared: ``fed_outputs`` then lags the draft
-        KV, and the next chunk rolls the KV back to it, so nothing stale is used.
-        """
-        if self._tokens is None:
-            for r in self.requests:
-                r.state.chunk_in_flight = False
-            self._tokens = [[] for _ in self.requests]
 
 
 class ChunkDrafter:

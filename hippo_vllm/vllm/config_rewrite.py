@@ -26,6 +26,7 @@ from typing import Any
 
 from hippo_vllm.config import METHOD_NAME, HippoConfig, HippoConfigError
 from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.model_families import architecture_of, family_of, supported_architectures
 
 logger = get_logger(__name__)
 
@@ -34,9 +35,9 @@ CPU_WORKER_PATH = "hippo_vllm.vllm.worker_cpu.HippoCPUWorker"
 GPU_WORKER_PATH = "hippo_vllm.vllm.worker_gpu.HippoGPUWorker"
 ADDITIONAL_CONFIG_KEY = "hippo"
 
-# Draft and target must be vision-language models whose vLLM class hippo knows how
-# to feed (own vision encoder, M-RoPE positions of kept tokens).
-SUPPORTED_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+# Draft and target must be vision-language models of one family hippo knows how to
+# feed (own vision encoder, positions of kept tokens): see model_families.
+SUPPORTED_ARCHITECTURES = tuple(supported_architectures())
 
 
 def hippo_settings(vllm_config: Any) -> HippoConfig | None:
@@ -95,11 +96,6 @@ def _text_num_layers(hf_config: Any) -> int:
     return getattr(text, "num_hidden_layers", None) or hf_config.num_hidden_layers
 
 
-def _architecture(hf_config: Any) -> str:
-    archs = getattr(hf_config, "architectures", None) or ["<none>"]
-    return archs[0]
-
-
 def looks_like_local_path(model: str) -> bool:
     """Whether ``model`` can only be a filesystem path, never a hub id.
 
@@ -108,6 +104,12 @@ def looks_like_local_path(model: str) -> bool:
     ``/``, cannot be one.
     """
     return model.startswith(("/", "~", ".")) or "\\" in model or model.count("/") > 1
+
+
+def _subject(role: str, hippo: HippoConfig, target_model_config: Any) -> str:
+    if role == "draft":
+        return f'speculative_config["model"]={hippo.model!r}'
+    return f"the target model {target_model_config.model!r}"
 
 
 def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> None:
@@ -132,18 +134,22 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f"checkpoint: {exc}"
         ) from exc
     target_hf = target_model_config.hf_config
+    families = {}
     for role, config in (("target", target_hf), ("draft", draft_config)):
-        arch = _architecture(config)
-        if arch not in SUPPORTED_ARCHITECTURES or getattr(config, "vision_config", None) is None:
-            subject = (
-                f'speculative_config["model"]={hippo.model!r}'
-                if role == "draft"
-                else f"the target model {target_model_config.model!r}"
-            )
+        families[role] = family_of(config)
+        if families[role] is None:
             raise HippoConfigError(
-                f"{subject} is a {arch}, not a vision-language model hippo can run as "
-                f"the {role}; supported architectures: {list(SUPPORTED_ARCHITECTURES)}."
+                f"{_subject(role, hippo, target_model_config)} is a {architecture_of(config)}, not a "
+                f"vision-language model hippo can run as the {role}; supported architectures: "
+                f"{list(SUPPORTED_ARCHITECTURES)}."
             )
+    if families["draft"] != families["target"]:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} is a {architecture_of(draft_config)} '
+            f"({families['draft'].name} family), the target {target_model_config.model!r} a "
+            f"{architecture_of(target_hf)} ({families['target'].name} family); the draft must be "
+            f"of the target's family, which runs on the same processor outputs and positions."
+        )
     target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
     if target_vocab != draft_vocab:
         raise HippoConfigError(

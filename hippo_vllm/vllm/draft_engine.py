@@ -1,4 +1,4 @@
-"""The HIPPO draft engine: a small Qwen2.5-VL run by vLLM's own model code, with its own KV cache.
+"""The HIPPO draft engine: a small vision-language model run by vLLM's own model code, with its own KV cache.
 
 The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps
@@ -40,6 +40,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 
 from hippo_vllm.vllm.draft_kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.model_families import MROPE, family_of, supported_architectures
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
@@ -52,8 +53,9 @@ class DraftInput:
     positions: ``[3, n]`` int M-RoPE positions in the *original* (full-sequence)
         coordinates; text and generated tokens have three equal rows.
     token_ids: ``[n]`` ids, embedded with the draft's own token embedding, or
-    inputs_embeds: ``[n, hidden]`` rows already embedded (e.g. a compact prompt
-        with kept video rows, from ``DraftEngine.embed_prompt``).
+    inputs_embeds: ``[n, row_width]`` rows already embedded (e.g. a compact prompt
+        with kept video rows, from ``DraftEngine.embed_prompt``); for a DeepStack
+        draft each row carries its DeepStack features after its embedding.
     """
 
     req_id: str
@@ -79,7 +81,7 @@ class DraftInput:
             )
         if self.inputs_embeds is not None and self.inputs_embeds.dim() != 2:
             raise ValueError(
-                f"DraftInput {self.req_id!r}: inputs_embeds must be [n, hidden], "
+                f"DraftInput {self.req_id!r}: inputs_embeds must be [n, row_width], "
                 f"got {tuple(self.inputs_embeds.shape)}"
             )
 
@@ -128,9 +130,16 @@ def make_draft_vllm_config(
         enforce_eager=True,  # see below: the draft always runs eagerly
         **mm_args,
     ).create_model_config()
-    if not draft_mc.uses_mrope or draft_mc.multimodal_config is None:
+    family = family_of(draft_mc.hf_config)
+    if family is None or draft_mc.multimodal_config is None:
         raise ValueError(
-            f"draft {draft_model} ({draft_mc.architectures}) must be a multimodal M-RoPE model like Qwen2.5-VL"
+            f"draft {draft_model} ({draft_mc.architectures}) is of no vision-language model family "
+            f"hippo supports; supported architectures: {supported_architectures()}"
+        )
+    if family.positions == MROPE and not draft_mc.uses_mrope:
+        raise ValueError(
+            f"draft {draft_model} ({draft_mc.architectures}): vLLM does not run it with M-RoPE "
+            f"positions, which the {family.name} family needs"
         )
     return replace(
         target_vllm_config,
@@ -150,7 +159,7 @@ def make_draft_vllm_config(
 
 
 class DraftEngine:
-    """A Qwen2.5-VL draft with a private paged KV cache, batched over requests.
+    """A vision-language draft (see model_families) with a private paged KV cache, batched over requests.
 
     Each request's draft sequence is addressed by compact index 0..length-1
     (KV slots); positions are whatever the caller passes. ``run`` is the only
@@ -187,6 +196,9 @@ class DraftEngine:
         cfg = self.draft_vllm_config
         with self._as_draft():
             self.model = get_model(vllm_config=cfg)
+            self.deepstack_levels = _deepstack_levels(self.model, model_config)
+            # A prompt row: its input embedding, then one hidden-wide feature per DeepStack level.
+            self.row_width = self.hidden_size * (1 + self.deepstack_levels)
             # Layers without a KV spec (encoder-only attention) keep no cache.
             self._kv_layers = {
                 name: layer
@@ -273,17 +285,19 @@ class DraftEngine:
     def embed_prompt(
         self, token_ids: torch.Tensor, mm_features, item_embeds: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """``[P, hidden]`` draft input embeddings of a full prompt of ``P`` token ids.
+        """``[P, row_width]`` draft input rows of a full prompt of ``P`` token ids.
 
-        Token embeddings, with each item's ``[n_i, hidden]`` embeddings placed at its
-        placeholder rows (``mm_position``; only rows with ``is_embed`` when it is set).
+        Token embeddings, with each item's embeddings placed at its placeholder rows
+        (``mm_position``; only rows with ``is_embed`` when it is set).
         ``item_embeds`` (in ``mm_features`` order) defaults to ``embed_multimodal(mm_features)``.
+        A DeepStack draft (Qwen3-VL) gives each row its DeepStack features after its
+        embedding (zeros on text rows), so that a subset of rows keeps exactly its own.
         """
         ids = token_ids.to(self.device, torch.int64)
         mm_features = list(mm_features or ())
         if not mm_features:
             with self._as_draft():
-                return self.model.embed_input_ids(ids)
+                return self._with_deepstack(self.model.embed_input_ids(ids), None)
         if item_embeds is None:
             item_embeds = self.embed_multimodal(mm_features)
         if len(item_embeds) != len(mm_features):
@@ -303,9 +317,31 @@ class DraftEngine:
                 raise ValueError(f"{name}: placeholder {pos} overlaps another item")
             span |= mask
         with self._as_draft():
-            return self.model.embed_input_ids(
+            embeds = self.model.embed_input_ids(
                 ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
             )
+            return self._with_deepstack(embeds, self._take_deepstack(ids.shape[0]))
+
+    def _take_deepstack(self, num_rows: int) -> torch.Tensor | None:
+        """``[num_rows, levels * hidden]``: the DeepStack features vLLM's ``embed_input_ids`` just
+        left in the model's buffer for the forward that follows it; the buffer is cleared.
+
+        The draft runs a pruned subset of these rows, in other forwards, so the features
+        leave the buffer here and travel with their rows (``_forward`` puts them back).
+        """
+        if not self.deepstack_levels:
+            return None
+        buffers = self.model.deepstack_input_embeds
+        features = torch.cat([b[:num_rows] for b in buffers], dim=-1).clone()
+        self.model._clear_deepstack_input_embeds(num_rows)
+        return features
+
+    def _with_deepstack(self, embeds: torch.Tensor, deepstack: torch.Tensor | None) -> torch.Tensor:
+        if not self.deepstack_levels:
+            return embeds
+        if deepstack is None:
+            deepstack = embeds.new_zeros(embeds.shape[0], self.row_width - self.hidden_size)
+        return torch.cat([embeds, deepstack.to(embeds.dtype)], dim=-1)
 
     # -- forward -----------------------------------------------------------------------
 
@@ -325,10 +361,11 @@ class DraftEngine:
         if len(set(req_ids)) != len(req_ids):
             raise ValueError(f"one input per request and forward, got {req_ids}")
         for inp in inputs:
-            if inp.inputs_embeds is not None and inp.inputs_embeds.shape[1] != self.hidden_size:
+            if inp.inputs_embeds is not None and inp.inputs_embeds.shape[1] != self.row_width:
                 raise ValueError(
                     f"DraftInput {inp.req_id!r}: inputs_embeds width {inp.inputs_embeds.shape[1]} "
-                    f"!= draft hidden size {self.hidden_size}"
+                    f"!= the draft's row width {self.row_width} (hidden size {self.hidden_size}, "
+                    f"{self.deepstack_levels} DeepStack levels)"
                 )
         old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
         self.kv.reserve({inp.req_id: self.kv.length(inp.req_id) + inp.num_rows for inp in inputs})
@@ -353,7 +390,13 @@ class DraftEngine:
             order.sort(key=lambda i: inputs[i].num_rows > threshold)
         batch_inputs = [inputs[i] for i in order]
         query_lens = [inp.num_rows for inp in batch_inputs]
-        embeds = torch.cat([self._embed_rows(inp) for inp in batch_inputs])
+        rows = torch.cat([self._embed_rows(inp) for inp in batch_inputs])
+        embeds = rows[:, : self.hidden_size]
+        if self.deepstack_levels:
+            # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
+            # layers' outputs (and clears them): fill it with exactly this batch's rows.
+            deepstack = rows[:, self.hidden_size :].reshape(rows.shape[0], self.deepstack_levels, -1)
+            self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
         positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
         batch = self.kv.build_batch([inp.req_id for inp in batch_inputs], query_lens)
         cfg = self.draft_vllm_config
@@ -369,5 +412,19 @@ class DraftEngine:
 
     def _embed_rows(self, inp: DraftInput) -> torch.Tensor:
         if inp.token_ids is not None:
-            return self.model.embed_input_ids(inp.token_ids.to(self.device, torch.int64))
+            return self._with_deepstack(self.model.embed_input_ids(inp.token_ids.to(self.device, torch.int64)), None)
         return inp.inputs_embeds.to(self.device, self.dtype)
+
+
+def _deepstack_levels(model, model_config) -> int:
+    """DeepStack levels of a family that has them, checked against vLLM's model (0 for others)."""
+    family = family_of(model_config.hf_config)
+    if family is None or not family.deepstack:
+        return 0
+    levels = getattr(model, "deepstack_num_level", 0)
+    if not getattr(model, "use_deepstack", False) or not levels:
+        raise ValueError(
+            f"{family.name} draft {model_config.model}: vLLM's {type(model).__name__} has no DeepStack "
+            "buffer to fill, but the family injects DeepStack features"
+        )
+    return int(levels)

@@ -6,13 +6,15 @@ selection (holistic by default, a baseline for ablation), and keeps the chosen
 rows in their original order. Every kept row keeps its original M-RoPE (t, h, w)
 position, so text after the video and every generated token sit at the same
 positions as in the target; only the draft's KV index (its compact length)
-differs. Images and text-only prompts are drafted in full.
+differs. Text inside a video's placeholder (Qwen3-VL's timestamps and vision
+start/end tokens) is kept. Images and text-only prompts are drafted in full.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,11 +39,6 @@ class DraftView:
         return int(self.keep_rows.numel())
 
 
-def mm_item_grid(feature: Any, spatial_merge_size: int) -> VideoGrid:
-    thw = feature.data["video_grid_thw"].data
-    return VideoGrid.from_thw(tuple(int(x) for x in thw.flatten().tolist()), spatial_merge_size)
-
-
 def needs_target_attention(hippo: HippoConfig) -> bool:
     if hippo.keep_ratio == 0.0:  # the draft sees no video: nothing to rank
         return False
@@ -56,19 +53,33 @@ def video_spans(mm_features: list[Any]) -> list[tuple[int, int]]:
     ]
 
 
+def video_embed_rows(pos: Any) -> torch.Tensor:
+    """Rows of a video's placeholder (relative to its offset) that hold video embeddings.
+
+    A Qwen3-VL placeholder also holds text: ``<t seconds><|vision_start|>`` before and
+    ``<|vision_end|>`` after each temporal patch's pads, with ``is_embed`` marking the
+    pads. Only those rows are scored and pruned; the text rows are always kept.
+    """
+    if pos.is_embed is None:
+        return torch.arange(pos.length)
+    return torch.nonzero(pos.is_embed.cpu()).flatten()
+
+
 def build_draft_view(
     hippo: HippoConfig,
     prompt_len: int,
     mm_features: list[Any],
     item_embeds: list[torch.Tensor],
     attention: list[torch.Tensor | None] | None,
-    spatial_merge_size: int,
+    video_grid: Callable[[Any], VideoGrid],
 ) -> DraftView:
     """Choose the prompt rows the draft keeps.
 
     ``item_embeds`` are the draft's encoder outputs, one per mm item in
-    ``mm_features`` order; ``attention`` holds s_attn per *video* (None entries
-    where the target's attention could not be captured).
+    ``mm_features`` order (only the video rows' embeddings, ``[n, hidden]``);
+    ``attention`` holds s_attn per *video* placeholder (None entries where the
+    target's attention could not be captured); ``video_grid`` reads a video
+    feature's token grid (the target family's ``ModelFamily.video_grid``).
     """
     start = time.perf_counter()
     keep = torch.ones(prompt_len, dtype=torch.bool)
@@ -80,13 +91,16 @@ def build_draft_view(
             continue
         attn = attention[video_index] if attention else None
         video_index += 1
-        grid = mm_item_grid(feature, spatial_merge_size)
+        grid = video_grid(feature)
         pos = feature.mm_position
-        if grid.num_tokens != pos.length or embeds.shape[0] != pos.length:
+        local = video_embed_rows(pos)
+        if grid.num_tokens != local.numel() or embeds.shape[0] != local.numel():
             raise ValueError(
-                f"video at prompt offset {pos.offset}: {pos.length} placeholder tokens, "
-                f"grid {grid} and {embeds.shape[0]} draft embeddings disagree"
+                f"video at prompt offset {pos.offset}: {local.numel()} video rows in its {pos.length}-row "
+                f"placeholder, grid {grid} and {embeds.shape[0]} draft embeddings disagree"
             )
+        if attn is not None and attn.shape[-1] == pos.length != local.numel():
+            attn = attn[..., local]  # s_attn covers the whole placeholder; score the video rows
         pruning = hippo.pruning
         if attn is None and needs_target_attention(hippo):
             attention_used = False
@@ -99,9 +113,10 @@ def build_draft_view(
         if pruning == "holistic" and not any(weights.values()):
             pruning = "uniform"  # attention was the only enabled signal
         kept = _kept_video_tokens(hippo, pruning, grid, embeds, attn, weights)
-        keep[pos.offset : pos.offset + pos.length] = False
-        keep[pos.offset + kept] = True
-        total += pos.length
+        rows = pos.offset + local
+        keep[rows] = False
+        keep[rows[kept]] = True
+        total += int(local.numel())
         seen += int(kept.numel())
     return DraftView(
         keep_rows=torch.nonzero(keep).flatten(),

@@ -7,24 +7,44 @@ affected requests their spec tokens. Each failure is counted per request in
 (where it happened, the exception type and the line that raised it) is logged
 with its traceback, later ones only at debug level, so a failure that repeats
 every step does not flood the log.
+
+Failures travel as plain :class:`~hippo_vllm.vllm.draft_protocol.DraftFailure`
+records (the traceback already formatted), because the draft's side may run in
+another process: :func:`failure_record` makes one from an exception on either
+side, and the cause is read back from the formatted traceback.
 """
 
 from __future__ import annotations
 
+import re
 import traceback
 from collections.abc import Iterable
 
 from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.draft_protocol import DraftFailure
 from hippo_vllm.vllm.metrics import HippoStats
 
 logger = get_logger(__name__)
 
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+)', re.MULTILINE)
 
-def failure_cause(where: str, exc: BaseException) -> tuple[str, str, str, int]:
+
+def failure_record(req_id: str, where: str, exc: BaseException) -> DraftFailure:
+    """A plain, picklable record of ``exc`` (``req_id`` "" when no single request is to blame)."""
+    return DraftFailure(
+        req_id=req_id,
+        where=where,
+        error_type=type(exc).__qualname__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+def failure_cause(failure: DraftFailure) -> tuple[str, str, str, int]:
     """(where, exception type, file, line that raised): what makes two failures the same."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    filename, lineno = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
-    return where, type(exc).__qualname__, filename, lineno
+    frames = _FRAME.findall(failure.traceback)
+    filename, lineno = (frames[-1][0], int(frames[-1][1])) if frames else ("?", 0)
+    return failure.where, failure.error_type, filename, lineno
 
 
 class DraftingFailures:
@@ -34,17 +54,21 @@ class DraftingFailures:
         self.stats = stats
         self._logged: set[tuple[str, str, str, int]] = set()
 
-    def record(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+    def record(self, failure: DraftFailure, req_ids: Iterable[str]) -> None:
         """``req_ids`` lost drafting (for good, or for the step: the caller decides)."""
         req_ids = sorted(req_ids)
         self.stats.drafting_failures += max(1, len(req_ids))
-        cause = failure_cause(where, exc)
+        where = failure.where
+        cause = failure_cause(failure)
         if cause in self._logged:
-            logger.debug("hippo: drafting failed again in %s (%s) for %s", where, exc, req_ids)
+            logger.debug(
+                "hippo: drafting failed again in %s (%s: %s) for %s",
+                where, failure.error_type, failure.message, req_ids,
+            )
             return
         self._logged.add(cause)
         logger.error(
             "hippo: drafting failed in %s for request(s) %s; they continue without speculation "
-            "(outputs are unaffected). Logged once per cause:",
-            where, ", ".join(req_ids) or "(none)", exc_info=exc,
+            "(outputs are unaffected). Logged once per cause:\n%s",
+            where, ", ".join(req_ids) or "(none)", failure.traceback.rstrip(),
         )

@@ -49,6 +49,19 @@ EXPORTED_STATS: dict[str, str] = {
     "target_step_seconds": "Time in the target's steps (forward and sampling, without drafting).",
     "draft_seconds": "Time drafting chunks, including waiting for them.",
     "draft_prefill_seconds": "Time building draft views and prefilling the draft (vision encoder included).",
+    # A draft worker of its own ("draft_worker": {"placement": "process" | "ray"}).
+    "draft_round_trip_seconds": (
+        "Draft worker: time from sending a step's drafting work to reading its answer "
+        "(divide by draft_round_trips for the mean)."
+    ),
+    "draft_round_trips": "Draft worker: answers read in time (late ones are dropped uncounted here).",
+    "draft_wait_seconds": "Draft worker: time the target waited for the draft's answers.",
+    "draft_dropped_steps": (
+        "Draft worker: steps that went on without drafts because the answer was not back by "
+        "the deadline (timeout_ms; its chunks are dropped, its other news is taken in when it "
+        "comes) or the worker was down."
+    ),
+    "draft_worker_restarts": "Draft worker: restarts after it died, stalled or fell behind.",
 }
 
 
@@ -81,6 +94,11 @@ class HippoStats:
     target_step_seconds: float = 0.0
     draft_seconds: float = 0.0
     draft_prefill_seconds: float = 0.0
+    draft_round_trip_seconds: float = 0.0
+    draft_round_trips: int = 0
+    draft_wait_seconds: float = 0.0
+    draft_dropped_steps: int = 0
+    draft_worker_restarts: int = 0
 
     def record_view(self, view) -> None:
         self.draft_views += 1

@@ -46,7 +46,8 @@ class HippoRunnerMixin:
             return super().execute_model(scheduler_output, *args, **kwargs)
         proposer.new_step()  # plain bookkeeping, cannot fail
         _guarded(proposer, "begin_step", scheduler_output, proposer.begin_step, self, scheduler_output)
-        # In the target's process this runs before the target's forward, not beside it.
+        # VPSD sends the step's drafting work here; in the target's process it is
+        # drafted now, before the target's forward, not beside it.
         _guarded(proposer, "parallel chunk drafting", scheduler_output,
                  proposer.launch_parallel_drafts, self, scheduler_output)
         start = time.perf_counter()
@@ -63,23 +64,27 @@ class HippoRunnerMixin:
         proposer = self._hippo()
         if proposer is None:
             return super().sample_tokens(*args, **kwargs)
-        # Sampling belongs to the target's step; drafting inside it is counted apart.
-        stats = proposer.stats
-        start, drafted_before = time.perf_counter(), stats.draft_seconds + stats.draft_prefill_seconds
+        # Sampling belongs to the target's step; proposing (called inside it) is counted apart.
+        start, self._hippo_proposing_seconds = time.perf_counter(), 0.0
         try:
             return super().sample_tokens(*args, **kwargs)
         finally:
-            drafting = stats.draft_seconds + stats.draft_prefill_seconds - drafted_before
-            proposer.stats.target_step_seconds += time.perf_counter() - start - drafting
+            proposer.stats.target_step_seconds += time.perf_counter() - start - self._hippo_proposing_seconds
 
     def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *args: Any, **kwargs: Any):
         proposer = self._hippo()
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
-        ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
-        drafts = _guarded(proposer, "propose_batch", scheduler_output,
-                          proposer.propose_batch, self, scheduler_output, sampled_token_ids)
-        return drafts if drafts is not None else [[] for _ in self.input_batch.req_ids]
+        start = time.perf_counter()
+        try:
+            ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics
+            drafts = _guarded(proposer, "propose_batch", scheduler_output,
+                              proposer.propose_batch, self, scheduler_output, sampled_token_ids)
+            return drafts if drafts is not None else [[] for _ in self.input_batch.req_ids]
+        finally:
+            self._hippo_proposing_seconds = getattr(self, "_hippo_proposing_seconds", 0.0) + (
+                time.perf_counter() - start
+            )
 
     def initialize_kv_cache(self, kv_cache_config: Any, is_profiling: bool = False, **kwargs: Any) -> None:
         super().initialize_kv_cache(kv_cache_config, is_profiling, **kwargs)
@@ -89,7 +94,10 @@ class HippoRunnerMixin:
             proposer.allocate_draft_kv_cache(kv_cache_config.num_blocks * spec.block_size)
 
     def shutdown(self) -> None:
-        stop_exporting(self._hippo())  # the stats snapshot goes with the engine
+        proposer = self._hippo()
+        stop_exporting(proposer)  # the stats snapshot goes with the engine
+        if proposer is not None:
+            proposer.close()  # a draft worker of its own goes with it too
         super().shutdown()
 
 

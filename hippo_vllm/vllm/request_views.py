@@ -6,18 +6,23 @@ preempted request that resumes is drafted from the same rows. A prompt served
 from vLLM's prefix cache is not recomputed, so the target's attention to its
 video cannot be captured again; an identical prompt seen recently reuses its
 view (same prompt, same selection).
+
+This lives on the draft's side (``draft_worker``): the target's side learns of
+each view through a ``ViewReport``.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hippo_vllm.config import HippoConfig
+from hippo_vllm.core import VideoGrid
+from hippo_vllm.vllm.draft_protocol import DraftPrompt
 from hippo_vllm.vllm.draft_view import DraftView, build_draft_view
-from hippo_vllm.vllm.metrics import HippoStats
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 
@@ -40,8 +45,8 @@ class _LruCache:
             self._items.popitem(last=False)
 
 
-def _prompt_key(state: Any) -> tuple:
-    return tuple(state.prompt_token_ids), tuple(f.identifier for f in state.mm_features)
+def _prompt_key(prompt: DraftPrompt) -> tuple:
+    return tuple(prompt.prompt_token_ids), tuple(f.identifier for f in prompt.mm_features)
 
 
 def _attention_missing(attention: list | None) -> bool:
@@ -49,12 +54,11 @@ def _attention_missing(attention: list | None) -> bool:
 
 
 class RequestViews:
-    """Draft views by request id (vLLM's ``CachedRequestState`` describes each prompt)."""
+    """Draft views by request id."""
 
-    def __init__(self, hippo: HippoConfig, spatial_merge_size: int, stats: HippoStats):
+    def __init__(self, hippo: HippoConfig, video_grid: Callable[[Any], VideoGrid]):
         self.hippo = hippo
-        self.spatial_merge_size = spatial_merge_size
-        self.stats = stats
+        self.video_grid = video_grid
         self._views: dict[str, DraftView] = {}
         self._recent = _LruCache(RECENT_VIEWS)
 
@@ -73,19 +77,18 @@ class RequestViews:
     def build(
         self,
         req_id: str,
-        state: Any,
+        prompt: DraftPrompt,
         item_embeds: list[torch.Tensor],
         attention: list[torch.Tensor | None] | None,
     ) -> DraftView:
         """The request's view from the draft's item embeddings and the target's s_attn per video."""
-        key = _prompt_key(state)
+        key = _prompt_key(prompt)
         view = self._recent.get(key) if _attention_missing(attention) else None
         if view is None:
             view = build_draft_view(
-                self.hippo, len(state.prompt_token_ids), state.mm_features, item_embeds, attention,
-                self.spatial_merge_size,
+                self.hippo, len(prompt.prompt_token_ids), prompt.mm_features, item_embeds, attention,
+                self.video_grid,
             )
         self._recent.put(key, view)
         self._views[req_id] = view
-        self.stats.record_view(view)
         return view

@@ -81,6 +81,16 @@ def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
     if delta.get("draft_kv_full"):
         parts.append("%d request steps without drafts (draft KV cache full)")
         args.append(int(delta["draft_kv_full"]))
+    trips = int(delta.get("draft_round_trips", 0))
+    if trips:
+        parts.append("draft worker %.1f ms/round trip, target waited %.1f ms/step")
+        args += [1000.0 * delta["draft_round_trip_seconds"] / trips, 1000.0 * delta["draft_wait_seconds"] / trips]
+    if delta.get("draft_dropped_steps"):
+        parts.append("%d steps without drafts (draft worker late or down)")
+        args.append(int(delta["draft_dropped_steps"]))
+    if delta.get("draft_worker_restarts"):
+        parts.append("%d draft worker restarts")
+        args.append(int(delta["draft_worker_restarts"]))
     return "hippo: " + ", ".join(parts), args
 
 
@@ -139,7 +149,8 @@ class HippoStatLogger(AggregateStatLoggerBase):
             values = reader.read()
             delta = {field: values[field] - self._logged[idx][field] for field in EXPORTED_STATS}
             self._logged[idx] = values
-            if all(delta.get(f, 0) <= 0 for f in ("draft_views", "target_forwards", "drafting_failures")):
+            if all(delta.get(f, 0) <= 0 for f in ("draft_views", "target_forwards", "drafting_failures",
+                                                  "draft_round_trips", "draft_dropped_steps")):
                 continue  # nothing new in this interval
             fmt, args = format_log_line(delta)
             if len(self.readers) > 1:

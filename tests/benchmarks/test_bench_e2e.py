@@ -13,6 +13,8 @@ from script_loading import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
+# With two cores: the target bound to core 0, alone and with the draft in a worker on core 1.
+WORKER_ROWS = ["target core0", "hippo parallel tiny worker"]
 COLUMNS = ("configuration", "wall s", "tok/s", "fwd", "tok/fwd", "MAT", "video seen", "target s", "draft s")
 ROW_KEYS = {"name", "wall_seconds", "tokens_per_second", "generated_tokens", "target_forwards",
             "tokens_per_target_forward", "mat", "spec_acceptance_rate", "video_tokens_seen",
@@ -51,17 +53,18 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
     out = tmp_path / "e2e.json"
     bench.main(["--quick", "--pairs", "tiny", "--max-tokens", "8", "--out", str(out)])
     result = json.loads(out.read_text())
+    expected = ROWS + (WORKER_ROWS if result["settings"]["worker_rows"] else [])
     printed = capsys.readouterr().out
     num_prompts, max_tokens = result["settings"]["num_prompts"], result["settings"]["max_tokens"]
 
     # Every batch of every row (warm-up + 1 timed) was compared with the target's own outputs.
-    assert [(name, repeat) for name, repeat, _, _ in checked] == [(row, r) for row in ROWS for r in (0, 1)]
+    assert [(name, repeat) for name, repeat, _, _ in checked] == [(row, r) for row in expected for r in (0, 1)]
     target_ids = checked[0][2]
     assert len(target_ids) == num_prompts and all(len(ids) == max_tokens for ids in target_ids)
     assert all(reference == target_ids for *_, reference in checked)
 
     rows = {row["name"]: row for row in result["rows"]}
-    assert list(rows) == ROWS
+    assert list(rows) == expected
     for row in rows.values():
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["lossless"] == {"checked_batches": 2, "checked_outputs": 2 * num_prompts, "equal_to_target": True}
@@ -76,13 +79,17 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
     assert rows["draft_model text"]["video_tokens_seen"] == 0
     assert rows["target"]["tracker"]["spec_drafted"] == 0
     assert rows["hippo parallel tiny"]["mat"] is not None
-    assert "estimate_second_device" in rows["hippo parallel tiny"]
+    if result["settings"]["worker_rows"]:
+        worker = rows["hippo parallel tiny worker"]
+        assert worker["tracker"]["spec_drafted"] > 0 and worker["worker"]["round_trips"] > 0
+        assert worker["worker"]["overlap_efficiency"] > 0 and worker["worker"]["restarts"] == 0
+        assert "overlap efficiency" in printed
 
     # The printed table has every column and one line per row.
     header = next(line for line in printed.splitlines() if line.startswith("configuration"))
     assert all(column in header for column in COLUMNS), header
-    for name in ROWS:
-        assert sum(line.startswith(name + " ") for line in printed.splitlines()) == 1, name
+    for name in expected:
+        assert sum(line.startswith(f"{name:<28} ") for line in printed.splitlines()) == 1, name
 
 
 def test_text_only_checkpoint_is_the_vl_language_model_on_text(bench, tiny, tmp_path):

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.engine
     [
         ({"keep_ratio": 1.5}, 'speculative_config["keep_ratio"]=1.5 is not allowed: a number in [0, 1]'),
         ({"keep_rato": 0.1}, "Unknown key(s) ['keep_rato'] in the hippo speculative_config"),
+        ({"draft_worker": {"placement": "thread"}},
+         'speculative_config["draft_worker"]["placement"]=\'thread\' is not allowed: one of '
+         "['in_process', 'process', 'ray']"),
     ],
-    ids=["keep_ratio", "unknown-key"],
+    ids=["keep_ratio", "unknown-key", "draft-worker-placement"],
 )
 def test_bad_hippo_config_stops_the_server_with_the_message(tiny, change, message):
     config = {"method": "hippo", "model": str(tiny.draft), **change}

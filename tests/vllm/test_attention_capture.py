@@ -8,6 +8,7 @@ over a subset of the rows.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from hippo_vllm.vllm.attention_capture import PATCH_TARGET, TargetAttentionCapture
 from hippo_vllm.vllm.patching import PatchConflict, applied_patches
+from hippo_vllm.vllm.step_records import batch_rows, step_start
 
 HEADS, KV_HEADS, HEAD_SIZE = 2, 1, 4
 PROMPT_LEN, VIDEO = 12, (2, 4)  # a video at rows 2..5, text after it
@@ -37,14 +39,17 @@ def make_capture(num_layers: int = 2):
 
 def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = False) -> None:
     """One target step scheduling prompt rows [start, start + n) of the request."""
-    new_reqs = [types.SimpleNamespace(req_id=REQ, num_computed_tokens=start)] if new else []
-    cached = types.SimpleNamespace(req_ids=[] if new else [REQ], num_computed_tokens=[] if new else [start])
+    new_reqs = [types.SimpleNamespace(req_id=REQ, num_computed_tokens=start, prompt_token_ids=[0] * PROMPT_LEN,
+                                      mm_features=[])] if new else []
+    cached = types.SimpleNamespace(req_ids=[] if new else [REQ], num_computed_tokens=[] if new else [start],
+                                   resumed_req_ids=set())
     scheduler_output = types.SimpleNamespace(
-        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached, num_scheduled_tokens={REQ: n})
+        scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached, num_scheduled_tokens={REQ: n},
+        finished_req_ids=set())
     runner = types.SimpleNamespace(
         input_batch=types.SimpleNamespace(req_ids=[REQ]),
         requests={REQ: types.SimpleNamespace(num_computed_tokens=start)})
-    capture.begin_step(runner, scheduler_output)
+    capture.begin_step(step_start(runner, scheduler_output), functools.partial(batch_rows, runner, scheduler_output))
     generator = torch.Generator().manual_seed(start)
     query = torch.randn(n, HEADS * HEAD_SIZE, generator=generator)
     key = torch.randn(n, KV_HEADS * HEAD_SIZE, generator=generator)

@@ -9,12 +9,14 @@ tests/vllm/test_tensor_parallel.py.
 from __future__ import annotations
 
 import threading
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
+from hippo_vllm.vllm.step_records import batch_rows, step_start
 
 H_Q, H_KV, D, LAYERS = 4, 2, 8, (0, 1)
 TEXT_BEFORE, VIDEO, TEXT_AFTER = 3, 6, 4
@@ -42,9 +44,10 @@ def prefill(capture, queries, keys, chunks) -> None:
     for n in chunks:
         runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["req"]),
                                  requests={"req": SimpleNamespace(num_computed_tokens=done)})
-        cached = SimpleNamespace(req_ids=["req"], num_computed_tokens=[done])
-        capture.begin_step(runner, SimpleNamespace(num_scheduled_tokens={"req": n}, scheduled_new_reqs=[],
-                                                   scheduled_cached_reqs=cached))
+        cached = SimpleNamespace(req_ids=["req"], num_computed_tokens=[done], resumed_req_ids=set())
+        scheduler_output = SimpleNamespace(num_scheduled_tokens={"req": n}, scheduled_new_reqs=[],
+                                           scheduled_cached_reqs=cached, finished_req_ids=set())
+        capture.begin_step(step_start(runner, scheduler_output), partial(batch_rows, runner, scheduler_output))
         for i in LAYERS:
             impl = capture.layers[i].impl
             impl.forward(None, queries[i][done : done + n], keys[i][done : done + n], None, None, object())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, recording_views, video_request
+from engine_utils import counter, draft_worker_of, engine, generate_ids, hippo_config, recording_views, video_request
 
 pytestmark = pytest.mark.engine
 
@@ -32,7 +32,7 @@ def test_long_compact_prefill_behind_a_compiled_target_drafts_and_is_lossless(ti
     config = hippo_config(tiny.draft, keep_ratio=1.0)
     with engine(tiny.target, speculative_config=config, **COMPILED) as llm:
         views = recording_views(llm)
-        draft = proposer_of(llm).engine
+        draft = draft_worker_of(llm).engine
         rows, run = [], draft.run
         draft.run = lambda inputs: (rows.append(sum(i.num_rows for i in inputs)), run(inputs))[1]
         assert generate_ids(llm, request, max_tokens=24) == expected

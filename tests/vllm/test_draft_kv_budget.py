@@ -15,6 +15,7 @@ import pytest
 from engine_utils import (
     ENGINE_DEFAULTS,
     counter,
+    draft_worker_of,
     engine,
     generate_ids,
     hippo_config,
@@ -76,15 +77,15 @@ def test_many_sequences_and_a_long_context_start_with_a_small_draft_cache_inside
     kv_budget, max_num_seqs, max_model_len = 64 * MIB, 256, 4096  # the fixture's longest context
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft), max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len, kv_cache_memory_bytes=kv_budget) as llm:
-        proposer = proposer_of(llm)
+        draft = draft_worker_of(llm)
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         target_bytes = storage_bytes(runner.kv_caches)
-        draft_bytes = storage_bytes(proposer.engine.kv.kv_caches.values())
-        draft_tokens = proposer.engine.kv.num_blocks * BLOCK
+        draft_bytes = storage_bytes(draft.engine.kv.kv_caches.values())
+        draft_tokens = draft.engine.kv.num_blocks * BLOCK
         target_block = runner.cache_config.block_size
         target_tokens = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * target_block
     # Sized for every sequence at full length it would be 256 x 4100 tokens (537 MB in float32).
-    assert draft_bytes == draft_tokens * DRAFT_BYTES_PER_TOKEN == proposer.engine.kv.num_bytes
+    assert draft_bytes == draft_tokens * DRAFT_BYTES_PER_TOKEN == draft.engine.kv.num_bytes
     assert draft_tokens == (target_tokens // 4) // BLOCK * BLOCK  # "auto": a quarter (keep_ratio 0.1)
     assert target_bytes == target_tokens * TARGET_BYTES_PER_TOKEN
     assert target_bytes + draft_bytes <= kv_budget
@@ -118,7 +119,7 @@ def test_a_full_draft_cache_pauses_drafting_and_outputs_stay_the_targets(paralle
     config = hippo_config(tiny.draft, parallel=parallel, draft_kv_tokens=3 * BLOCK)
     with engine(tiny.target, speculative_config=config) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == expected
-        assert proposer_of(llm).engine.kv.num_blocks == 3
+        assert draft_worker_of(llm).engine.kv.num_blocks == 3
         paused = proposer_of(llm).stats.draft_kv_full
         # The worker's figures reach get_metrics() (and /metrics) with its next snapshot.
         assert exported_counter(llm, "vllm:hippo_draft_kv_full", paused) == paused

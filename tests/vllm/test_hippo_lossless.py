@@ -18,6 +18,7 @@ import pytest
 from engine_utils import (
     ENGINE_DEFAULTS,
     counter,
+    draft_worker_of,
     engine,
     generate_ids,
     greedy,
@@ -250,9 +251,11 @@ def test_random_aborts_release_every_draft_request(parallel, tiny, requests):
         core.add_request("last", requests[0], greedy(1))
         while core.has_unfinished_requests():
             core.step()
-        proposer = proposer_of(llm)
+        proposer, draft = proposer_of(llm), draft_worker_of(llm)
         assert proposer.stats.draft_tokens > 0
         assert proposer.num_draft_requests == 0
         assert proposer.num_views == 0
-        assert proposer.engine.num_requests == 0
-        assert proposer.engine.num_used_blocks == 0
+        # The draft's side holds nothing of them either.
+        assert draft.num_draft_requests == draft.num_views == draft.num_prompts == 0
+        assert draft.engine.num_requests == 0
+        assert draft.engine.num_used_blocks == 0

@@ -60,17 +60,18 @@ def rank_report():
 
         runner = worker.model_runner
         drafter = runner.drafter
+        draft = drafter.draft.worker.engine if drafter.draft is not None else None
 
         def tp_sizes(model):
             return sorted({m.tp_size for m in model.modules() if hasattr(m, "tp_size")})
 
         return {
             "tp_rank": parallel_state.get_tp_group().rank_in_group,
-            "draft_loaded": drafter.engine is not None,
-            "draft_tp_sizes": tp_sizes(drafter.engine.model) if drafter.engine is not None else None,
+            "draft_loaded": draft is not None,
+            "draft_tp_sizes": tp_sizes(draft.model) if draft is not None else None,
             "target_tp_sizes": tp_sizes(runner.model),
             "draft_tokens": drafter.stats.draft_tokens,
-            "draft_kv_bytes": drafter.engine.kv.num_bytes if drafter.engine is not None else 0,
+            "draft_kv_bytes": draft.kv.num_bytes if draft is not None else 0,
             "target_kv_bytes": sum(
                 {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in runner.kv_caches}.values()
             ),

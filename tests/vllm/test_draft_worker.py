@@ -1,0 +1,161 @@
+"""The draft's side: one StepWork in, one StepResult out, never an exception.
+
+A real DraftWorker (the tiny draft) next to an in-process engine of the tiny
+target, whose runner gives the requests' DraftPrompts (``step_records.draft_prompt``,
+read right after the target's prefill, as the proposer reads them). Faults are
+injected into the draft engine to check how each maps into the result.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from engine_utils import engine, greedy, text_request, video_request
+
+from hippo_vllm.config import HippoConfig
+from hippo_vllm.vllm.draft_backend import InProcessDraft
+from hippo_vllm.vllm.draft_engine import DraftCapacityError
+from hippo_vllm.vllm.draft_protocol import ChunkOrder, Prefill, Release, StepWork
+from hippo_vllm.vllm.draft_worker import DraftWorker
+from hippo_vllm.vllm.step_records import draft_prompt
+
+pytestmark = pytest.mark.engine
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def target(tiny, tiny_tokenizer):
+    """The target's engine (kept running: the draft lives in its process) and two DraftPrompts."""
+    requests = [video_request(tiny_tokenizer, "Describe this video.", tiny.synthetic_videos[0]),
+                text_request(tiny_tokenizer, "Which colours are warm?")]
+    with engine(tiny.target) as llm:
+        runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        prompts, original = {}, runner.execute_model
+
+        def execute_model(*args, **kwargs):
+            out = original(*args, **kwargs)
+            for req_id in runner.requests:
+                prompts.setdefault(req_id, draft_prompt(runner, req_id))
+            return out
+
+        runner.execute_model = execute_model
+        try:
+            outputs = llm.generate(requests, greedy(4), use_tqdm=False)
+        finally:
+            runner.execute_model = original
+        by_ids = {tuple(p.prompt_token_ids): p for p in prompts.values()}
+        video, text = (by_ids[tuple(o.prompt_token_ids)] for o in outputs)
+        yield llm, {"video": video, "text": text}
+
+
+@pytest.fixture(scope="module")
+def worker(target, tiny):
+    llm, _ = target
+    hippo = HippoConfig(model=str(tiny.draft), num_speculative_tokens=K)
+    draft = DraftWorker(llm.llm_engine.vllm_config, hippo)
+    draft.allocate_kv_cache(64)
+    return draft
+
+
+@pytest.fixture
+def draft(worker):
+    """The shared worker, empty for each test."""
+    yield worker
+    held = set(worker._prompts) | set(worker._states) | set(worker._orders)
+    worker.handle(StepWork(-1, releases=[Release(r, finished=True) for r in held]))
+    assert worker.engine.num_requests == 0 and worker.num_views == 0
+
+
+def prefill(req_id, prompt, attention=None):
+    return Prefill(req_id, prompt, attention)
+
+
+def test_prefill_and_chunks_with_deltas_draft_greedily(draft, target):
+    prompts = target[1]
+    backend = InProcessDraft(draft)
+    work = StepWork(0, prefills=[prefill("v", prompts["video"]), prefill("t", prompts["text"])],
+                    chunks=[ChunkOrder("v", 0, [11], K), ChunkOrder("t", 0, [12], K)])
+    first = backend.submit(work).result(timeout=None)
+    assert first.seq == 0 and first.failures == [] and first.no_room == [] and first.step_failure is None
+    assert sorted(r.req_id for r in first.views) == ["t", "v"]
+    video_view = next(r for r in first.views if r.req_id == "v")
+    assert 0 < video_view.video_tokens_seen < video_view.video_tokens  # pruned, without s_attn
+    assert not video_view.attention_used
+    assert {r: len(c) for r, c in first.chunks.items()} == {"v": K, "t": K}
+    # Only the change travels: [11] kept, two drafted tokens added. Drafting on
+    # from them must give the chunk's third token again (the draft is greedy).
+    chunk = first.chunks["v"]
+    second = draft.handle(StepWork(1, chunks=[ChunkOrder("v", 1, chunk[:2], 1)]))
+    assert second.chunks == {"v": chunk[2:3]}
+    assert pickle.loads(pickle.dumps(work)).prefills[0].prompt.prompt_token_ids == prompts["video"].prompt_token_ids
+    assert pickle.loads(pickle.dumps(first)).chunks == first.chunks
+
+
+def test_a_released_request_is_prefilled_again_from_its_kept_view_and_prompt(draft, target):
+    prompts = target[1]
+    first = draft.handle(StepWork(0, prefills=[prefill("v", prompts["video"])], chunks=[ChunkOrder("v", 0, [11], K)]))
+    used = draft.engine.num_used_blocks
+    draft.handle(StepWork(1, releases=[Release("v", finished=False)]))
+    assert draft.engine.num_requests == 0 and draft.num_views == 1 and draft.num_prompts == 1
+    again = draft.handle(StepWork(2, prefills=[prefill("v", None)], chunks=[ChunkOrder("v", 0, [11], K)]))
+    assert again.views == [] and again.failures == [] and again.chunks == first.chunks
+    assert draft.engine.num_used_blocks == used
+    draft.handle(StepWork(3, releases=[Release("v", finished=True)]))
+    assert draft.num_prompts == draft.num_views == draft.num_draft_requests == 0
+
+
+def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkeypatch):
+    prompts = target[1]
+    result = draft.handle(StepWork(0, prefills=[prefill("t", prompts["text"]), prefill("lost", None)],
+                                   chunks=[ChunkOrder("t", 0, [12], K), ChunkOrder("lost", 0, [1], K),
+                                           ChunkOrder("stranger", 0, [1], K)]))
+    assert [(f.req_id, f.where) for f in result.failures] == [("lost", "draft prefill"),
+                                                               ("stranger", "chunk drafting")]
+    assert "has no draft prompt" in result.failures[0].message
+    assert "Traceback (most recent call last)" in result.failures[1].traceback
+    assert list(result.chunks) == ["t"] and result.step_failure is None
+    # An order keeping more than the last one had.
+    result = draft.handle(StepWork(1, chunks=[ChunkOrder("t", 5, [1], K)]))
+    assert [(f.req_id, f.error_type) for f in result.failures] == [("t", "ValueError")]
+
+    # One request's draft forward fails inside a batch: found by drafting each alone.
+    draft.handle(StepWork(2, prefills=[prefill("v", prompts["video"])]))
+    original = draft.engine._forward
+
+    def forward(inputs):
+        if any(inp.req_id == "v" for inp in inputs):
+            raise RuntimeError("injected draft failure")
+        return original(inputs)
+
+    monkeypatch.setattr(draft.engine, "_forward", forward)
+    result = draft.handle(StepWork(3, chunks=[ChunkOrder("t", 0, [12, 13], K), ChunkOrder("v", 0, [11], K)]))
+    assert [(f.req_id, f.where, f.message) for f in result.failures] == [
+        ("v", "chunk drafting", "injected draft failure")]
+    assert list(result.chunks) == ["t"] and len(result.chunks["t"]) == K
+    monkeypatch.undo()
+
+    # No room: the prefill pauses (its chunk is not drafted, nor blamed); a batch without room pauses all.
+    draft.handle(StepWork(4, releases=[Release("v", finished=False)]))
+    monkeypatch.setattr(draft.engine, "has_room_for", lambda n: False)
+    result = draft.handle(StepWork(5, prefills=[prefill("v", None)], chunks=[ChunkOrder("v", 0, [11], K)]))
+    assert result.no_room == ["v"] and result.failures == [] and result.chunks == {}
+    monkeypatch.undo()
+
+    def full(inputs):
+        raise DraftCapacityError("injected: no free blocks")
+
+    monkeypatch.setattr(draft.engine, "run", full)
+    result = draft.handle(StepWork(6, chunks=[ChunkOrder("t", 0, [12, 13, 14], K)]))
+    assert result.no_room == ["t"] and result.failures == [] and result.chunks == {}
+    monkeypatch.undo()
+
+    # Nothing to blame a request for: the step fails, handle still answers.
+    def broken_free(req_id):
+        raise RuntimeError("injected allocator failure")
+
+    monkeypatch.setattr(draft.engine, "free", broken_free)
+    result = draft.handle(StepWork(7, releases=[Release("t", finished=False)], chunks=[ChunkOrder("t", 0, [1], K)]))
+    assert result.seq == 7 and result.step_failure is not None
+    assert result.step_failure.where == "draft step" and "injected allocator failure" in result.step_failure.traceback

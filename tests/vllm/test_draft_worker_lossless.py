@@ -1,0 +1,182 @@
+"""The draft in a worker of its own ("draft_worker" placement "process" or "ray") is lossless.
+
+Real engines on CPU with the tiny checkpoints, compared with the target alone
+(the baselines of test_hippo_lossless). One engine per placement and schedule
+serves every case at once: chunked prefill (64-token batches), text, video and
+a mixed batch with per-request max_tokens, random aborts, and in VPSD random
+sampling (top_k 1, so its output is the greedy one); with the process placement
+also preemption under a small target KV cache. Faults: the worker is killed and stalled in the
+middle of generation; every request still ends with the target's output, the
+worker comes back with a new epoch and drafts again, and no worker process
+outlives the engine. Under tensor parallelism 2 the worker is started by the
+output rank's worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from test_draft_worker_backends import wait_gone
+
+from engine_utils import counter, engine, generate_ids, greedy, hippo_config, proposer_of
+from test_hippo_lossless import LONG, PREEMPTED, TARGET_KV_BYTES_PER_TOKEN, _mixed_batch
+from test_hippo_lossless import baseline, baselines, requests, tokenizer  # noqa: F401 - shared fixtures
+
+pytestmark = pytest.mark.engine
+
+K = 3
+# The draft's KV cache is in the worker's memory, so the target's budget is all its
+# own: three 128-token blocks for up to four requests of ~200 tokens preempt.
+SMALL_TARGET = {
+    "kv_cache_memory_bytes": 3 * 128 * TARGET_KV_BYTES_PER_TOKEN,
+    "max_model_len": 256,
+    "max_num_batched_tokens": 64,
+    "enable_chunked_prefill": True,
+}
+
+
+def worker_config(draft, parallel, placement, **worker):
+    return hippo_config(draft, K, parallel, draft_kv_tokens=1024,
+                        draft_worker={"placement": placement, "cpu_cores": [1], **worker})
+
+
+def child_pids() -> set[int]:
+    """This process's live child processes."""
+    children = set()
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as f:
+            children.update(int(pid) for pid in f.read().split())
+    return children
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    "placement, parallel",
+    [("process", False), ("process", True), ("ray", True)],
+    ids=["process-serial", "process-vpsd", "ray-vpsd"],
+)
+def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, requests, baseline, request):
+    from vllm import SamplingParams
+
+    if placement == "ray":
+        request.getfixturevalue("ray_instance")
+    before = child_pids()
+    config = worker_config(tiny.draft, parallel, placement)
+    with engine(tiny.target, speculative_config=config, **SMALL_TARGET) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        assert _mixed_batch(llm, requests) == baseline["mixed"]
+        if parallel:  # the random-sampling path of the rejection sampler, deterministic at top_k 1
+            random_params = SamplingParams(temperature=0.8, top_k=1, max_tokens=24, ignore_eos=True)
+            sampled = llm.generate(requests, random_params, use_tqdm=False)
+            assert [tuple(o.outputs[0].token_ids) for o in sampled] == baseline["single"]
+        if placement == "process":  # preemption: both schedules with one placement
+            assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
+            assert counter(llm, "vllm:num_preemptions") > 0
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+        _random_aborts(llm, requests)
+        proposer = proposer_of(llm)
+        assert proposer.messages.held_requests() == []
+        stats = proposer.stats
+        assert stats.draft_round_trips > 0 and stats.draft_views > 0
+        assert stats.video_tokens_seen == 7 * (stats.video_tokens_total // 64)
+        assert stats.draft_worker_restarts == 0
+        if placement == "process":
+            worker = proposer.draft.worker_pid
+            assert os.sched_getaffinity(worker) == {1}
+    if placement == "process":
+        assert worker not in child_pids()
+    assert child_pids() <= before
+
+
+def _random_aborts(llm, requests):
+    rng = random.Random(0)
+    core = llm.llm_engine
+    live = []
+    for n in range(40):
+        req_id = f"abort{n}"
+        core.add_request(req_id, requests[n % len(requests)], greedy(rng.randint(1, 12)))
+        live.append(req_id)
+        core.step()
+        if rng.random() < 0.4:
+            core.abort_request([live.pop(rng.randrange(len(live)))])
+    while core.has_unfinished_requests():
+        core.step()
+    # vLLM reports finished requests to the worker with the next scheduled step.
+    core.add_request("last", requests[0], greedy(1))
+    while core.has_unfinished_requests():
+        core.step()
+
+
+def _generate_stepwise(llm, requests, max_tokens, at_step: dict):
+    """Generate with the engine's step loop, calling ``at_step[n]()`` before step n."""
+    core = llm.llm_engine
+    for i, req in enumerate(requests):
+        core.add_request(f"fault{i}", req, greedy(max_tokens))
+    outputs, step = {}, 0
+    while core.has_unfinished_requests():
+        if step in at_step:
+            at_step[step]()
+        for out in core.step():
+            if out.finished:
+                outputs[out.request_id] = tuple(out.outputs[0].token_ids)
+        step += 1
+    return [outputs[f"fault{i}"] for i in range(len(requests))]
+
+
+def test_a_killed_or_stalled_worker_loses_nothing_and_drafting_comes_back(tiny, requests, baseline):
+    import signal
+    import time
+
+    before = child_pids()
+    config = worker_config(tiny.draft, True, "process", timeout_ms=200, max_restarts=2)
+    with engine(tiny.target, speculative_config=config) as llm:
+        proposer = proposer_of(llm)
+        draft = proposer.draft
+        first = draft.worker_pid
+        kill = {4: lambda: os.kill(first, signal.SIGKILL)}  # mid-generation
+        assert _generate_stepwise(llm, requests, 24, kill) == baseline["single"]
+        assert proposer.stats.draft_worker_restarts == 1
+        deadline = time.monotonic() + 120
+        while draft.epoch < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert draft.epoch == 1 and draft.worker_pid != first
+        # Back: the prompts are sent again and it drafts again.
+        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
+        stall = {3: lambda: draft.stall(1.0)}  # busy past the 200 ms deadline
+        assert _generate_stepwise(llm, requests, 24, stall) == baseline["single"]
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
+        assert proposer.stats.draft_dropped_steps > 0
+        assert proposer.stats.draft_worker_restarts == 1
+    assert child_pids() <= before  # the engine's shutdown stopped the worker
+
+
+def test_tp2_output_rank_starts_the_worker_and_stays_lossless(tiny, requests, baseline):
+    from test_tensor_parallel import cpu_threads_bound_per_rank
+
+    config = worker_config(tiny.draft, True, "process")
+    with cpu_threads_bound_per_rank("0|1"):
+        with engine(tiny.target, speculative_config=config, tensor_parallel_size=2) as llm:
+            assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+            assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+
+            def report(worker):
+                drafter = worker.model_runner.drafter
+                draft = drafter.draft
+                return (draft is not None, getattr(draft, "worker_pid", None), drafter.stats.draft_round_trips)
+
+            reports = llm.collective_rpc(report)
+    assert [has_draft for has_draft, _, _ in reports].count(True) == 1
+    ((pid, trips),) = [(pid, trips) for has_draft, pid, trips in reports if has_draft]
+    assert trips > 0
+    assert wait_gone(pid), "the draft worker outlived the engine"
