@@ -24,8 +24,9 @@ tokens (``hippo_vllm.core.position_bias``), and how many of the tokens showing t
 question's object the draft kept (from the task's pixel masks). Ablation rows run the
 default schedule only (their MAT in the parallel schedule is not measured).
 
-The draft's answer is read inside the engine: when hippo prefills a request's draft
-from its view, this benchmark decodes the draft greedily from that same KV cache, at
+The draft's answer is read inside the engine: when hippo's draft worker (in the
+target's process, the default placement) prefills a request's draft from its view,
+this benchmark decodes the draft greedily from that same KV cache, at
 the same M-RoPE positions drafting uses, up to the answer's end, then rolls the
 draft's KV back so drafting goes on unchanged. It is exactly what the draft would
 answer alone from the tokens it kept. (A plain vLLM engine on the draft checkpoint
