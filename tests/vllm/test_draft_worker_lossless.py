@@ -5,7 +5,8 @@ Real engines on CPU with the tiny checkpoints, compared with the target alone
 serves every case at once: chunked prefill (64-token batches), text, video and
 a mixed batch with per-request max_tokens, random aborts, and in VPSD random
 sampling (top_k 1, so its output is the greedy one); with the process placement
-also preemption under a small target KV cache. Faults: the worker is killed and stalled in the
+also preemption under a small target KV cache, and the target as its own draft
+accepting every token in both schedules. Faults: the worker is killed and stalled in the
 middle of generation; every request still ends with the target's output, the
 worker comes back with a new epoch and drafts again, and no worker process
 outlives the engine. Under tensor parallelism 2 the worker is started by the
@@ -97,6 +98,22 @@ def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, reques
     if placement == "process":
         assert worker not in child_pids()
     assert child_pids() <= before
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "vpsd"])
+def test_self_draft_in_a_worker_accepts_everything(parallel, tiny, requests, baseline):
+    # The target as its own draft, seeing the whole video: any position, KV or message
+    # error between the two sides would show as rejected tokens.
+    config = {**worker_config(tiny.target, parallel, "process"), "keep_ratio": 1.0}
+    with engine(tiny.target, speculative_config=config) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
+        accepted = counter(llm, "vllm:spec_decode_num_accepted_tokens")
+        stats = proposer_of(llm).stats
+    assert drafted > 0 and accepted / drafted >= 0.99, (accepted, drafted)
+    assert stats.draft_round_trips > 0
+    if parallel:  # each chunk's first token, checked against the target's own token
+        assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
 
 
 def _random_aborts(llm, requests):
