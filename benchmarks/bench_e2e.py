@@ -581,8 +581,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         requests = task_requests(tokenizer, args.num_prompts, args.num_frames, pathlib.Path(scratch.name))
     rows, reference = [], None
-    worker = not args.no_worker and len(os.sched_getaffinity(0)) >= 2
-    if not args.no_worker and not worker:
+    on_gpu = torch.cuda.is_available()
+    worker = not args.no_worker and not on_gpu and len(os.sched_getaffinity(0)) >= 2
+    if not args.no_worker and on_gpu:
+        print("Skipping the draft-worker rows: they bind CPU cores; on GPUs the draft worker is checked by "
+              "tests/vllm/test_draft_worker_gpu.py (make gpu-check).")
+    elif not args.no_worker and not worker:
         print("Skipping the draft-worker rows: they need two cores (one for the target, one for the draft).")
     for config in build_configs(fx, args.pairs, args.k, worker):
         started = time.perf_counter()

@@ -8,7 +8,9 @@ Runs, on the tiny offline fixtures:
    profile ``gpu`` (tests/engine_utils.py): bfloat16, torch.compile and CUDA graphs,
    vLLM's default attention backend and KV-cache sizing;
 2. with two or more GPUs, the same engine at tensor-parallel size 2 against the
-   target alone at that size (tests/vllm/test_tensor_parallel_gpu.py);
+   target alone at that size (tests/vllm/test_tensor_parallel_gpu.py), and the draft
+   in a worker process on GPU 1 beside the target on GPU 0, both schedules
+   (tests/vllm/test_draft_worker_gpu.py);
 3. a short end-to-end benchmark at the same settings (benchmarks/bench_e2e.py
    --quick --production), which aborts unless every output equals the target's;
 
@@ -42,6 +44,7 @@ LOSSLESS_MATRIX = (
     "tests/vllm/test_compiled_target.py",
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel_gpu.py",)
+DRAFT_WORKER_TESTS = ("tests/vllm/test_draft_worker_gpu.py",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ def plan(num_gpus: int, out: Path) -> list[Step]:
     steps = [pytest_step("lossless-matrix", LOSSLESS_MATRIX, profile)]
     if num_gpus >= 2:
         steps.append(pytest_step("tensor-parallel-2", TENSOR_PARALLEL_TESTS, {**profile, "HIPPO_TEST_TP": "2"}))
+        steps.append(pytest_step("draft-worker-gpu", DRAFT_WORKER_TESTS, profile))
     steps.append(Step("benchmark", [python, "benchmarks/bench_e2e.py", "--quick", "--production",
                                     "--out", str(out / "bench_e2e.json")], {}))
     return steps
