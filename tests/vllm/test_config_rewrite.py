@@ -61,7 +61,7 @@ def _draft_with(tmp_path, tiny, **changes):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\(0, 1\]'),
+        ({"keep_ratio": 1.5}, r'\["keep_ratio"\]=1.5 .*\[0, 1\]'),
         ({"keep_rato": 0.1}, r"Unknown key\(s\) \['keep_rato'\]"),
         ({"num_speculative_tokens": 0}, r'\["num_speculative_tokens"\]=0'),
         ({"attn_layers": [0, 9]}, r"< 3, the target's number of layers \(out of range: \[9\]\)"),
