@@ -16,14 +16,13 @@ output rank's worker process.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
 from test_draft_worker_backends import wait_gone
 
 from engine_utils import counter, engine, generate_ids, greedy, hippo_config, proposer_of
-from test_hippo_lossless import LONG, PREEMPTED, TARGET_KV_BYTES_PER_TOKEN, _mixed_batch
+from test_hippo_lossless import LONG, PREEMPTED, TARGET_KV_BYTES_PER_TOKEN, _mixed_batch, random_aborts
 from test_hippo_lossless import baseline, baselines, requests, tokenizer  # noqa: F401 - shared fixtures
 
 pytestmark = pytest.mark.engine
@@ -85,7 +84,7 @@ def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, reques
             assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
             assert counter(llm, "vllm:num_preemptions") > 0
         assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
-        _random_aborts(llm, requests)
+        random_aborts(llm, requests, 40)
         proposer = proposer_of(llm)
         assert proposer.messages.held_requests() == []
         stats = proposer.stats
@@ -114,25 +113,6 @@ def test_self_draft_in_a_worker_accepts_everything(parallel, tiny, requests, bas
     assert stats.draft_round_trips > 0
     if parallel:  # each chunk's first token, checked against the target's own token
         assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
-
-
-def _random_aborts(llm, requests):
-    rng = random.Random(0)
-    core = llm.llm_engine
-    live = []
-    for n in range(40):
-        req_id = f"abort{n}"
-        core.add_request(req_id, requests[n % len(requests)], greedy(rng.randint(1, 12)))
-        live.append(req_id)
-        core.step()
-        if rng.random() < 0.4:
-            core.abort_request([live.pop(rng.randrange(len(live)))])
-    while core.has_unfinished_requests():
-        core.step()
-    # vLLM reports finished requests to the worker with the next scheduled step.
-    core.add_request("last", requests[0], greedy(1))
-    while core.has_unfinished_requests():
-        core.step()
 
 
 def _generate_stepwise(llm, requests, max_tokens, at_step: dict):

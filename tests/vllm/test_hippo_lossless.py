@@ -231,26 +231,31 @@ def test_pruning_baselines_and_ablations_are_lossless(tiny, requests, baseline, 
     assert stats.video_tokens_seen == per_video * stats.video_tokens_total // 64
 
 
+def random_aborts(llm, requests, num_requests: int) -> None:
+    """Add ``num_requests`` requests one engine step apart, abort 40% of them at random, run to the end."""
+    rng = random.Random(0)
+    core = llm.llm_engine
+    live = []
+    for n in range(num_requests):
+        req_id = f"r{n}"
+        core.add_request(req_id, requests[n % len(requests)], greedy(rng.randint(1, 12)))
+        live.append(req_id)
+        core.step()
+        if rng.random() < 0.4:
+            core.abort_request([live.pop(rng.randrange(len(live)))])
+    while core.has_unfinished_requests():
+        core.step()
+    # vLLM reports finished requests to the worker with the next scheduled step;
+    # a last one-token request is that step (and itself needs no draft).
+    core.add_request("last", requests[0], greedy(1))
+    while core.has_unfinished_requests():
+        core.step()
+
+
 @SCHEDULES
 def test_random_aborts_release_every_draft_request(parallel, tiny, requests):
-    rng = random.Random(0)
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel)) as llm:
-        core = llm.llm_engine
-        live = []
-        for n in range(100):
-            req_id = f"r{n}"
-            core.add_request(req_id, requests[n % len(requests)], greedy(rng.randint(1, 12)))
-            live.append(req_id)
-            core.step()
-            if rng.random() < 0.4:
-                core.abort_request([live.pop(rng.randrange(len(live)))])
-        while core.has_unfinished_requests():
-            core.step()
-        # vLLM reports finished requests to the worker with the next scheduled step;
-        # a last one-token request is that step (and itself needs no draft).
-        core.add_request("last", requests[0], greedy(1))
-        while core.has_unfinished_requests():
-            core.step()
+        random_aborts(llm, requests, 100)
         proposer, draft = proposer_of(llm), draft_worker_of(llm)
         assert proposer.stats.draft_tokens > 0
         assert proposer.num_draft_requests == 0
