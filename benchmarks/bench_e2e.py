@@ -12,8 +12,12 @@ torch.compile and CUDA graphs), this runs
 
 rows 3-4 for each draft pair: ``self`` (the target drafts for itself from 10% of
 the video), ``self-keep-all`` (the same with every video token) and ``tiny`` (the
-smaller Qwen2.5-VL draft, 10% of the video). Every output must equal the target's,
-token for token, or the benchmark aborts.
+smaller draft of the target's family, 10% of the video). Every output must equal the
+target's, token for token, or the benchmark aborts.
+
+``--family`` picks the model family whose tiny target and draft run
+(``hippo_vllm/fixtures/families.py``; default Qwen2.5-VL). Row 2's text-only draft is
+the tiny Qwen2 language model for every family (it has the tiny targets' tokenizer).
 
 With two or more cores (unless ``--no-worker``) it also measures the draft in a
 worker process of its own (``"draft_worker": {"placement": "process"}``): the
@@ -46,7 +50,7 @@ encoder (`text_only_checkpoint`), so row 2 is that same draft never seeing the v
 
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
-       [--production] [--models tiny|trained]
+       [--production] [--models tiny|trained] [--family NAME]
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ MAX_FRAMES = 16  # hippo_vllm.fixtures.processor.MAX_FRAMES; engine_settings siz
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
              "Tell me everything about the objects and their motion.")
 KEEP_RATIO = 0.1
-# name -> (the draft's fixture attribute, keep_ratio)
+# name -> (the draft: the family's "target" or its "draft", keep_ratio)
 PAIRS = {"self": ("target", KEEP_RATIO), "self-keep-all": ("target", 1.0), "tiny": ("draft", KEEP_RATIO)}
+DEFAULT_FAMILY = "Qwen2.5-VL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +105,25 @@ class Config:
 TARGET_CORE, DRAFT_CORE = 0, 1  # the worker rows: the target's threads on core 0, the draft's on core 1
 
 
-def build_configs(fx, pairs: list[str], k: int, worker: bool) -> list[Config]:
+def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, worker: bool) -> list[Config]:
+    """``models``: the "target", "draft" and "text_draft" checkpoints the rows run."""
     configs = [
         Config("target", "target"),
         Config("draft_model text", "draft_model",
-               {"method": "draft_model", "model": str(fx.text_draft), "num_speculative_tokens": k}),
+               {"method": "draft_model", "model": str(models["text_draft"]), "num_speculative_tokens": k}),
     ]
     for pair in pairs:
-        attribute, keep_ratio = PAIRS[pair]
+        role, keep_ratio = PAIRS[pair]
         for parallel in (False, True):
-            spec = {"method": "hippo", "model": str(getattr(fx, attribute)), "num_speculative_tokens": k,
+            spec = {"method": "hippo", "model": str(models[role]), "num_speculative_tokens": k,
                     "keep_ratio": keep_ratio, "parallel": parallel}
             schedule = "parallel" if parallel else "serial"
             configs.append(Config(f"hippo {schedule} {pair}", "hippo", spec, pair))
     if worker:
         configs.append(Config("target core0", "target", cores=frozenset({TARGET_CORE})))
         for pair in pairs:
-            attribute, keep_ratio = PAIRS[pair]
-            spec = {"method": "hippo", "model": str(getattr(fx, attribute)), "num_speculative_tokens": k,
+            role, keep_ratio = PAIRS[pair]
+            spec = {"method": "hippo", "model": str(models[role]), "num_speculative_tokens": k,
                     "keep_ratio": keep_ratio, "parallel": True,
                     "draft_worker": {"placement": "process", "cpu_cores": [DRAFT_CORE]}}
             configs.append(Config(f"hippo parallel {pair} worker", "hippo", spec, pair,
@@ -501,9 +507,9 @@ def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
     # Spec tokens lengthen each target step; on a CPU that eats much of what fewer steps save.
     per_step = [(r, 1e3 * r["seconds"]["target"] / r["batched_target_steps"], "ms") for r in rows]
     _print_list("Target time per engine step:", per_step)
-    print("Even the tiny draft (1 layer of width 128 vs 3 of 192) costs a large share of the target's time:\n"
-          "at this size per-call overhead rather than FLOPs sets most of the cost (Qwen2.5-VL-7B has\n"
-          "~1/10 of 72B's parameters).")
+    print("Even the tiny draft (one or two layers of width 128 vs three of 192) costs a large share of the\n"
+          "target's time: at this size per-call overhead rather than FLOPs sets most of the cost\n"
+          "(Qwen2.5-VL-7B has ~1/10 of 72B's parameters).")
 
 
 def _print_list(title: str, items: list[tuple[dict, float, str]]) -> None:
@@ -537,6 +543,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", choices=("tiny", "trained"), default="tiny",
                         help="tiny: the random-weight fixtures; trained: the pair trained on the video task "
                              "(default 16 tokens of 8 frames: its answers are a few tokens long)")
+    parser.add_argument("--family", default=DEFAULT_FAMILY,
+                        help="model family of the tiny target and draft (hippo_vllm/fixtures/families.py; "
+                             f"default {DEFAULT_FAMILY}; --models trained is {DEFAULT_FAMILY})")
     parser.add_argument("--no-worker", action="store_true",
                         help="skip the rows with the draft in a worker process of its own")
     parser.add_argument("--production", action="store_true",
@@ -556,6 +565,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("max_tokens", "num_prompts", "num_frames", "k", "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    from hippo_vllm.fixtures.families import FAMILY_FIXTURES
+
+    if args.family not in FAMILY_FIXTURES:
+        parser.error(f"--family must be one of {sorted(FAMILY_FIXTURES)}, got {args.family!r}")
+    if args.models == "trained" and args.family != DEFAULT_FAMILY:
+        parser.error(f"--models trained is a {DEFAULT_FAMILY} pair; --family {args.family!r} runs on --models tiny")
     if args.num_frames > MAX_FRAMES:
         parser.error(f"--num-frames must be <= {MAX_FRAMES} (the processor's limit), got {args.num_frames}")
     return args
@@ -570,11 +585,14 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from hippo_vllm.fixtures import build_fixtures
+    from hippo_vllm.fixtures.families import family_pair
 
     scratch = tempfile.TemporaryDirectory()  # the trained pair's text-only draft and task videos
     fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name))
-    tokenizer = AutoTokenizer.from_pretrained(str(fx.target))
-    args.target = str(fx.target)
+    target, draft = family_pair(fx, args.family) if args.models == "tiny" else (fx.target, fx.draft)
+    models = {"target": target, "draft": draft, "text_draft": fx.text_draft}
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    args.target = str(target)
     args.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     if args.models == "tiny":
         requests = build_requests(fx, tokenizer, args.num_prompts, args.num_frames)
@@ -588,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict:
               "tests/vllm/test_draft_worker_gpu.py (make gpu-check).")
     elif not args.no_worker and not worker:
         print("Skipping the draft-worker rows: they need two cores (one for the target, one for the draft).")
-    for config in build_configs(fx, args.pairs, args.k, worker):
+    for config in build_configs(models, args.pairs, args.k, worker):
         started = time.perf_counter()
         row, reference = run_config(config, requests, args, reference)
         row["engine_and_batches_seconds"] = time.perf_counter() - started
@@ -603,7 +621,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
-                     "production": args.production, "models": args.models, "worker_rows": worker,
+                     "production": args.production, "models": args.models, "family": args.family,
+                     "worker_rows": worker,
                      "greedy": True, "ignore_eos": True},
         "lossless_checked": True,
         "environment": environment(args, fx),

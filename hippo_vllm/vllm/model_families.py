@@ -10,7 +10,8 @@ what the vLLM side must know about it:
   (``video_grid``);
 - how its prompt positions are assigned: M-RoPE (t, h, w) positions (Qwen3-VL's
   interleave the three sections across the rotary dims, inside vLLM's rotary
-  embedding), which a kept video token carries with it into the draft;
+  embedding), which a kept video token carries with it into the draft
+  (``prompt_positions`` reads them from the target's request state);
 - (no field: read from vLLM for every family) which rows of a video's placeholder
   are video: Qwen3-VL's also spans ``<t seconds><|vision_start|>`` and
   ``<|vision_end|>`` text around each temporal patch's pads, and ``is_embed`` marks
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import torch
 
 from hippo_vllm.core import VideoGrid
 
@@ -48,6 +51,31 @@ class ModelFamily:
         thw = feature.data[self.video_grid_key].data
         merge = hf_config.vision_config.spatial_merge_size
         return VideoGrid.from_thw(tuple(int(x) for x in thw.flatten().tolist()), merge)
+
+    def prompt_positions(self, state: Any) -> tuple[torch.Tensor, int]:
+        """The positions the target gave a request's prompt rows, as the draft takes them.
+
+        ``state`` is the target runner's request state. Returns a ``[3, P]`` int64
+        tensor (a copy holding only the prompt's rows) and the offset of the outputs:
+        output token i sits at position ``P + i + offset``.
+        """
+        assign = _PROMPT_POSITIONS.get(self.positions)
+        if assign is None:
+            raise ValueError(f"{self.name}: positions {self.positions!r} have no prompt positions for the "
+                             f"draft; allowed: {sorted(_PROMPT_POSITIONS)}")
+        return assign(state)
+
+
+def _mrope_prompt_positions(state: Any) -> tuple[torch.Tensor, int]:
+    prompt_len = len(state.prompt_token_ids)
+    if state.mrope_positions is None:  # vLLM's runner computes them only for a model that uses M-RoPE
+        return torch.arange(prompt_len).expand(3, -1).clone(), 0
+    positions = state.mrope_positions[:, :prompt_len].to(torch.long).clone()
+    return positions, int(state.mrope_position_delta or 0)
+
+
+# ModelFamily.positions -> how the draft reads a prompt's positions from the target's request state.
+_PROMPT_POSITIONS = {MROPE: _mrope_prompt_positions}
 
 
 QWEN2_5_VL = ModelFamily(

@@ -51,6 +51,7 @@ from hippo_vllm.vllm.draft_schedules import ParallelSchedule, SerialSchedule
 from hippo_vllm.vllm.draft_view import needs_target_attention, video_spans
 from hippo_vllm.vllm.drafting_failures import DraftingFailures, failure_record
 from hippo_vllm.vllm.metrics import HippoStats
+from hippo_vllm.vllm.model_families import family_of
 from hippo_vllm.vllm.step_records import (
     StartingPrompt,
     after_sampling,
@@ -86,6 +87,7 @@ class HippoProposer:
         self.hippo = hippo
         self.num_speculative_tokens = hippo.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.family = family_of(vllm_config.model_config.hf_config)  # checked when the config was rewritten
         self.draft: DraftBackend | None = None  # None: a TP rank whose drafts vLLM does not read
         self.capture: TargetAttentionCapture | None = None
         self.stats = HippoStats()
@@ -296,7 +298,8 @@ class HippoProposer:
     def _send(self, runner: Any, plans: list[ChunkPlan]) -> tuple[StepWork, PendingStep] | None:
         """This step's work to the draft's side (None when there is nothing to send)."""
         self.messages.sync_epoch(self.draft.epoch)
-        work = self.messages.work(plans, functools.partial(draft_prompt, runner), self._attention)
+        prompt_of = functools.partial(draft_prompt, runner, family=self.family)
+        work = self.messages.work(plans, prompt_of, self._attention)
         if not (work.releases or work.prefills or work.chunks):
             return None
         try:

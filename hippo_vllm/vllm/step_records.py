@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hippo_vllm.vllm.draft_protocol import DraftPrompt
+from hippo_vllm.vllm.model_families import ModelFamily
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,22 +195,19 @@ def batch_rows(runner: Any, scheduler_output: Any, req_ids: Container[str]) -> d
     return rows
 
 
-def draft_prompt(runner: Any, req_id: str) -> DraftPrompt:
-    """The request's prompt for the draft's side: token ids, mm inputs with data, M-RoPE positions.
+def draft_prompt(runner: Any, req_id: str, family: ModelFamily) -> DraftPrompt:
+    """The request's prompt for the draft's side: token ids, mm inputs with data, positions.
 
     Read after the target's prefill, when the runner's mm features carry their data.
-    Tensors are copies, so a pickled prompt carries only its own rows.
+    Tensors are copies, so a pickled prompt carries only its own rows. The positions
+    are the target's, as its model ``family`` assigns them.
     """
     state = runner.requests[req_id]
-    prompt_len = len(state.prompt_token_ids)
-    if state.mrope_positions is not None:
-        positions = state.mrope_positions[:, :prompt_len].to(torch.long).clone()
-    else:
-        positions = torch.arange(prompt_len).expand(3, -1).clone()
+    positions, delta = family.prompt_positions(state)
     return DraftPrompt(
         req_id=req_id,
         prompt_token_ids=list(state.prompt_token_ids),
         mm_features=list(state.mm_features),
         positions=positions,
-        mrope_delta=int(state.mrope_position_delta or 0),
+        mrope_delta=delta,
     )

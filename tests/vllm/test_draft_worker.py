@@ -18,6 +18,7 @@ from hippo_vllm.vllm.draft_backend import InProcessDraft
 from hippo_vllm.vllm.draft_engine import DraftCapacityError
 from hippo_vllm.vllm.draft_protocol import ChunkOrder, Prefill, Release, StepWork
 from hippo_vllm.vllm.draft_worker import DraftWorker
+from hippo_vllm.vllm.model_families import QWEN2_5_VL
 from hippo_vllm.vllm.step_records import draft_prompt
 
 pytestmark = pytest.mark.engine
@@ -37,7 +38,7 @@ def target(tiny, tiny_tokenizer):
         def execute_model(*args, **kwargs):
             out = original(*args, **kwargs)
             for req_id in runner.requests:
-                prompts.setdefault(req_id, draft_prompt(runner, req_id))
+                prompts.setdefault(req_id, draft_prompt(runner, req_id, QWEN2_5_VL))
             return out
 
         runner.execute_model = execute_model

@@ -6,6 +6,7 @@ engine in-process on the tiny Qwen2-VL and Qwen3-VL checkpoints with real mp4s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from types import SimpleNamespace
@@ -44,6 +45,17 @@ def test_the_video_grid_is_the_merged_token_grid(family):
     feature = SimpleNamespace(data={"video_grid_thw": SimpleNamespace(data=torch.tensor([[4, 16, 12]]))})
     hf_config = SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2))
     assert family.video_grid(feature, hf_config) == VideoGrid(4, 8, 6)
+
+
+def test_a_family_reads_the_targets_prompt_positions_for_the_draft():
+    state = SimpleNamespace(prompt_token_ids=[7] * 4, mrope_positions=torch.arange(18).view(3, 6),
+                            mrope_position_delta=-2)
+    positions, delta = QWEN3_VL.prompt_positions(state)
+    assert torch.equal(positions, torch.arange(18).view(3, 6)[:, :4]) and delta == -2
+    unknown = dataclasses.replace(QWEN3_VL, positions="rope-1d")
+    with pytest.raises(ValueError, match=r"Qwen3-VL: positions 'rope-1d' have no prompt positions for the draft; "
+                                         r"allowed: \['mrope'\]"):
+        unknown.prompt_positions(state)
 
 
 def _check(tiny, target: str, draft) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hippo_vllm.vllm.model_families import QWEN2_5_VL
 from hippo_vllm.vllm.step_records import (
     after_sampling,
     batch_rows,
@@ -152,10 +153,10 @@ def test_draft_prompt_copies_only_the_prompt_positions():
     positions = torch.arange(3 * 20, dtype=torch.int32).view(3, 20)
     state = request(6, [1, 2])
     state.mrope_positions, state.mrope_position_delta = positions, -3
-    prompt = draft_prompt(SimpleNamespace(requests={"r": state}), "r")
+    prompt = draft_prompt(SimpleNamespace(requests={"r": state}), "r", QWEN2_5_VL)
     assert prompt.prompt_token_ids == state.prompt_token_ids and prompt.mrope_delta == -3
     assert prompt.positions.dtype == torch.long and torch.equal(prompt.positions, positions[:, :6].long())
     assert prompt.positions.untyped_storage().nbytes() == 3 * 6 * 8  # a pickled prompt carries only its rows
     state.mrope_positions, state.mrope_position_delta = None, None
-    text = draft_prompt(SimpleNamespace(requests={"r": state}), "r")
+    text = draft_prompt(SimpleNamespace(requests={"r": state}), "r", QWEN2_5_VL)
     assert torch.equal(text.positions, torch.arange(6).expand(3, -1)) and text.mrope_delta == 0
