@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
                      "production": args.production, "models": args.models, "family": args.family,
-                     "worker_rows": worker,
+                     "target": args.target, "worker_rows": worker,
                      "greedy": True, "ignore_eos": True},
         "lossless_checked": True,
         "environment": environment(args, fx),

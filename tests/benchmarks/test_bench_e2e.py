@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from script_loading import load_script
 
+from hippo_vllm.fixtures.families import FAMILY_FIXTURES
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
 # With two cores: the target bound to core 0, alone and with the draft in a worker on core 1.
@@ -32,6 +34,15 @@ def test_a_differing_output_aborts_the_benchmark(bench):
         bench.check_lossless("hippo serial tiny", 1, [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]])
 
 
+def test_a_family_without_tiny_fixtures_or_a_trained_pair_of_another_family_is_refused(bench, capsys):
+    for argv in (["--family", "Gemma"], ["--models", "trained", "--family", "Qwen2-VL"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    errors = capsys.readouterr().err
+    assert f"--family must be one of {sorted(FAMILY_FIXTURES)}, got 'Gemma'" in errors
+    assert "--models trained is a Qwen2.5-VL pair; --family 'Qwen2-VL' runs on --models tiny" in errors
+
+
 def test_production_settings_are_what_a_gpu_user_runs(bench):
     production = bench.engine_settings(bench.parse_args(["--quick", "--production"]))
     assert (production["dtype"], production["enforce_eager"]) == ("bfloat16", False)
@@ -40,8 +51,10 @@ def test_production_settings_are_what_a_gpu_user_runs(bench):
     assert (fast["dtype"], fast["enforce_eager"]) == ("float32", True)
 
 
+# On Qwen3-VL, the family whose video prompts differ most from Qwen2.5-VL's (timestamps
+# between the frames, DeepStack): the benchmark runs any family's tiny pair.
 @pytest.mark.engine
-def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_path, monkeypatch, capsys):
+def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tiny, tmp_path, monkeypatch, capsys):
     checked = []  # (row, batch, outputs, reference) of every lossless check the benchmark makes
     check = bench.check_lossless
 
@@ -51,8 +64,9 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
 
     monkeypatch.setattr(bench, "check_lossless", recording_check)
     out = tmp_path / "e2e.json"
-    bench.main(["--quick", "--pairs", "tiny", "--max-tokens", "8", "--out", str(out)])
+    bench.main(["--quick", "--pairs", "tiny", "--max-tokens", "8", "--family", "Qwen3-VL", "--out", str(out)])
     result = json.loads(out.read_text())
+    assert result["settings"]["target"] == str(tiny.qwen3_vl_target)
     expected = ROWS + (WORKER_ROWS if result["settings"]["worker_rows"] else [])
     printed = capsys.readouterr().out
     num_prompts, max_tokens = result["settings"]["num_prompts"], result["settings"]["max_tokens"]
@@ -74,6 +88,7 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tmp_pa
     for name in ROWS[1:]:
         assert rows[name]["tracker"]["spec_drafted"] > 0, name
     for name in ("hippo serial tiny", "hippo parallel tiny"):
+        assert rows[name]["speculative_config"]["model"] == str(tiny.qwen3_vl_draft)
         assert rows[name]["tracker"]["hippo"]["draft_tokens"] > 0, name
         assert 0 < rows[name]["video_tokens_seen"] < rows[name]["video_tokens_total"]
     assert rows["draft_model text"]["video_tokens_seen"] == 0

