@@ -125,12 +125,14 @@ def test_a_llava_onevision_draft_for_a_qwen_target_and_the_reverse_are_refused(t
     with pytest.raises(HippoConfigError, match=r"'.*/draft' is a LlavaOnevisionForConditionalGeneration "
                                                r"\(LLaVA-OneVision family\), the target '.*/target' a "
                                                r"Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\); "
-                                               r"the draft must be of the target's family"):
+                                               r"the draft must be of the target's family "
+                                               r"\(Qwen2_5_VLForConditionalGeneration\)"):
         _check(tiny.target, llava.draft)
     with pytest.raises(HippoConfigError, match=r"'.*/draft' is a Qwen2_5_VLForConditionalGeneration "
                                                r"\(Qwen2.5-VL family\), the target '.*/target' a "
                                                r"LlavaOnevisionForConditionalGeneration \(LLaVA-OneVision family\); "
-                                               r"the draft must be of the target's family"):
+                                               r"the draft must be of the target's family "
+                                               r"\(LlavaOnevisionForConditionalGeneration\)"):
         _check(llava.target, tiny.draft)
     _check(llava.target, llava.draft)  # the pair itself is accepted
 
