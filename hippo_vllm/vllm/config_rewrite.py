@@ -148,7 +148,8 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f'speculative_config["model"]={hippo.model!r} is a {architecture_of(draft_config)} '
             f"({families['draft'].name} family), the target {target_model_config.model!r} a "
             f"{architecture_of(target_hf)} ({families['target'].name} family); the draft must be "
-            f"of the target's family, which runs on the same processor outputs and positions."
+            f"of the target's family ({', '.join(families['target'].architectures)}), which runs on the "
+            f"same processor outputs and positions."
         )
     target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
     if target_vocab != draft_vocab:

@@ -195,7 +195,11 @@ def batch_rows(runner: Any, scheduler_output: Any, req_ids: Container[str]) -> d
 
 
 def draft_prompt(runner: Any, req_id: str) -> DraftPrompt:
-    """The request's prompt for the draft's side: token ids, mm inputs with data, M-RoPE positions.
+    """The request's prompt for the draft's side: token ids, mm inputs with data, positions.
+
+    M-RoPE positions as vLLM computed them for the target; a model with 1-D
+    positions (no ``mrope_positions``) has position i at row i, given as three
+    equal rows like the draft's text rows.
 
     Read after the target's prefill, when the runner's mm features carry their data.
     Tensors are copies, so a pickled prompt carries only its own rows.

@@ -71,7 +71,7 @@ def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
         ("qwen2_vl_target", "text_draft", r"text_draft' is a Qwen2ForCausalLM, not a vision-language model "
                                           r"hippo can run as the draft; supported architectures: "
                                           r"\['Qwen2_5_VLForConditionalGeneration', 'Qwen2VLForConditionalGeneration', "
-                                          r"'Qwen3VLForConditionalGeneration'\]"),
+                                          r"'Qwen3VLForConditionalGeneration', 'LlavaOnevisionForConditionalGeneration'\]"),
         ("target", "qwen3_vl_draft", r"qwen3_vl_draft' is a Qwen3VLForConditionalGeneration \(Qwen3-VL family\), "
                                      r"the target '.*/target' a Qwen2_5_VLForConditionalGeneration "
                                      r"\(Qwen2.5-VL family\); the draft must be of the target's family"),
