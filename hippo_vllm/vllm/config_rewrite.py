@@ -151,6 +151,17 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f"of the target's family ({', '.join(families['target'].architectures)}), which runs on the "
             f"same processor outputs and positions."
         )
+    family = families["target"]
+    for key in family.vision_input_keys:
+        target_value = getattr(target_hf.vision_config, key, None)
+        draft_value = getattr(draft_config.vision_config, key, None)
+        if target_value != draft_value:
+            raise HippoConfigError(
+                f'speculative_config["model"]={hippo.model!r} has vision_config.{key}={draft_value!r}, the '
+                f"target {target_model_config.model!r} {target_value!r}; the draft's vision tower reads the "
+                f"target's processor outputs, so for the {family.name} family "
+                f"{', '.join(family.vision_input_keys)} must be the target's."
+            )
     target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
     if target_vocab != draft_vocab:
         raise HippoConfigError(

@@ -47,6 +47,9 @@ class ModelFamily:
     video_grid_key: str  # the mm_features data key holding a video's (t, h, w) patch grid (or its frames)
     deepstack: bool = False  # vision features also added to early decoder layers' outputs
     video_newlines: int = 0  # trailing rows of each video's embeddings that are newlines, not frame tokens
+    # vision_config entries that fix how the tower reads the processor's pixels: the
+    # draft runs on the target's processor outputs, so its values must be the target's.
+    vision_input_keys: tuple[str, ...] = ("patch_size", "temporal_patch_size", "spatial_merge_size")
 
     def covers(self, hf_config: Any) -> bool:
         return architecture_of(hf_config) in self.architectures
@@ -107,6 +110,7 @@ LLAVA_ONEVISION = PooledFramesFamily(
     positions=ROPE_1D,
     video_grid_key="pixel_values_videos",
     video_newlines=1,
+    vision_input_keys=("image_size", "patch_size"),
 )
 FAMILIES = (QWEN2_5_VL, QWEN2_VL, QWEN3_VL, LLAVA_ONEVISION)
 

@@ -6,6 +6,8 @@ real vLLM engine in-process on the tiny LLaVA-OneVision checkpoints with real mp
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -135,6 +137,19 @@ def test_a_llava_onevision_draft_for_a_qwen_target_and_the_reverse_are_refused(t
                                                r"\(LlavaOnevisionForConditionalGeneration\)"):
         _check(llava.target, tiny.draft)
     _check(llava.target, llava.draft)  # the pair itself is accepted
+
+
+def test_a_llava_onevision_draft_whose_tower_reads_other_frames_is_refused(llava, tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(llava.draft, draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["vision_config"]["image_size"] = 2 * cfg["vision_config"]["image_size"]
+    (draft / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vision_config.image_size=224, the target "
+                                               r"'.*/target' 112; the draft's vision tower reads the target's "
+                                               r"processor outputs, so for the LLaVA-OneVision family "
+                                               r"image_size, patch_size must be the target's"):
+        _check(llava.target, draft)
 
 
 # -- served by the real engine --------------------------------------------------------------

@@ -97,6 +97,19 @@ def test_a_qwen2_vl_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
         _check(tiny, "qwen2_vl_target", draft)
 
 
+def test_a_draft_whose_tower_merges_patches_otherwise_is_refused(tiny, tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny.qwen3_vl_draft, draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["vision_config"]["spatial_merge_size"] = 4
+    (draft / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vision_config.spatial_merge_size=4, the target "
+                                               r"'.*/qwen3_vl_target' 2; the draft's vision tower reads the "
+                                               r"target's processor outputs, so for the Qwen3-VL family "
+                                               r"patch_size, temporal_patch_size, spatial_merge_size must be"):
+        _check(tiny, "qwen3_vl_target", draft)
+
+
 def test_a_qwen3_vl_video_is_pruned_among_its_video_rows_and_its_text_rows_are_kept():
     # A Qwen3-VL placeholder per temporal patch: "<t seconds>" (3 rows here), vision
     # start, 4 video rows, vision end; is_embed marks the video rows only.
