@@ -73,9 +73,12 @@ QWEN2_VL = ModelFamily(
     positions=MROPE,
     video_grid_key="video_grid_thw",
 )
+# Dense and MoE Qwen3-VL checkpoints share the processor, the interleaved M-RoPE and the
+# DeepStack injection (vLLM's MoE class subclasses the dense one); only the decoder's MLPs
+# differ, so either can draft for the other.
 QWEN3_VL = ModelFamily(
     name="Qwen3-VL",
-    architectures=("Qwen3VLForConditionalGeneration",),
+    architectures=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
     positions=MROPE,
     video_grid_key="video_grid_thw",
     deepstack=True,

@@ -1,7 +1,8 @@
 """Model families: which checkpoints hippo serves, and Qwen2-VL and Qwen3-VL served losslessly.
 
 The family checks are pure (configs only); the engine tests run the real vLLM
-engine in-process on the tiny Qwen2-VL and Qwen3-VL checkpoints with real mp4s.
+engine in-process on the tiny Qwen2-VL and Qwen3-VL checkpoints with real mp4s
+(the Qwen3-VL MoE target's are in test_qwen3_vl_moe.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _config(tiny, name: str):
     "name, family",
     [("target", QWEN2_5_VL), ("draft", QWEN2_5_VL), ("qwen2_vl_target", QWEN2_VL),
      ("qwen2_vl_draft", QWEN2_VL), ("qwen3_vl_target", QWEN3_VL), ("qwen3_vl_draft", QWEN3_VL),
-     ("text_draft", None)],
+     ("qwen3_vl_moe_target", QWEN3_VL), ("text_draft", None)],
 )
 def test_each_checkpoint_is_of_its_family(tiny, name, family):
     assert family_of(_config(tiny, name)) == family
@@ -55,7 +56,10 @@ def _check(tiny, target: str, draft) -> None:
 
 @pytest.mark.parametrize("target, draft", [("target", "draft"), ("qwen2_vl_target", "qwen2_vl_draft"),
                                            ("qwen2_vl_target", "qwen2_vl_target"),
-                                           ("qwen3_vl_target", "qwen3_vl_draft")])
+                                           ("qwen3_vl_target", "qwen3_vl_draft"),
+                                           ("qwen3_vl_moe_target", "qwen3_vl_draft"),
+                                           ("qwen3_vl_moe_target", "qwen3_vl_moe_target"),
+                                           ("qwen3_vl_target", "qwen3_vl_moe_target")])
 def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
     _check(tiny, target, getattr(tiny, draft))
 
@@ -71,13 +75,22 @@ def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
         ("qwen2_vl_target", "text_draft", r"text_draft' is a Qwen2ForCausalLM, not a vision-language model "
                                           r"hippo can run as the draft; supported architectures: "
                                           r"\['Qwen2_5_VLForConditionalGeneration', 'Qwen2VLForConditionalGeneration', "
-                                          r"'Qwen3VLForConditionalGeneration', 'LlavaOnevisionForConditionalGeneration'\]"),
+                                          r"'Qwen3VLForConditionalGeneration', "
+                                          r"'Qwen3VLMoeForConditionalGeneration', "
+                                          r"'LlavaOnevisionForConditionalGeneration'\]"),
         ("target", "qwen3_vl_draft", r"qwen3_vl_draft' is a Qwen3VLForConditionalGeneration \(Qwen3-VL family\), "
                                      r"the target '.*/target' a Qwen2_5_VLForConditionalGeneration "
                                      r"\(Qwen2.5-VL family\); the draft must be of the target's family"),
         ("qwen3_vl_target", "draft", r"draft' is a Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\), "
                                      r"the target '.*/qwen3_vl_target' a Qwen3VLForConditionalGeneration "
                                      r"\(Qwen3-VL family\)"),
+        ("qwen3_vl_moe_target", "qwen2_vl_draft", r"qwen2_vl_draft' is a Qwen2VLForConditionalGeneration "
+                                                  r"\(Qwen2-VL family\), the target '.*/qwen3_vl_moe_target' a "
+                                                  r"Qwen3VLMoeForConditionalGeneration \(Qwen3-VL family\); the draft "
+                                                  r"must be of the target's family"),
+        ("target", "qwen3_vl_moe_target", r"qwen3_vl_moe_target' is a Qwen3VLMoeForConditionalGeneration "
+                                          r"\(Qwen3-VL family\), the target '.*/target' a "
+                                          r"Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\)"),
         ("text_draft", "draft", r"the target model '.*/text_draft' is a Qwen2ForCausalLM, not a "
                                 r"vision-language model hippo can run as the target"),
     ],
@@ -145,7 +158,8 @@ def _target_vllm_config(target):
 
 
 @pytest.mark.parametrize("target, draft, family", [("qwen2_vl_target", "qwen2_vl_draft", QWEN2_VL),
-                                                   ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL)])
+                                                   ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL),
+                                                   ("qwen3_vl_moe_target", "qwen3_vl_moe_target", QWEN3_VL)])
 def test_the_draft_engine_builds_a_drafts_config_and_refuses_a_text_model(tiny, target, draft, family):
     from hippo_vllm.vllm.draft_engine import make_draft_vllm_config
 
