@@ -112,8 +112,8 @@ def _subject(role: str, hippo: HippoConfig, target_model_config: Any) -> str:
     return f"the target model {target_model_config.model!r}"
 
 
-def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> None:
-    """Refuse a draft that cannot serve this target, naming what is wrong."""
+def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> Any:
+    """Refuse a draft that cannot serve this target, naming what is wrong; the draft's HF config."""
     from transformers import AutoConfig
 
     # Without this, transformers tries such a path as a hub id and answers with
@@ -169,6 +169,26 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f"the target {target_vocab}; draft and target must share one vocabulary."
         )
     hippo.resolve_attn_layers(_text_num_layers(target_hf))
+    return draft_config
+
+
+def check_draft_parallelism(hippo: HippoConfig, draft_config: Any, parallel_config: Any) -> None:
+    """Refuse a mixture-of-experts draft under data parallelism.
+
+    vLLM shards a MoE layer's experts over data x tensor parallel ranks whenever
+    data parallelism is on, and every data-parallel rank must join each MoE
+    forward; the draft runs on one rank of its replica only, so its experts would
+    be split across ranks that never run it. A dense draft is unaffected.
+    """
+    num_experts = getattr(getattr(draft_config, "text_config", draft_config), "num_experts", None)
+    data_parallel = getattr(parallel_config, "data_parallel_size", 1)
+    if num_experts and data_parallel > 1:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} is a mixture-of-experts model ({num_experts} '
+            f"experts) and data_parallel_size is {data_parallel}: a MoE draft runs only with "
+            f"data_parallel_size 1. Use a dense draft of the family (any data_parallel_size), or no data "
+            f"parallelism."
+        )
 
 
 def install() -> None:
@@ -183,7 +203,8 @@ def install() -> None:
         hippo = rewrite_hippo_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         if hippo is not None:
-            check_draft_against_target(hippo, vllm_config.model_config)
+            draft_config = check_draft_against_target(hippo, vllm_config.model_config)
+            check_draft_parallelism(hippo, draft_config, vllm_config.parallel_config)
         return vllm_config
 
     create_engine_config.__doc__ = original.__doc__

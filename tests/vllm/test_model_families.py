@@ -263,3 +263,16 @@ def test_qwen3_vl_pruned_draft_is_lossless(tiny, requests, qwen3_vl_baseline, pa
     assert stats.video_tokens_seen == 3 * 16
     # The target's s_attn (over each whole placeholder) ranked the video rows.
     assert stats.views_without_target_attention == 0
+
+
+def test_a_moe_draft_under_data_parallelism_is_refused_and_a_dense_one_is_not(tiny):
+    from hippo_vllm.vllm.config_rewrite import check_draft_parallelism
+
+    moe, dense = _config(tiny, "qwen3_vl_moe_target"), _config(tiny, "qwen3_vl_draft")
+    hippo = HippoConfig(model=str(tiny.qwen3_vl_moe_target))
+    with pytest.raises(HippoConfigError, match=r"qwen3_vl_moe_target' is a mixture-of-experts model \(4 experts\) "
+                                               r"and data_parallel_size is 2: a MoE draft runs only with "
+                                               r"data_parallel_size 1"):
+        check_draft_parallelism(hippo, moe, SimpleNamespace(data_parallel_size=2))
+    check_draft_parallelism(hippo, moe, SimpleNamespace(data_parallel_size=1))
+    check_draft_parallelism(hippo, dense, SimpleNamespace(data_parallel_size=2))
