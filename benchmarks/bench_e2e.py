@@ -17,7 +17,8 @@ target's, token for token, or the benchmark aborts.
 
 ``--family`` picks the model family whose tiny target and draft run
 (``hippo_vllm/fixtures/families.py``; default Qwen2.5-VL). Row 2's text-only draft is
-the tiny Qwen2 language model for every family (it has the tiny targets' tokenizer).
+the tiny Qwen2 language model for every family (it has the tiny targets' tokenizer);
+vLLM's draft_model cannot serve a Qwen2-VL target, so that family has no row 2.
 
 With two or more cores (unless ``--no-worker``) it also measures the draft in a
 worker process of its own (``"draft_worker": {"placement": "process"}``): the
@@ -82,6 +83,10 @@ KEEP_RATIO = 0.1
 # name -> (the draft: the family's "target" or its "draft", keep_ratio)
 PAIRS = {"self": ("target", KEEP_RATIO), "self-keep-all": ("target", 1.0), "tiny": ("draft", KEEP_RATIO)}
 DEFAULT_FAMILY = "Qwen2.5-VL"
+# Families whose targets vLLM's draft_model cannot serve: for a multimodal target it
+# copies the image token id from the config of the architectures it lists and reads
+# ``image_token_index`` otherwise, which Qwen2-VL's config lacks (its load fails).
+NO_DRAFT_MODEL_ROW = frozenset({"Qwen2-VL"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +110,13 @@ class Config:
 TARGET_CORE, DRAFT_CORE = 0, 1  # the worker rows: the target's threads on core 0, the draft's on core 1
 
 
-def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, worker: bool) -> list[Config]:
+def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, worker: bool,
+                  draft_model: bool = True) -> list[Config]:
     """``models``: the "target", "draft" and "text_draft" checkpoints the rows run."""
-    configs = [
-        Config("target", "target"),
-        Config("draft_model text", "draft_model",
-               {"method": "draft_model", "model": str(models["text_draft"]), "num_speculative_tokens": k}),
-    ]
+    configs = [Config("target", "target")]
+    if draft_model:
+        spec = {"method": "draft_model", "model": str(models["text_draft"]), "num_speculative_tokens": k}
+        configs.append(Config("draft_model text", "draft_model", spec))
     for pair in pairs:
         role, keep_ratio = PAIRS[pair]
         for parallel in (False, True):
@@ -589,7 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     scratch = tempfile.TemporaryDirectory()  # the trained pair's text-only draft and task videos
     fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name))
-    target, draft = family_pair(fx, args.family) if args.models == "tiny" else (fx.target, fx.draft)
+    target, draft = family_pair(args.family) if args.models == "tiny" else (fx.target, fx.draft)
     models = {"target": target, "draft": draft, "text_draft": fx.text_draft}
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     args.target = str(target)
@@ -606,7 +611,10 @@ def main(argv: list[str] | None = None) -> dict:
               "tests/vllm/test_draft_worker_gpu.py (make gpu-check).")
     elif not args.no_worker and not worker:
         print("Skipping the draft-worker rows: they need two cores (one for the target, one for the draft).")
-    for config in build_configs(models, args.pairs, args.k, worker):
+    draft_model = args.family not in NO_DRAFT_MODEL_ROW
+    if not draft_model:
+        print(f"Skipping the draft_model row: vLLM's draft_model cannot serve a {args.family} target.")
+    for config in build_configs(models, args.pairs, args.k, worker, draft_model):
         started = time.perf_counter()
         row, reference = run_config(config, requests, args, reference)
         row["engine_and_batches_seconds"] = time.perf_counter() - started

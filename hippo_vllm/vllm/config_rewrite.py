@@ -112,8 +112,8 @@ def _subject(role: str, hippo: HippoConfig, target_model_config: Any) -> str:
     return f"the target model {target_model_config.model!r}"
 
 
-def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> None:
-    """Refuse a draft that cannot serve this target, naming what is wrong."""
+def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> Any:
+    """Refuse a draft that cannot serve this target, naming what is wrong; the draft's HF config."""
     from transformers import AutoConfig
 
     # Without this, transformers tries such a path as a hub id and answers with
@@ -148,8 +148,20 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f'speculative_config["model"]={hippo.model!r} is a {architecture_of(draft_config)} '
             f"({families['draft'].name} family), the target {target_model_config.model!r} a "
             f"{architecture_of(target_hf)} ({families['target'].name} family); the draft must be "
-            f"of the target's family, which runs on the same processor outputs and positions."
+            f"of the target's family ({', '.join(families['target'].architectures)}), which runs on the "
+            f"same processor outputs and positions."
         )
+    family = families["target"]
+    for key in family.vision_input_keys:
+        target_value = getattr(target_hf.vision_config, key, None)
+        draft_value = getattr(draft_config.vision_config, key, None)
+        if target_value != draft_value:
+            raise HippoConfigError(
+                f'speculative_config["model"]={hippo.model!r} has vision_config.{key}={draft_value!r}, the '
+                f"target {target_model_config.model!r} {target_value!r}; the draft's vision tower reads the "
+                f"target's processor outputs, so for the {family.name} family "
+                f"{', '.join(family.vision_input_keys)} must be the target's."
+            )
     target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
     if target_vocab != draft_vocab:
         raise HippoConfigError(
@@ -157,6 +169,26 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
             f"the target {target_vocab}; draft and target must share one vocabulary."
         )
     hippo.resolve_attn_layers(_text_num_layers(target_hf))
+    return draft_config
+
+
+def check_draft_parallelism(hippo: HippoConfig, draft_config: Any, parallel_config: Any) -> None:
+    """Refuse a mixture-of-experts draft under data parallelism.
+
+    vLLM shards a MoE layer's experts over data x tensor parallel ranks whenever
+    data parallelism is on, and every data-parallel rank must join each MoE
+    forward; the draft runs on one rank of its replica only, so its experts would
+    be split across ranks that never run it. A dense draft is unaffected.
+    """
+    num_experts = getattr(getattr(draft_config, "text_config", draft_config), "num_experts", None)
+    data_parallel = getattr(parallel_config, "data_parallel_size", 1)
+    if num_experts and data_parallel > 1:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} is a mixture-of-experts model ({num_experts} '
+            f"experts) and data_parallel_size is {data_parallel}: a MoE draft runs only with "
+            f"data_parallel_size 1. Use a dense draft of the family (any data_parallel_size), or no data "
+            f"parallelism."
+        )
 
 
 def install() -> None:
@@ -171,7 +203,8 @@ def install() -> None:
         hippo = rewrite_hippo_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         if hippo is not None:
-            check_draft_against_target(hippo, vllm_config.model_config)
+            draft_config = check_draft_against_target(hippo, vllm_config.model_config)
+            check_draft_parallelism(hippo, draft_config, vllm_config.parallel_config)
         return vllm_config
 
     create_engine_config.__doc__ = original.__doc__

@@ -2,7 +2,8 @@
 
 The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
 ``text-before, kept video rows, text-after, generated tokens`` and every row keeps
-its original M-RoPE position, so generated tokens sit where the target has them.
+its original position (M-RoPE, or 1-D for a family with plain RoPE), so generated
+tokens sit where the target has them.
 This module offers exactly what the proposer needs: the draft's own video
 embeddings, prompt embeddings, and one batched forward that appends rows to
 each request's draft KV and returns the logits of each input's last row.
@@ -51,7 +52,8 @@ class DraftInput:
     """Rows to append to one request's draft sequence.
 
     positions: ``[3, n]`` int M-RoPE positions in the *original* (full-sequence)
-        coordinates; text and generated tokens have three equal rows.
+        coordinates; text and generated tokens have three equal rows, and so
+        has every row of a 1-D family (the draft's model gets the first row).
     token_ids: ``[n]`` ids, embedded with the draft's own token embedding, or
     inputs_embeds: ``[n, row_width]`` rows already embedded (e.g. a compact prompt
         with kept video rows, from ``DraftEngine.embed_prompt``); for a DeepStack
@@ -189,6 +191,7 @@ class DraftEngine:
         model_config = self.draft_vllm_config.model_config
         self.device = torch.device(self.draft_vllm_config.device_config.device)
         self.dtype = model_config.dtype
+        self.uses_mrope = model_config.uses_mrope  # else the model takes 1-D positions
         self.hidden_size = model_config.get_hidden_size()
         self.vocab_size = model_config.get_vocab_size()
         self.block_size = block_size
@@ -398,6 +401,8 @@ class DraftEngine:
             deepstack = rows[:, self.hidden_size :].reshape(rows.shape[0], self.deepstack_levels, -1)
             self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
         positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
+        if not self.uses_mrope:
+            positions = positions[0]  # a 1-D family's three rows are equal
         batch = self.kv.build_batch([inp.req_id for inp in batch_inputs], query_lens)
         cfg = self.draft_vllm_config
         # The current config is the draft's during the forward so custom ops and

@@ -25,7 +25,7 @@ class DraftPrompt:
     req_id: str
     prompt_token_ids: list[int]
     mm_features: list[Any]  # vLLM MultiModalFeatureSpec, with data (pixels, grid)
-    positions: torch.Tensor  # [3, P] int64 M-RoPE positions of the prompt
+    positions: torch.Tensor  # [3, P] int64 M-RoPE positions of the prompt (1-D ones: three equal rows)
     mrope_delta: int  # output token i sits at position P + i + mrope_delta
 
 

@@ -3,11 +3,14 @@
 The draft runs its own vision encoder on the request's video inputs (the target's
 embeddings have another width), scores each video's tokens with the core's
 selection (holistic by default, a baseline for ablation), and keeps the chosen
-rows in their original order. Every kept row keeps its original M-RoPE (t, h, w)
-position, so text after the video and every generated token sit at the same
-positions as in the target; only the draft's KV index (its compact length)
+rows in their original order. Every kept row keeps its original position (M-RoPE
+(t, h, w), or 1-D), so text after the video and every generated token sit at the
+same positions as in the target; only the draft's KV index (its compact length)
 differs. Text inside a video's placeholder (Qwen3-VL's timestamps and vision
-start/end tokens) is kept. Images and text-only prompts are drafted in full.
+start/end tokens) is kept, and so are the newline rows after a video's frames
+(LLaVA-OneVision's ``image_newline``): they are not frame tokens, so they are
+neither scored nor counted as video tokens. Images and text-only prompts are
+drafted in full.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ def build_draft_view(
     item_embeds: list[torch.Tensor],
     attention: list[torch.Tensor | None] | None,
     video_grid: Callable[[Any], VideoGrid],
+    video_newlines: int = 0,
 ) -> DraftView:
     """Choose the prompt rows the draft keeps.
 
@@ -79,7 +83,9 @@ def build_draft_view(
     ``mm_features`` order (only the video rows' embeddings, ``[n, hidden]``);
     ``attention`` holds s_attn per *video* placeholder (None entries where the
     target's attention could not be captured); ``video_grid`` reads a video
-    feature's token grid (the target family's ``ModelFamily.video_grid``).
+    feature's token grid (the target family's ``ModelFamily.video_grid``);
+    ``video_newlines``: rows after each video's frame tokens (and embeddings) that
+    hold a newline embedding (``ModelFamily.video_newlines``): always kept.
     """
     start = time.perf_counter()
     keep = torch.ones(prompt_len, dtype=torch.bool)
@@ -94,10 +100,14 @@ def build_draft_view(
         grid = video_grid(feature)
         pos = feature.mm_position
         local = video_embed_rows(pos)
+        if video_newlines:
+            # The newline rows stay kept (``keep`` starts all True); only frame tokens compete.
+            local, embeds = local[:-video_newlines], embeds[:-video_newlines]
         if grid.num_tokens != local.numel() or embeds.shape[0] != local.numel():
             raise ValueError(
                 f"video at prompt offset {pos.offset}: {local.numel()} video rows in its {pos.length}-row "
-                f"placeholder, grid {grid} and {embeds.shape[0]} draft embeddings disagree"
+                f"placeholder ({video_newlines} newline rows after them), grid {grid} and "
+                f"{embeds.shape[0]} draft frame embeddings disagree"
             )
         if attn is not None and attn.shape[-1] == pos.length != local.numel():
             attn = attn[..., local]  # s_attn covers the whole placeholder; score the video rows

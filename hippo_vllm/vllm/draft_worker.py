@@ -68,7 +68,9 @@ class DraftWorker:
                 f"target {target_vllm_config.model_config.model} ({architecture_of(target_hf)}) is of no "
                 f"model family hippo supports; supported architectures: {supported_architectures()}"
             )
-        self.views = RequestViews(hippo, functools.partial(family.video_grid, hf_config=target_hf))
+        self.views = RequestViews(
+            hippo, functools.partial(family.video_grid, hf_config=target_hf), family.video_newlines
+        )
         # The compact prefill runs in pieces no larger than the target's own batches.
         self.prefill_chunk_tokens = target_vllm_config.scheduler_config.max_num_batched_tokens
         self._prompts: dict[str, DraftPrompt] = {}  # until a finished Release

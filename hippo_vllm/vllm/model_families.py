@@ -6,12 +6,17 @@ what the vLLM side must know about it:
 
 - which Hugging Face architectures it covers;
 - how its processor lays out a video: the ``mm_features`` key holding the video's
-  patch grid, and the patch merger that turns that grid into LLM tokens
-  (``video_grid``);
+  patch grid (or frames), and how that becomes the grid of LLM tokens the scores
+  run on (``video_grid``): the Qwen families' patch merger, LLaVA-OneVision's
+  per-frame 2x2 pooling;
 - how its prompt positions are assigned: M-RoPE (t, h, w) positions (Qwen3-VL's
   interleave the three sections across the rotary dims, inside vLLM's rotary
-  embedding), which a kept video token carries with it into the draft
-  (``prompt_positions`` reads them from the target's request state);
+  embedding), or plain 1-D positions (LLaVA-OneVision); a kept video token
+  carries its position with it into the draft (``prompt_positions`` reads them
+  from the target's request state);
+- how many rows after a video's frame tokens hold a learned newline embedding
+  (``video_newlines``; LLaVA-OneVision: one ``image_newline`` after the last
+  frame): the draft always keeps them and never scores them;
 - (no field: read from vLLM for every family) which rows of a video's placeholder
   are video: Qwen3-VL's also spans ``<t seconds><|vision_start|>`` and
   ``<|vision_end|>`` text around each temporal patch's pads, and ``is_embed`` marks
@@ -26,6 +31,7 @@ outputs and positions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -33,6 +39,7 @@ import torch
 from hippo_vllm.core import VideoGrid
 
 MROPE = "mrope"  # 3-row (t, h, w) rotary positions, vLLM's ``uses_mrope``
+ROPE_1D = "1d"  # one position per token (the draft's side carries it as three equal rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +47,12 @@ class ModelFamily:
     name: str
     architectures: tuple[str, ...]
     positions: str  # how prompt positions are assigned, e.g. MROPE
-    video_grid_key: str  # the mm_features data key holding a video's (t, h, w) patch grid
+    video_grid_key: str  # the mm_features data key holding a video's (t, h, w) patch grid (or its frames)
     deepstack: bool = False  # vision features also added to early decoder layers' outputs
+    video_newlines: int = 0  # trailing rows of each video's embeddings that are newlines, not frame tokens
+    # vision_config entries that fix how the tower reads the processor's pixels: the
+    # draft runs on the target's processor outputs, so its values must be the target's.
+    vision_input_keys: tuple[str, ...] = ("patch_size", "temporal_patch_size", "spatial_merge_size")
 
     def covers(self, hf_config: Any) -> bool:
         return architecture_of(hf_config) in self.architectures
@@ -67,15 +78,19 @@ class ModelFamily:
 
 
 def _mrope_prompt_positions(state: Any) -> tuple[torch.Tensor, int]:
+    """vLLM's runner computes a prompt's M-RoPE positions when the request arrives."""
     prompt_len = len(state.prompt_token_ids)
-    if state.mrope_positions is None:  # vLLM's runner computes them only for a model that uses M-RoPE
-        return torch.arange(prompt_len).expand(3, -1).clone(), 0
     positions = state.mrope_positions[:, :prompt_len].to(torch.long).clone()
     return positions, int(state.mrope_position_delta or 0)
 
 
+def _rope_1d_prompt_positions(state: Any) -> tuple[torch.Tensor, int]:
+    """Position i at row i, as three equal rows like the draft's text rows."""
+    return torch.arange(len(state.prompt_token_ids)).expand(3, -1).clone(), 0
+
+
 # ModelFamily.positions -> how the draft reads a prompt's positions from the target's request state.
-_PROMPT_POSITIONS = {MROPE: _mrope_prompt_positions}
+_PROMPT_POSITIONS = {MROPE: _mrope_prompt_positions, ROPE_1D: _rope_1d_prompt_positions}
 
 
 QWEN2_5_VL = ModelFamily(
@@ -90,14 +105,49 @@ QWEN2_VL = ModelFamily(
     positions=MROPE,
     video_grid_key="video_grid_thw",
 )
+# Dense and MoE Qwen3-VL checkpoints share the processor, the interleaved M-RoPE and the
+# DeepStack injection (vLLM's MoE class subclasses the dense one); only the decoder's MLPs
+# differ, so either can draft for the other.
 QWEN3_VL = ModelFamily(
     name="Qwen3-VL",
-    architectures=("Qwen3VLForConditionalGeneration",),
+    architectures=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
     positions=MROPE,
     video_grid_key="video_grid_thw",
     deepstack=True,
 )
-FAMILIES = (QWEN2_5_VL, QWEN2_VL, QWEN3_VL)
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledFramesFamily(ModelFamily):
+    """A family whose tower encodes each frame alone and pools its patch features (LLaVA-OneVision).
+
+    vLLM's ``LlavaOnevisionForConditionalGeneration`` runs every frame (resized to the
+    tower's ``image_size``) through the vision tower and projector, pools the
+    ``image_size / patch_size`` square of features bilinearly to ``ceil(side / stride)``
+    per side, flattens the frames in order (frame, row, column) and appends one
+    ``image_newline`` embedding after the last frame; the prompt holds one video
+    token per row of that. The grid is therefore (frames, pooled side, pooled side),
+    with ``video_newlines`` rows after it.
+    """
+
+    def video_grid(self, feature: Any, hf_config: Any) -> VideoGrid:
+        frames = int(feature.data[self.video_grid_key].data.shape[0])  # [frames, 3, H, W]
+        vision = hf_config.vision_config
+        # The stride vLLM's processor counts the video tokens with (its pooling uses 2 too).
+        stride = int(getattr(hf_config, "spatial_pool_stride", 2))
+        side = math.ceil((vision.image_size // vision.patch_size) / stride)
+        return VideoGrid(frames, side, side)
+
+
+LLAVA_ONEVISION = PooledFramesFamily(
+    name="LLaVA-OneVision",
+    architectures=("LlavaOnevisionForConditionalGeneration",),
+    positions=ROPE_1D,
+    video_grid_key="pixel_values_videos",
+    video_newlines=1,
+    vision_input_keys=("image_size", "patch_size"),
+)
+FAMILIES = (QWEN2_5_VL, QWEN2_VL, QWEN3_VL, LLAVA_ONEVISION)
 
 
 def architecture_of(hf_config: Any) -> str:

@@ -6,8 +6,8 @@ its ``CUDA_VISIBLE_DEVICES``), ``len(cpu_cores)`` CPUs (or one) on a CPU
 machine. Each step is one ``handle.remote(work)`` call; Ray runs an actor's calls
 in order, and puts large arguments (a request's video inputs, sent once) in its
 object store. ``PendingStep.result(timeout)`` is a ``ray.wait`` with that
-deadline. Late steps, a dead or stalled actor and restarts behave as in
-:mod:`hippo_vllm.vllm.remote_draft`.
+deadline. Late steps, a dead or stalled actor and restarts are supervised as a
+worker process's are (:mod:`hippo_vllm.vllm.supervised_draft`).
 
 The engine's process connects to the Ray cluster named by ``RAY_ADDRESS``, or
 starts a local one.
@@ -20,19 +20,17 @@ import time
 from typing import Any
 
 from hippo_vllm.config import HippoConfig
-from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.draft_protocol import StepResult, StepWork
 from hippo_vllm.vllm.metrics import HippoStats
-from hippo_vllm.vllm.remote_draft import (
+from hippo_vllm.vllm.supervised_draft import (
     MAX_STEPS_BEHIND,
-    MIN_STALL_S,
+    OFF,
+    UP,
     DraftWorkerError,
-    _NoDrafts,
+    NoDrafts,
+    SupervisedDraft,
+    SupervisedPending,
 )
-
-logger = get_logger(__name__)
-
-STARTING, UP, OFF = "starting", "up", "off"
 
 
 class DraftActor:
@@ -68,18 +66,10 @@ class DraftActor:
         time.sleep(seconds)
 
 
-class _RayPending:
-    def __init__(self, client: RayDraft, seq: int, ref: Any, generation: int):
-        self._client, self.seq, self.ref, self.generation = client, seq, ref, generation
-        self.sent_at = time.perf_counter()
-        self.late = False  # its first read missed the deadline: its chunks are dropped
-
-    def result(self, timeout: float | None = None) -> StepResult | None:
-        return self._client._result(self, timeout)
-
-
-class RayDraft:
+class RayDraft(SupervisedDraft):
     """A DraftBackend whose draft is a Ray actor."""
+
+    noun = "draft actor"
 
     def __init__(
         self,
@@ -92,42 +82,26 @@ class RayDraft:
     ):
         import ray
 
-        self.vllm_config, self.hippo, self.stats = vllm_config, hippo, stats
-        self.settings = hippo.draft_worker
+        super().__init__(hippo, stats)
+        self.vllm_config = vllm_config
         self.use_gpu = use_gpu
         self.target_physical_gpus = set(target_physical_gpus)
-        self.stall_after_s = max(MIN_STALL_S, 10 * self.settings.timeout_s)
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False)
         self._actor_class = ray.remote(DraftActor)
-        self._epoch = 0
-        self._generation = 0
-        self._restarts = 0
-        self._num_blocks: int | None = None
-        self._logged: set[str] = set()
         self._actor = None
-        self._state = OFF
-        self._start_actor()
+        self._restart()
         try:
             self.kv_bytes_per_token, self.block_size, self.worker_pid, gpus = ray.get(
                 self._ready_ref, timeout=self.settings.start_timeout_s
             )
         except Exception as exc:
-            self._kill_actor()
+            self._stop(graceful=False)
             raise DraftWorkerError(f"the draft's Ray actor did not start: {type(exc).__name__}: {exc}") from exc
         self._check_gpus(gpus)
         self._state = UP
 
     # -- DraftBackend -------------------------------------------------------------------
-
-    @property
-    def epoch(self) -> int:
-        self._poll_state()
-        return self._epoch
-
-    @property
-    def is_up(self) -> bool:
-        return self._state == UP
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         import ray
@@ -136,21 +110,18 @@ class RayDraft:
         ray.get(self._actor.allocate_kv_cache.remote(num_blocks), timeout=self.settings.start_timeout_s)
 
     def submit(self, work: StepWork):
-        self._poll_state()
-        if self._state != UP:
-            self.stats.draft_dropped_steps += 1
-            return _NoDrafts(work.seq)
+        if not self._ready_to_submit(work.seq):
+            return NoDrafts(work.seq)
         self._prune_answered()
         if len(self._outstanding) >= MAX_STEPS_BEHIND:
             self._lost("fell behind", f"{len(self._outstanding)} steps unanswered")
-            return _NoDrafts(work.seq)
-        pending = _RayPending(self, work.seq, self._actor.handle.remote(work), self._generation)
+            return NoDrafts(work.seq)
+        pending = SupervisedPending(self, work.seq, self._generation, ref=self._actor.handle.remote(work))
         self._outstanding[work.seq] = (pending.sent_at, pending.ref)
         return pending
 
     def close(self) -> None:
-        self._kill_actor()
-        self._state = OFF
+        self._stop(graceful=True)
 
     def stall(self, seconds: float) -> None:
         """Make the actor sleep ``seconds`` before its next call (tests of the deadlines)."""
@@ -158,7 +129,7 @@ class RayDraft:
 
     # -- results ------------------------------------------------------------------------
 
-    def _result(self, pending: _RayPending, timeout: float | None) -> StepResult | None:
+    def _result(self, pending: SupervisedPending, timeout: float | None) -> StepResult | None:
         """As RemoteDraft's: None while not back; a late result can still be read later."""
         import ray
 
@@ -179,31 +150,16 @@ class RayDraft:
                     self._dropped(pending)
                     self._lost("died", f"{type(exc).__name__}: {exc}")
                     return StepResult(pending.seq)
-                if not pending.late:
-                    self.stats.draft_round_trip_seconds += time.perf_counter() - pending.sent_at
-                    self.stats.draft_round_trips += 1
+                self._answered(pending, time.perf_counter())
                 return result
             self._dropped(pending)  # the actor that had this step is gone
             return StepResult(pending.seq)
         finally:
             self.stats.draft_wait_seconds += time.perf_counter() - start
 
-    def _dropped(self, pending: _RayPending) -> None:
-        if not pending.late:
-            pending.late = True
-            self.stats.draft_dropped_steps += 1
-
-    def _late(self, pending: _RayPending, timeout: float) -> None:
-        self._dropped(pending)
-        self._log_once(
-            "late", "hippo: the draft actor's answer for a step came after the %.0f ms deadline; "
-            "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",
-            1000 * timeout,
-        )
+    def _oldest_unanswered(self) -> float | None:
         self._prune_answered()
-        oldest = min((sent for sent, _ in self._outstanding.values()), default=None)
-        if oldest is not None and time.perf_counter() - oldest > self.stall_after_s:
-            self._lost("stalled", f"no answer for {self.stall_after_s:.1f} s")
+        return min((sent for sent, _ in self._outstanding.values()), default=None)
 
     def _prune_answered(self) -> None:
         """Forget steps whose (late) answers are in: they no longer count as behind."""
@@ -218,31 +174,26 @@ class RayDraft:
 
     # -- the actor's life ---------------------------------------------------------------
 
-    def _start_actor(self) -> None:
+    def _start(self) -> None:
         cores = self.settings.cpu_cores
         options = {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": len(cores) if cores else 1}
-        self._generation += 1
         self._outstanding: dict[int, tuple[float, Any]] = {}
         self._actor = self._actor_class.options(**options).remote(self.vllm_config, self.hippo)
         self._ready_ref = self._actor.info.remote()
         self._alloc_ref = None
-        self._started_at = time.perf_counter()
-        self._state = STARTING
 
     def _check_gpus(self, gpus: list[str]) -> None:
         shared = sorted(set(gpus) & self.target_physical_gpus)
         if shared:
-            self._kill_actor()
+            self._stop(graceful=False)
             raise DraftWorkerError(
                 f"Ray placed the draft on GPU {shared}, which the target uses; make only spare GPUs "
                 'available to Ray, or use "placement": "process" with "device": "cuda:N"'
             )
 
-    def _poll_state(self) -> None:
+    def _advance_start(self) -> None:
         import ray
 
-        if self._state != STARTING:
-            return
         try:
             if self._alloc_ref is None:
                 if ray.wait([self._ready_ref], timeout=0)[0]:
@@ -251,38 +202,15 @@ class RayDraft:
                     self._alloc_ref = self._actor.allocate_kv_cache.remote(self._num_blocks)
             elif ray.wait([self._alloc_ref], timeout=0)[0]:
                 ray.get(self._alloc_ref)
-                self._state = UP
-                self._epoch += 1
-                logger.warning(
-                    "hippo: the draft actor is back (restart %d of %d); drafting resumes",
-                    self._restarts, self.settings.max_restarts,
-                )
+                self._back_up("")
                 return
         except Exception as exc:  # noqa: BLE001 - the new actor failed to start
             self._lost("failed to start", f"{type(exc).__name__}: {exc}")
             return
-        if time.perf_counter() - self._started_at > self.settings.start_timeout_s:
-            self._lost("did not start", f"not ready after {self.settings.start_timeout_s:.0f} s")
+        self._start_timed_out()
 
-    def _lost(self, what: str, detail: str) -> None:
-        self._kill_actor()
-        if self._restarts >= self.settings.max_restarts:
-            self._state = OFF
-            logger.error(
-                "hippo: the draft actor %s (%s) and was restarted %d times "
-                '(speculative_config["draft_worker"]["max_restarts"]); drafting stays off for this '
-                "engine (outputs are unaffected)", what, detail, self._restarts,
-            )
-            return
-        self._restarts += 1
-        self.stats.draft_worker_restarts += 1
-        self._log_once(
-            f"lost {what}", "hippo: the draft actor %s (%s); restarting it (%d of at most %d); "
-            "steps go on without drafts meanwhile", what, detail, self._restarts, self.settings.max_restarts,
-        )
-        self._start_actor()
-
-    def _kill_actor(self) -> None:
+    def _stop(self, graceful: bool) -> None:
+        """Kill the actor (graceful or not: an actor has nothing to flush)."""
         import ray
 
         if self._actor is not None:
@@ -292,8 +220,3 @@ class RayDraft:
                 pass
             self._actor = None
         self._state = OFF
-
-    def _log_once(self, key: str, message: str, *args: Any) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            logger.warning(message, *args)

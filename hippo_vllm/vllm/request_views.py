@@ -56,9 +56,10 @@ def _attention_missing(attention: list | None) -> bool:
 class RequestViews:
     """Draft views by request id."""
 
-    def __init__(self, hippo: HippoConfig, video_grid: Callable[[Any], VideoGrid]):
+    def __init__(self, hippo: HippoConfig, video_grid: Callable[[Any], VideoGrid], video_newlines: int = 0):
         self.hippo = hippo
         self.video_grid = video_grid
+        self.video_newlines = video_newlines  # the target family's ModelFamily.video_newlines
         self._views: dict[str, DraftView] = {}
         self._recent = _LruCache(RECENT_VIEWS)
 
@@ -87,7 +88,7 @@ class RequestViews:
         if view is None:
             view = build_draft_view(
                 self.hippo, len(prompt.prompt_token_ids), prompt.mm_features, item_embeds, attention,
-                self.video_grid,
+                self.video_grid, self.video_newlines,
             )
         self._recent.put(key, view)
         self._views[req_id] = view

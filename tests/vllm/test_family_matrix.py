@@ -25,6 +25,7 @@ default schedule also in bfloat16 (``schedule_matrix``), what users run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -37,7 +38,7 @@ from hippo_vllm.vllm import model_families
 K = 3
 CHUNK = 64  # tokens per step: below every video prompt's length, so their prefills are split
 BLOCK = 32  # the smallest KV block vLLM's CPU attention takes
-MAX_MODEL_LEN = 224  # the longest prompt (Qwen3-VL's, 171 tokens) and its output fit
+MAX_MODEL_LEN = 224  # the longest prompt (Qwen3-VL's, 171 tokens) and its 16 output tokens fit
 TARGET_BLOCKS = MAX_MODEL_LEN // BLOCK + 1  # the least vLLM accepts (it keeps one block empty)
 DRAFT_KV_TOKENS = 4 * 256  # the draft's cache holds every running request: only the target's is short
 SETTINGS = {"enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK, "max_model_len": MAX_MODEL_LEN,
@@ -64,11 +65,12 @@ class Scripted:
 
 
 SCRIPT = (
-    # Three long text requests at once: 2 KV blocks each when they start, 3 each from
-    # their 23rd token on, which the cache cannot hold for all three: preemption.
-    Scripted(QUESTIONS[1], 44, arrival=0),
-    Scripted(QUESTIONS[3], 40, arrival=0, sampled=True),
-    Scripted(QUESTIONS[0], 36, arrival=0),
+    # Three long text requests at once: at most 2 KV blocks each when they start, at
+    # least 3 each at full length (18-50 prompt tokens, by family), which the cache
+    # cannot hold for all three: preemption.
+    Scripted(QUESTIONS[1], 50, arrival=0),
+    Scripted(QUESTIONS[3], 48, arrival=0, sampled=True),
+    Scripted(QUESTIONS[0], 48, arrival=0),
     Scripted((QUESTIONS[0], 0), 16, arrival=1),
     Scripted((QUESTIONS[1], 1), 16, arrival=2, sampled=True),
     Scripted((QUESTIONS[2], 2), 7, arrival=3),
@@ -86,6 +88,13 @@ def test_every_supported_family_has_a_row():
     assert sorted(FAMILY_FIXTURES) == sorted(family.name for family in model_families.FAMILIES)
 
 
+@functools.cache
+def tokenizer_of(checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(checkpoint))
+
+
 def kv_bytes_per_token(checkpoint, dtype: str) -> int:
     """What one token's keys and values take in a checkpoint's KV cache."""
     from transformers import AutoConfig
@@ -97,7 +106,7 @@ def kv_bytes_per_token(checkpoint, dtype: str) -> int:
 
 
 def engine_settings(tiny, family: str, variant: dict) -> dict:
-    target, draft = family_pair(tiny, family)
+    target, draft = family_pair(family)
     dtype = variant.get("dtype", ENGINE_DEFAULTS["dtype"])
     kv_bytes = (TARGET_BLOCKS * BLOCK * kv_bytes_per_token(target, dtype)
                 + DRAFT_KV_TOKENS * kv_bytes_per_token(draft, dtype))
@@ -150,17 +159,18 @@ def release_finished(llm, tokenizer) -> None:
 
 
 @pytest.fixture(scope="module")
-def baselines(tiny, tiny_tokenizer):
+def baselines(tiny):
     """family, variant -> the target alone's outputs of SCRIPT and SEEDED, computed when first asked for."""
     outputs = {}
 
     def of(family: str, variant: dict) -> dict:
         key = (family, repr(sorted(variant.items())))
         if key not in outputs:
-            target, _ = family_pair(tiny, family)
+            target, _ = family_pair(family)
+            tokenizer = tokenizer_of(target)
             with engine(target, **engine_settings(tiny, family, variant)) as llm:
-                script = run_script(llm, SCRIPT, tiny_tokenizer, tiny.synthetic_videos, aborts=False)
-                seeded = run_script(llm, SEEDED, tiny_tokenizer, tiny.synthetic_videos, aborts=False)
+                script = run_script(llm, SCRIPT, tokenizer, tiny.synthetic_videos, aborts=False)
+                seeded = run_script(llm, SEEDED, tokenizer, tiny.synthetic_videos, aborts=False)
             assert all(finished for _, finished in (*script.values(), *seeded.values()))
             outputs[key] = {"script": {i: ids for i, (ids, _) in script.items()},
                             "seeded": {i: ids for i, (ids, _) in seeded.items()}}
@@ -172,15 +182,16 @@ def baselines(tiny, tiny_tokenizer):
 @pytest.mark.engine
 @pytest.mark.parametrize("family", list(FAMILY_FIXTURES))
 @pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32",), default_only=("bf16",)))
-def test_family_is_lossless_on_the_whole_script(family, parallel, variant, tiny, tiny_tokenizer, baselines):
+def test_family_is_lossless_on_the_whole_script(family, parallel, variant, tiny, baselines):
     baseline = baselines(family, variant)
-    target, draft = family_pair(tiny, family)
+    target, draft = family_pair(family)
+    tokenizer = tokenizer_of(target)
     config = hippo_config(draft, K, parallel, draft_kv_tokens=DRAFT_KV_TOKENS)
     with engine(target, speculative_config=config, **engine_settings(tiny, family, variant)) as llm:
         views = recording_views(llm)
-        script = run_script(llm, SCRIPT, tiny_tokenizer, tiny.synthetic_videos, aborts=True)
-        seeded = run_script(llm, SEEDED, tiny_tokenizer, tiny.synthetic_videos, aborts=False)
-        release_finished(llm, tiny_tokenizer)
+        script = run_script(llm, SCRIPT, tokenizer, tiny.synthetic_videos, aborts=True)
+        seeded = run_script(llm, SEEDED, tokenizer, tiny.synthetic_videos, aborts=False)
+        release_finished(llm, tokenizer)
         preemptions = counter(llm, "vllm:num_preemptions")
         drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
         proposer, draft_side = proposer_of(llm), draft_worker_of(llm)

@@ -2,8 +2,9 @@
 
 The family checks are pure (configs only); the engine tests run the real vLLM
 engine in-process on the tiny Qwen2-VL and Qwen3-VL checkpoints with real mp4s: the
-target drafting for itself from every video token accepts everything. The lossless
-matrix of every family with a smaller draft is test_family_matrix.py.
+target drafting for itself from every video token accepts everything (the Qwen3-VL
+MoE target's are in test_qwen3_vl_moe.py). The lossless matrix of every family with a
+smaller draft is test_family_matrix.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _config(tiny, name: str):
     "name, family",
     [("target", QWEN2_5_VL), ("draft", QWEN2_5_VL), ("qwen2_vl_target", QWEN2_VL),
      ("qwen2_vl_draft", QWEN2_VL), ("qwen3_vl_target", QWEN3_VL), ("qwen3_vl_draft", QWEN3_VL),
-     ("text_draft", None)],
+     ("qwen3_vl_moe_target", QWEN3_VL), ("text_draft", None)],
 )
 def test_each_checkpoint_is_of_its_family(tiny, name, family):
     assert family_of(_config(tiny, name)) == family
@@ -56,7 +57,7 @@ def test_a_family_reads_the_targets_prompt_positions_for_the_draft():
     assert torch.equal(positions, torch.arange(18).view(3, 6)[:, :4]) and delta == -2
     unknown = dataclasses.replace(QWEN3_VL, positions="rope-1d")
     with pytest.raises(ValueError, match=r"Qwen3-VL: positions 'rope-1d' have no prompt positions for the draft; "
-                                         r"allowed: \['mrope'\]"):
+                                         r"allowed: \['1d', 'mrope'\]"):
         unknown.prompt_positions(state)
 
 
@@ -69,7 +70,10 @@ def _check(tiny, target: str, draft) -> None:
 
 @pytest.mark.parametrize("target, draft", [("target", "draft"), ("qwen2_vl_target", "qwen2_vl_draft"),
                                            ("qwen2_vl_target", "qwen2_vl_target"),
-                                           ("qwen3_vl_target", "qwen3_vl_draft")])
+                                           ("qwen3_vl_target", "qwen3_vl_draft"),
+                                           ("qwen3_vl_moe_target", "qwen3_vl_draft"),
+                                           ("qwen3_vl_moe_target", "qwen3_vl_moe_target"),
+                                           ("qwen3_vl_target", "qwen3_vl_moe_target")])
 def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
     _check(tiny, target, getattr(tiny, draft))
 
@@ -85,13 +89,22 @@ def test_a_draft_of_the_targets_family_is_accepted(tiny, target, draft):
         ("qwen2_vl_target", "text_draft", r"text_draft' is a Qwen2ForCausalLM, not a vision-language model "
                                           r"hippo can run as the draft; supported architectures: "
                                           r"\['Qwen2_5_VLForConditionalGeneration', 'Qwen2VLForConditionalGeneration', "
-                                          r"'Qwen3VLForConditionalGeneration'\]"),
+                                          r"'Qwen3VLForConditionalGeneration', "
+                                          r"'Qwen3VLMoeForConditionalGeneration', "
+                                          r"'LlavaOnevisionForConditionalGeneration'\]"),
         ("target", "qwen3_vl_draft", r"qwen3_vl_draft' is a Qwen3VLForConditionalGeneration \(Qwen3-VL family\), "
                                      r"the target '.*/target' a Qwen2_5_VLForConditionalGeneration "
                                      r"\(Qwen2.5-VL family\); the draft must be of the target's family"),
         ("qwen3_vl_target", "draft", r"draft' is a Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\), "
                                      r"the target '.*/qwen3_vl_target' a Qwen3VLForConditionalGeneration "
                                      r"\(Qwen3-VL family\)"),
+        ("qwen3_vl_moe_target", "qwen2_vl_draft", r"qwen2_vl_draft' is a Qwen2VLForConditionalGeneration "
+                                                  r"\(Qwen2-VL family\), the target '.*/qwen3_vl_moe_target' a "
+                                                  r"Qwen3VLMoeForConditionalGeneration \(Qwen3-VL family\); the draft "
+                                                  r"must be of the target's family"),
+        ("target", "qwen3_vl_moe_target", r"qwen3_vl_moe_target' is a Qwen3VLMoeForConditionalGeneration "
+                                          r"\(Qwen3-VL family\), the target '.*/target' a "
+                                          r"Qwen2_5_VLForConditionalGeneration \(Qwen2.5-VL family\)"),
         ("text_draft", "draft", r"the target model '.*/text_draft' is a Qwen2ForCausalLM, not a "
                                 r"vision-language model hippo can run as the target"),
     ],
@@ -109,6 +122,19 @@ def test_a_qwen2_vl_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
     (draft / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(HippoConfigError, match=r"'.*/draft' has vocabulary size 576, the target 512"):
         _check(tiny, "qwen2_vl_target", draft)
+
+
+def test_a_draft_whose_tower_merges_patches_otherwise_is_refused(tiny, tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny.qwen3_vl_draft, draft)
+    cfg = json.loads((draft / "config.json").read_text())
+    cfg["vision_config"]["spatial_merge_size"] = 4
+    (draft / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vision_config.spatial_merge_size=4, the target "
+                                               r"'.*/qwen3_vl_target' 2; the draft's vision tower reads the "
+                                               r"target's processor outputs, so for the Qwen3-VL family "
+                                               r"patch_size, temporal_patch_size, spatial_merge_size must be"):
+        _check(tiny, "qwen3_vl_target", draft)
 
 
 def test_a_qwen3_vl_video_is_pruned_among_its_video_rows_and_its_text_rows_are_kept():
@@ -146,7 +172,8 @@ def _target_vllm_config(target):
 
 
 @pytest.mark.parametrize("target, draft, family", [("qwen2_vl_target", "qwen2_vl_draft", QWEN2_VL),
-                                                   ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL)])
+                                                   ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL),
+                                                   ("qwen3_vl_moe_target", "qwen3_vl_moe_target", QWEN3_VL)])
 def test_the_draft_engine_builds_a_drafts_config_and_refuses_a_text_model(tiny, target, draft, family):
     from hippo_vllm.vllm.draft_engine import make_draft_vllm_config
 
@@ -221,3 +248,16 @@ def test_qwen3_vl_self_draft_keeping_every_token_is_lossless_and_accepts_everyth
         stats = proposer_of(llm).stats
     assert drafted > 0 and accepted / drafted >= 0.99, (drafted, accepted)
     assert stats.video_tokens_seen == stats.video_tokens_total == 3 * 64
+
+
+def test_a_moe_draft_under_data_parallelism_is_refused_and_a_dense_one_is_not(tiny):
+    from hippo_vllm.vllm.config_rewrite import check_draft_parallelism
+
+    moe, dense = _config(tiny, "qwen3_vl_moe_target"), _config(tiny, "qwen3_vl_draft")
+    hippo = HippoConfig(model=str(tiny.qwen3_vl_moe_target))
+    with pytest.raises(HippoConfigError, match=r"qwen3_vl_moe_target' is a mixture-of-experts model \(4 experts\) "
+                                               r"and data_parallel_size is 2: a MoE draft runs only with "
+                                               r"data_parallel_size 1"):
+        check_draft_parallelism(hippo, moe, SimpleNamespace(data_parallel_size=2))
+    check_draft_parallelism(hippo, moe, SimpleNamespace(data_parallel_size=1))
+    check_draft_parallelism(hippo, dense, SimpleNamespace(data_parallel_size=2))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hippo_vllm.vllm.model_families import QWEN2_5_VL
+from hippo_vllm.vllm.model_families import LLAVA_ONEVISION, QWEN2_5_VL
 from hippo_vllm.vllm.step_records import (
     after_sampling,
     batch_rows,
@@ -157,6 +157,7 @@ def test_draft_prompt_copies_only_the_prompt_positions():
     assert prompt.prompt_token_ids == state.prompt_token_ids and prompt.mrope_delta == -3
     assert prompt.positions.dtype == torch.long and torch.equal(prompt.positions, positions[:, :6].long())
     assert prompt.positions.untyped_storage().nbytes() == 3 * 6 * 8  # a pickled prompt carries only its rows
+    # A family of 1-D positions (the runner computes no M-RoPE ones): position i at row i.
     state.mrope_positions, state.mrope_position_delta = None, None
-    text = draft_prompt(SimpleNamespace(requests={"r": state}), "r", QWEN2_5_VL)
-    assert torch.equal(text.positions, torch.arange(6).expand(3, -1)) and text.mrope_delta == 0
+    flat = draft_prompt(SimpleNamespace(requests={"r": state}), "r", LLAVA_ONEVISION)
+    assert torch.equal(flat.positions, torch.arange(6).expand(3, -1)) and flat.mrope_delta == 0
