@@ -598,7 +598,9 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"target": target, "draft": draft, "text_draft": fx.text_draft}
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     args.target = str(target)
-    args.video_pad_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    target_config = json.loads((pathlib.Path(target) / "config.json").read_text())
+    # The token a video's rows hold in the prompt (LLaVA-OneVision names it video_token_index).
+    args.video_pad_id = target_config.get("video_token_id", target_config.get("video_token_index"))
     if args.models == "tiny":
         requests = build_requests(fx, tokenizer, args.num_prompts, args.num_frames)
     else:
