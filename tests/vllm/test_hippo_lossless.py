@@ -70,9 +70,10 @@ def requests(tiny, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def baselines(tiny, requests):
-    """The target alone with given engine overrides, computed when first asked for."""
-    outputs = {}
+def baselines(tiny, requests, session_results):
+    """The target alone with given engine overrides, computed when first asked for (once per
+    session: test_draft_worker_lossless compares with the same outputs)."""
+    outputs = session_results.setdefault("hippo_lossless_baselines", {})
 
     def of(variant: dict) -> dict:
         key = repr(sorted(variant.items()))
