@@ -97,7 +97,8 @@ def baseline(baselines):
 
 
 def _stop_params(outputs) -> list:
-    """For each request twice: stop on a token the target emits mid-output, and on a string it writes."""
+    """Sampling params for ``requests * 2``: each request once stopping on a token the target
+    emits mid-output (its 10th), once on a string it writes (3 characters from the middle)."""
     from vllm import SamplingParams
 
     on_token = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[o.outputs[0].token_ids[9]])
