@@ -208,9 +208,10 @@ def test_a_ray_actor_drafts_like_a_plain_worker_and_is_restarted_when_it_dies(ta
     try:
         draft = RayDraft(target_config, hippo(tiny, placement="ray", cpu_cores=[1], max_restarts=1), stats,
                          use_gpu=False)
+        expected = reference.result(timeout=300)  # before the first step's deadline runs
         draft.allocate_kv_cache(32)
         first, second = draft.submit(first_step()), draft.submit(next_step(2, 1, 6))
-        assert [first.result(30).chunks, second.result(30).chunks] == reference.result(timeout=300)
+        assert [first.result(30).chunks, second.result(30).chunks] == expected
         draft.stall(1.0)
         assert draft.submit(next_step(3, 2, 7)).result(0.05) is None
         assert draft.submit(next_step(4, 3, 8)).result(30).seq == 4
