@@ -13,7 +13,7 @@ from server_process import VLLM_EXECUTABLE, fast_cpu_serve_args  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
-
+# name: (the change to a good hippo speculative_config, the message start-up must print)
 BAD_CONFIGS = {
     "keep_ratio": ({"keep_ratio": 1.5},
                    'speculative_config["keep_ratio"]=1.5 is not allowed: a number in [0, 1]'),
