@@ -30,3 +30,12 @@ def tiny_tokenizer(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny.target))
+
+
+@pytest.fixture(scope="session")
+def session_results():
+    """A dict for results that tests of several modules compute alike (e.g. the target alone's
+    outputs on one request set): computed by the first module that asks, reused by the others.
+    A fixture defined in a test module and imported by another is a separate fixture there,
+    so a module scope alone would compute them once per module."""
+    return {}

@@ -88,12 +88,13 @@ def _chunks_of_a_plain_draft_worker(target_config, hippo_config) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(target_config, tiny):
-    """The chunks a DraftWorker called directly gives for the steps below."""
+    """The chunks a DraftWorker called directly gives for the steps below, as a future: its
+    process starts up while the test starts the worker it compares with (``.result()``)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_chunks_of_a_plain_draft_worker, target_config, hippo(tiny)).result(timeout=300)
+        yield pool.submit(_chunks_of_a_plain_draft_worker, target_config, hippo(tiny))
 
 
 def test_a_worker_process_drafts_like_a_plain_worker_and_survives_its_faults(target_config, tiny, reference):
@@ -108,10 +109,13 @@ def test_a_worker_process_drafts_like_a_plain_worker_and_survives_its_faults(tar
     pids = [draft.worker_pid]
     try:
         assert os.sched_getaffinity(pids[0]) == {1}
+        # Before the first step: the reference's process competes for the cores only
+        # while both start up, never while a step's deadline runs.
+        expected = reference.result(timeout=300)
         draft.allocate_kv_cache(32)
         # submit returns before the worker answers: two steps in flight at once.
         first, second = draft.submit(first_step()), draft.submit(next_step(2, 1, 6))
-        assert [first.result(30).chunks, second.result(30).chunks] == reference
+        assert [first.result(30).chunks, second.result(30).chunks] == expected
         assert stats.draft_round_trips == 2 and stats.draft_round_trip_seconds > 0
         # A worker busy past the deadline: the step gets None (no chunks); its
         # answer, matched by seq, can still be read later for its other news.
@@ -132,7 +136,7 @@ def test_a_worker_process_drafts_like_a_plain_worker_and_survives_its_faults(tar
         assert wait_for_epoch(draft, 1) == 1 and draft.is_up
         pids.append(draft.worker_pid)
         # It lost every request: the proposer sends the prompt again.
-        assert draft.submit(first_step(seq=7)).result(30).chunks == reference[0]
+        assert draft.submit(first_step(seq=7)).result(30).chunks == expected[0]
         draft.stall(30.0)  # hangs
         assert draft.submit(next_step(8, 1, 6)).result(0.1) is None
         time.sleep(0.6)
@@ -204,9 +208,10 @@ def test_a_ray_actor_drafts_like_a_plain_worker_and_is_restarted_when_it_dies(ta
     try:
         draft = RayDraft(target_config, hippo(tiny, placement="ray", cpu_cores=[1], max_restarts=1), stats,
                          use_gpu=False)
+        expected = reference.result(timeout=300)  # before the first step's deadline runs
         draft.allocate_kv_cache(32)
         first, second = draft.submit(first_step()), draft.submit(next_step(2, 1, 6))
-        assert [first.result(30).chunks, second.result(30).chunks] == reference
+        assert [first.result(30).chunks, second.result(30).chunks] == expected
         draft.stall(1.0)
         assert draft.submit(next_step(3, 2, 7)).result(0.05) is None
         assert draft.submit(next_step(4, 3, 8)).result(30).seq == 4

@@ -70,18 +70,22 @@ def requests(tiny, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def baselines(tiny, requests):
-    """The target alone with given engine overrides, computed when first asked for."""
-    outputs = {}
+def baselines(tiny, requests, session_results):
+    """The target alone with given engine overrides, computed when first asked for (once per
+    session: test_draft_worker_lossless compares with the same outputs)."""
+    outputs = session_results.setdefault("hippo_lossless_baselines", {})
 
     def of(variant: dict) -> dict:
         key = repr(sorted(variant.items()))
         if key not in outputs:
             with engine(tiny.target, **variant) as llm:
-                outputs[key] = {"single": generate_ids(llm, requests, max_tokens=24),
+                single = llm.generate(requests, greedy(24), use_tqdm=False)
+                outputs[key] = {"single": [tuple(o.outputs[0].token_ids) for o in single],
                                 "mixed": _mixed_batch(llm, requests)}
-                if not variant:  # the preemption test runs with the profile's settings only
+                if not variant:  # the preemption and stop tests run with the profile's settings only
                     outputs[key]["long"] = generate_ids(llm, requests, max_tokens=LONG)
+                    params = _stop_params(single)
+                    outputs[key]["stops"] = (params, llm.generate(requests * 2, params, use_tqdm=False))
         return outputs[key]
 
     return of
@@ -90,6 +94,18 @@ def baselines(tiny, requests):
 @pytest.fixture(scope="module")
 def baseline(baselines):
     return baselines({})
+
+
+def _stop_params(outputs) -> list:
+    """Sampling params for ``requests * 2``: each request once stopping on a token the target
+    emits mid-output (its 10th), once on a string it writes (3 characters from the middle)."""
+    from vllm import SamplingParams
+
+    on_token = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[o.outputs[0].token_ids[9]])
+                for o in outputs]
+    texts = [o.outputs[0].text for o in outputs]
+    on_string = [SamplingParams(temperature=0.0, max_tokens=24, stop=[t[len(t) // 2:][:3]]) for t in texts]
+    return on_token + on_string
 
 
 def _mixed_batch(llm, requests):
@@ -120,25 +136,37 @@ def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(parallel, varian
     assert stats.views_without_target_attention == 0
 
 
+# One engine for both: the self-draft that sees everything is also where drafted
+# chunks are long enough for stops to fall inside them.
 @SCHEDULES
-def test_self_draft_keep_all_accepts_everything(parallel, tiny, requests, baseline):
+def test_self_draft_keep_all_accepts_everything_and_stops_inside_chunks_like_the_target(
+        parallel, tiny, requests, baseline):
     config = hippo_config(tiny.target, parallel, keep_ratio=1.0)
     with engine(tiny.target, speculative_config=config) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
         counters = spec_counters(llm)
         stats = proposer_of(llm).stats
-    drafted = counters["vllm:spec_decode_num_draft_tokens"]
-    accepted = counters["vllm:spec_decode_num_accepted_tokens"]
-    assert drafted > 0 and accepted / drafted >= 0.99, counters
-    if parallel:
-        # Each chunk's first token is verified against the target's own token.
-        assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
-        assert stats.optimistic_rounds > stats.conservative_rounds
-        # Every verified token is accepted: a step commits K tokens (K-1 spec + 1),
-        # and every step of every request is accounted, the last ones included.
-        assert stats.committed_tokens == sum(len(ids) for ids in baseline["single"])
-        assert stats.committed_tokens / stats.target_forwards > K - 1
-        assert stats.mat_sum / stats.mat_runs > 2 * K
+        drafted = counters["vllm:spec_decode_num_draft_tokens"]
+        accepted = counters["vllm:spec_decode_num_accepted_tokens"]
+        assert drafted > 0 and accepted / drafted >= 0.99, counters
+        if parallel:
+            # Each chunk's first token is verified against the target's own token.
+            assert stats.round_accepted_tokens / stats.round_drafted_tokens >= 0.99
+            assert stats.optimistic_rounds > stats.conservative_rounds
+            # Every verified token is accepted: a step commits K tokens (K-1 spec + 1),
+            # and every step of every request is accounted, the last ones included.
+            assert stats.committed_tokens == sum(len(ids) for ids in baseline["single"])
+            assert stats.committed_tokens / stats.target_forwards > K - 1
+            assert stats.mat_sum / stats.mat_runs > 2 * K
+
+        # Stop on a token that the target emits mid-output, and on a string it writes.
+        params, target_stops = baseline["stops"]
+        hippo_stops = llm.generate(requests * 2, params, use_tqdm=False)
+        assert spec_counters(llm)["vllm:spec_decode_num_accepted_tokens"] > accepted
+    for ours, theirs in zip(hippo_stops, target_stops, strict=True):
+        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+        assert ours.outputs[0].text == theirs.outputs[0].text
+        assert ours.outputs[0].finish_reason == theirs.outputs[0].finish_reason == "stop"
 
 
 @SCHEDULES
@@ -178,33 +206,6 @@ def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests,
 
         drafted = spec_counters(llm)["vllm:spec_decode_num_draft_tokens"]
     assert preemptions > 0 and drafted > 0
-
-
-@SCHEDULES
-def test_stop_tokens_and_stop_strings_inside_drafted_chunks_end_like_the_target(parallel, tiny, requests, baseline):
-    from vllm import SamplingParams
-
-    reference = baseline["single"]
-    # Stop on a token that the target emits mid-output, and on a string it writes.
-    params = [
-        SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[ids[9]])
-        for ids in reference
-    ]
-    with engine(tiny.target, speculative_config=hippo_config(tiny.target, parallel, keep_ratio=1.0)) as llm:
-        hippo_stop = llm.generate(requests, params, use_tqdm=False)
-        texts = [o.outputs[0].text for o in llm.generate(requests, greedy(24), use_tqdm=False)]
-        string_params = [SamplingParams(temperature=0.0, max_tokens=24, stop=[t[len(t) // 2:][:3]])
-                         for t in texts]
-        hippo_string = llm.generate(requests, string_params, use_tqdm=False)
-        accepted = spec_counters(llm)["vllm:spec_decode_num_accepted_tokens"]
-    with engine(tiny.target) as llm:
-        target_stop = llm.generate(requests, params, use_tqdm=False)
-        target_string = llm.generate(requests, string_params, use_tqdm=False)
-    assert accepted > 0
-    for ours, theirs in zip(hippo_stop + hippo_string, target_stop + target_string):
-        assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
-        assert ours.outputs[0].text == theirs.outputs[0].text
-        assert ours.outputs[0].finish_reason == theirs.outputs[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize(

@@ -36,10 +36,17 @@ def mixed_media_requests(tiny, tiny_tokenizer):
     ]
 
 
-@SCHEDULES
-def test_each_video_is_pruned_and_images_are_drafted_in_full(parallel, tiny, mixed_media_requests):
+@pytest.fixture(scope="module")
+def mixed_media_baseline(tiny, mixed_media_requests):
+    """The target alone, same settings: the reference of both schedules."""
     with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS) as llm:
-        expected = generate_ids(llm, mixed_media_requests, max_tokens=20)
+        return generate_ids(llm, mixed_media_requests, max_tokens=20)
+
+
+@SCHEDULES
+def test_each_video_is_pruned_and_images_are_drafted_in_full(parallel, tiny, mixed_media_requests,
+                                                             mixed_media_baseline):
+    expected = mixed_media_baseline
     config = hippo_config(tiny.draft, parallel=parallel)
     with engine(tiny.target, limit_mm_per_prompt=MM_LIMITS, speculative_config=config) as llm:
         views = recording_views(llm)
@@ -54,8 +61,9 @@ def test_each_video_is_pruned_and_images_are_drafted_in_full(parallel, tiny, mix
     assert image.keep_rows.tolist() == list(range(image.prompt_len))
 
 
-@SCHEDULES
-def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(parallel, tiny, tiny_tokenizer):
+@pytest.fixture(scope="module")
+def cached_prefix_sequence(tiny, tiny_tokenizer):
+    """Three requests one after another, the first twice, and the target alone's outputs."""
     # 16 frames -> 128 video tokens: the prompt spans a full 128-token KV block,
     # which vLLM's prefix cache serves to the next request with the same video.
     video = tiny.synthetic_videos[0]
@@ -63,7 +71,12 @@ def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(parallel, tiny, 
     other_question = video_request(tiny_tokenizer, "What colours move?", video, num_frames=16)
     sequence = [first, first, other_question]
     with engine(tiny.target) as llm:
-        expected = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
+        return sequence, [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]
+
+
+@SCHEDULES
+def test_prefix_cache_hits_keep_the_selection_and_stay_lossless(parallel, tiny, cached_prefix_sequence):
+    sequence, expected = cached_prefix_sequence
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel=parallel)) as llm:
         views = recording_views(llm)
         got = [generate_ids(llm, [r], max_tokens=20)[0] for r in sequence]

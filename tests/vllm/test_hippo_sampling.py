@@ -71,16 +71,42 @@ def test_chi_square_helper_matches_known_values():
     )
 
 
-# Also in bfloat16 (against the target alone in bfloat16), for the default schedule only.
-@pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32",), default_only=("bf16",)))
-def test_sampled_tokens_follow_the_target_distribution(parallel, variant, tiny, tiny_tokenizer):
+@pytest.fixture(scope="module")
+def prompt(tiny_tokenizer):
     # A text prompt: what is tested is the verification of drafted tokens, which is
     # the same for any prompt, and 400 video prefills per engine would cost minutes.
-    request = text_request(tiny_tokenizer, "Describe the moving objects and their colours.")
+    return text_request(tiny_tokenizer, "Describe the moving objects and their colours.")
+
+
+@pytest.fixture(scope="module")
+def references(tiny, prompt):
+    """The samples hippo's are compared with, per numeric variant, drawn once for both
+    schedules: the target's, the target's at a higher temperature and the draft's own
+    (fresh engines with the same seed, so a schedule's test gets the same samples
+    whether or not the other schedule's ran first)."""
+    drawn = {}
+
+    def of(variant: dict) -> dict:
+        key = repr(sorted(variant.items()))
+        if key not in drawn:
+            settings = {**FAST, **variant}
+            with engine(tiny.target, **settings) as llm:
+                target = sample(llm, prompt)
+                target_warmer = sample(llm, prompt, temperature=1.5 * TEMPERATURE)
+            with engine(tiny.draft, **settings) as llm:
+                draft_alone = sample(llm, prompt)
+            drawn[key] = {"target": target, "target_warmer": target_warmer, "draft_alone": draft_alone}
+        return drawn[key]
+
+    return of
+
+
+# Also in bfloat16 (against the target alone in bfloat16), for the default schedule only.
+@pytest.mark.parametrize("parallel, variant", schedule_matrix(both=("fp32",), default_only=("bf16",)))
+def test_sampled_tokens_follow_the_target_distribution(parallel, variant, tiny, prompt, references):
     settings = {**FAST, **variant}
-    with engine(tiny.target, **settings) as llm:
-        target = sample(llm, request)
-        target_warmer = sample(llm, request, temperature=1.5 * TEMPERATURE)
+    reference = references(variant)
+    target = reference["target"]
     # In the CPU profile's own settings also with the draft in a worker process of its
     # own (on a GPU that placement needs a spare device).
     placements = ("in_process", "process") if PROFILE == "cpu" and not variant else ("in_process",)
@@ -88,15 +114,13 @@ def test_sampled_tokens_follow_the_target_distribution(parallel, variant, tiny, 
     for placement in placements:
         config = hippo_config(tiny.draft, 3, parallel, draft_worker={"placement": placement})
         with engine(tiny.target, speculative_config=config, **settings) as llm:
-            hippo[placement] = sample(llm, request)
+            hippo[placement] = sample(llm, prompt)
             accepted[placement] = counter(llm, "vllm:spec_decode_num_accepted_tokens")
-    with engine(tiny.draft, **settings) as llm:
-        draft_alone = sample(llm, request)
 
     for placement in placements:
         # Verification really happened at these positions.
         assert accepted[placement] > 0.1 * NUM_SAMPLES, placement
         assert min(p_values(hippo[placement], target)) > P_THRESHOLD, placement
     # The same test tells apart distributions that are merely close.
-    assert min(p_values(draft_alone, target)) < P_THRESHOLD
-    assert min(p_values(target_warmer, target)) < P_THRESHOLD
+    assert min(p_values(reference["draft_alone"], target)) < P_THRESHOLD
+    assert min(p_values(reference["target_warmer"], target)) < P_THRESHOLD
