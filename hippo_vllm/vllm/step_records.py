@@ -27,8 +27,6 @@ import dataclasses
 from collections.abc import Container
 from typing import Any
 
-import torch
-
 from hippo_vllm.vllm.draft_protocol import DraftPrompt
 from hippo_vllm.vllm.model_families import ModelFamily
 
