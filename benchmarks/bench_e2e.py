@@ -17,7 +17,7 @@ target's, token for token, or the benchmark aborts.
 
 ``--family`` picks the model family whose tiny target and draft run
 (``hippo_vllm/fixtures/families.py``; default Qwen2.5-VL). Row 2's text-only draft is
-the tiny Qwen2 language model for every family (it has the tiny targets' tokenizer);
+the tiny Qwen2 language model for every family (the tiny targets' vocabulary);
 vLLM's draft_model cannot serve a Qwen2-VL target, so that family has no row 2.
 
 With two or more cores (unless ``--no-worker``) it also measures the draft in a

