@@ -42,6 +42,7 @@ LOSSLESS_MATRIX = (
     "tests/vllm/test_gpu_worker_isolation.py",
     "tests/vllm/test_draft_kv_budget.py",
     "tests/vllm/test_compiled_target.py",
+    "tests/vllm/test_family_matrix.py",
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel_gpu.py",)
 DRAFT_WORKER_TESTS = ("tests/vllm/test_draft_worker_gpu.py",)
