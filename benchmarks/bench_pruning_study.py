@@ -194,8 +194,8 @@ def engine_settings(num_questions: int) -> dict:
     """The tests' fast CPU settings, sized so one batch holds every question.
 
     No bigger than that: a larger max_num_batched_tokens makes every step of the
-    hippo engine slower (twice the generation time at 4096 than at 1024 for the
-    quick study's 8 questions on a CPU).
+    hippo engine slower (on a CPU the quick study's 8 questions take about twice as
+    long to generate at 4096 as at 1024).
     """
     batched = 1024 * -(-max(1, num_questions) * PROMPT_TOKENS_BUDGET // 1024)  # whole KiB of tokens
     return {
