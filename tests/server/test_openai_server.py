@@ -1,14 +1,9 @@
 """`vllm serve` with "method": "hippo" answers OpenAI clients exactly like the target alone.
 
-Two real servers on the tiny fixtures, one after the other: a plain one (same
-flags, no --speculative-config) records the reference answers and stops, then
-one hippo server serves every test of the module. Both run with
-VLLM_ENABLE_V1_MULTIPROCESSING=0, which keeps the worker inside the engine-core
-process instead of spawning one more process: healthy after ~22 s instead of
-~32 s on 2 cores. Started side by side the two servers took 45-50 s each, more
-than one after the other, so the reference server is done before the hippo one
-starts. vLLM's default layout, with its own worker process, is what `make demo`
-runs.
+Two real servers on the tiny fixtures, shared with the other server tests
+(shared_servers.py): a plain one (same flags, no --speculative-config) answers the
+reference requests, the hippo one every test of the module. All requests here are
+greedy, so the checkpoint's default top_k does not change them.
 
 Answers are compared by token ids (vLLM's `return_token_ids`), prompt and
 output, not only by text: the tiny random models write byte soup that
@@ -29,21 +24,12 @@ import pytest
 
 # The server helpers are shared with the serving demo in examples/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from engine_utils import serve_args  # noqa: E402
-from server_process import (  # noqa: E402
-    ServerProcess,
-    metric_totals,
-    read_metrics,
-    running_server,
-)
+from server_process import ServerProcess, metric_totals, read_metrics  # noqa: E402
+from shared_servers import K, SERVED_NAME  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
-K = 3
 MAX_TOKENS = 24
-SERVED_NAME = "tiny"
-SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-START_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 120
 GOOD_CHATS = ("video_file_url", "video_base64_url", "text_only")
 
@@ -126,25 +112,9 @@ def undecodable_videos(tiny) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, chats, tmp_path_factory) -> dict[str, Answer]:
+def reference(plain_server, chats) -> dict[str, Answer]:
     """The answers of a server with the same flags but no speculation: the target alone."""
-    log = tmp_path_factory.mktemp("plain_server") / "server.log"
-    with running_server(tiny.target, serve_args(tiny.video_dir, served_model_name=SERVED_NAME),
-                        log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
-        return {name: ask(server, messages) for name, messages in chats.items()}
-
-
-@pytest.fixture(scope="module")
-def hippo_server(tiny, reference, tmp_path_factory):
-    # Depends on `reference` only for ordering: the plain server has stopped
-    # before this one starts (two at once start slower than one after the other).
-    # No "parallel" key: the server runs the schedule users get by default.
-    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": K}
-    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
-                               speculative_config=speculative_config)
-    log = tmp_path_factory.mktemp("hippo_server") / "server.log"
-    with running_server(tiny.target, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
-        yield server
+    return {name: ask(plain_server, messages) for name, messages in chats.items()}
 
 
 def drafted_tokens(server: ServerProcess) -> float:

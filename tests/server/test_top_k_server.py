@@ -7,48 +7,32 @@ checkpoints bring it: a ``generation_config.json`` with a ``top_k``, which vLLM
 applies by default (``--generation-config auto``) to every request that does not
 set ``top_k`` itself. The checkpoint is a copy of the tiny target (links to its
 files) with such a file; the reference server without speculation uses the same
-copy and flags. The same server also shows that vLLM refuses ``min_p`` and
+copy and flags. Both servers are shared with the other server tests
+(shared_servers.py). The same server also shows that vLLM refuses ``min_p`` and
 ``logit_bias`` per request under speculation, without harm to other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-from engine_utils import serve_args  # noqa: E402
-from server_process import metric_totals, read_metrics, running_server  # noqa: E402
+from server_process import metric_totals, read_metrics  # noqa: E402
+from shared_servers import SERVED_NAME, SERVER_TOP_K  # noqa: E402
 
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 16
-SERVED_NAME = "tiny"
-SERVER_TOP_K = 5
-SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # one process less (see test_openai_server.py)
-START_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 120
 
 GREEDY = {"temperature": 0.0}
 SERVER_DEFAULT = {}  # OpenAI's default temperature 1.0 and the checkpoint's top_k
 REQUEST_TOP_K = {"temperature": 0.8, "top_k": 3}
 TOP_1 = {"temperature": 0.8, "top_k": 1}  # only the argmax survives: must equal greedy
-
-
-@pytest.fixture(scope="module")
-def checkpoint_with_top_k(tiny, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("top_k_checkpoint")
-    for source in tiny.target.iterdir():
-        if source.name != "generation_config.json":
-            (root / source.name).symlink_to(source)
-    generation = json.loads((tiny.target / "generation_config.json").read_text())
-    generation.update(do_sample=True, top_k=SERVER_TOP_K)
-    (root / "generation_config.json").write_text(json.dumps(generation))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -81,26 +65,11 @@ def ask_all(server, requests: list[tuple[list[dict], dict]]) -> list:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint_with_top_k, tiny, messages, tmp_path_factory) -> list[tuple[int, ...]]:
+def reference(plain_server, messages) -> list[tuple[int, ...]]:
     """Greedy answers of the same checkpoint and flags without speculation."""
-    log = tmp_path_factory.mktemp("plain_server") / "server.log"
-    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME)
-    with running_server(checkpoint_with_top_k, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
-        answers = ask_all(server, [(m, GREEDY) for m in messages])
+    answers = ask_all(plain_server, [(m, GREEDY) for m in messages])
     assert all(isinstance(a, tuple) for a in answers), answers
     return answers
-
-
-@pytest.fixture(scope="module")
-def hippo_server(checkpoint_with_top_k, tiny, reference, tmp_path_factory):
-    # Depends on `reference` only for ordering: one server at a time starts faster.
-    # No "parallel" key: the server runs the schedule users get by default.
-    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": 3}
-    args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME,
-                               speculative_config=speculative_config)
-    log = tmp_path_factory.mktemp("hippo_server") / "server.log"
-    with running_server(checkpoint_with_top_k, args, log, env=SERVER_ENV, timeout=START_TIMEOUT_S) as server:
-        yield server
 
 
 def test_top_k_requests_complete_and_greedy_stays_lossless(hippo_server, messages, reference):

@@ -2,7 +2,9 @@
 failures inside the draft, only cost speculation; the outputs stay the target's.
 
 Real engines in-process on the tiny checkpoints, greedy, compared with the target
-alone under the same settings.
+alone under the same settings. One hippo engine per schedule goes through every case,
+in order: the steps vLLM runs without the drafter, then the faults, whose last one
+switches drafting off for good.
 """
 
 from __future__ import annotations
@@ -39,25 +41,19 @@ def long_text_request(tokenizer, min_tokens: int = 200) -> dict:
 
 @pytest.fixture(scope="module")
 def near_limit_requests(tiny, tiny_tokenizer):
-    """A ~200-token text prompt next to a video prompt, both asked for more than fits."""
+    """A ~200-token text prompt next to a video prompt, both asked for more than fits.
+
+    Its video is one the fault requests do not show, so they find no recent view of it."""
     return [long_text_request(tiny_tokenizer),
-            video_request(tiny_tokenizer, "Describe this video.", tiny.synthetic_videos[0])]
+            video_request(tiny_tokenizer, "Describe this video.", tiny.synthetic_videos[2])]
 
 
-@pytest.fixture(scope="module")
-def near_limit_baseline(tiny, near_limit_requests):
-    with engine(tiny.target, **NEAR_LIMIT) as llm:
-        return generate_ids(llm, near_limit_requests, max_tokens=300)
-
-
-@SCHEDULES
-def test_steps_where_vllm_skips_the_drafter_are_survived(parallel, tiny, near_limit_requests, near_limit_baseline):
+def check_steps_where_vllm_skips_the_drafter_are_survived(llm, near_limit_requests, near_limit_baseline):
     # Once the text request is within k tokens of max_model_len, vLLM runs the whole
     # batch's step without calling the drafter, while the video request goes on.
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **NEAR_LIMIT) as llm:
-        assert generate_ids(llm, near_limit_requests, max_tokens=300) == near_limit_baseline
-        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
-        assert proposer_of(llm).stats.drafting_failures == 0
+    assert generate_ids(llm, near_limit_requests, max_tokens=300) == near_limit_baseline
+    assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+    assert proposer_of(llm).stats.drafting_failures == 0
 
 
 # -- faults injected into the draft, the capture and the step hooks ----------------------
@@ -72,9 +68,11 @@ def fault_requests(tiny, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def fault_baseline(tiny, fault_requests):
-    with engine(tiny.target) as llm:
-        return generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS)
+def baselines(tiny, near_limit_requests, fault_requests):
+    """The target alone's answers to the near-limit and the fault requests, in one engine."""
+    with engine(tiny.target, **NEAR_LIMIT) as llm:
+        return (generate_ids(llm, near_limit_requests, max_tokens=300),
+                generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS))
 
 
 MAX_TOKENS = 16
@@ -136,45 +134,54 @@ class FailureLogs(logging.Handler):
         logging.getLogger(ROOT_LOGGER_NAME).removeHandler(self)
 
 
-@SCHEDULES
-def test_faults_in_drafting_cost_only_speculation(parallel, tiny, fault_requests, fault_baseline):
-    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel)) as llm:
-        proposer = proposer_of(llm)
-        stats = proposer.stats
+def check_faults_in_drafting_cost_only_speculation(llm, fault_requests, fault_baseline):
+    proposer = proposer_of(llm)
+    stats = proposer.stats
+    drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
+    without_attention = stats.views_without_target_attention
 
-        # The attention capture fails inside the target's forward, on every prefill
-        # (these prompts are new to the engine, so no recent view stands in): the
-        # forward goes on, the views are built without s_attn, drafting goes on.
-        original_observe = proposer.capture._observe
-        proposer.capture._observe = lambda *args: 1 / 0
-        with FailureLogs() as logs:  # two batches: the same failure in two steps
-            outputs = [ids for batch in (fault_requests[:1], fault_requests[1:])
-                       for ids in generate_ids(llm, batch, max_tokens=MAX_TOKENS)]
-        proposer.capture._observe = original_observe
-        assert outputs == fault_baseline
-        assert stats.drafting_failures >= 2  # at least one per video request
-        assert stats.views_without_target_attention == 2  # both videos
-        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
-        assert len(logs.records) == 1  # one cause: logged once, with its traceback
-        assert logged_traceback(logs.records[0], "ZeroDivisionError")
-        assert not proposer.disabled
+    # The attention capture fails inside the target's forward, on every prefill
+    # (these prompts are new to the engine, so no recent view stands in): the
+    # forward goes on, the views are built without s_attn, drafting goes on.
+    original_observe = proposer.capture._observe
+    proposer.capture._observe = lambda *args: 1 / 0
+    with FailureLogs() as logs:  # two batches: the same failure in two steps
+        outputs = [ids for batch in (fault_requests[:1], fault_requests[1:])
+                   for ids in generate_ids(llm, batch, max_tokens=MAX_TOKENS)]
+    proposer.capture._observe = original_observe
+    assert outputs == fault_baseline
+    assert stats.drafting_failures >= 2  # at least one per video request
+    assert stats.views_without_target_attention == without_attention + 2  # both videos
+    assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
+    assert len(logs.records) == 1  # one cause: logged once, with its traceback
+    assert logged_traceback(logs.records[0], "ZeroDivisionError")
+    assert not proposer.disabled
 
-        # One request's draft forward fails: that request goes on without drafting.
-        failures = stats.drafting_failures
-        drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
-        fault = DraftForwardFault(draft_worker_of(llm).engine)
-        with FailureLogs() as logs:
-            assert generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS) == fault_baseline
-        assert fault.raised >= 1 and fault.others_after > 0  # the others still drafted
-        assert stats.drafting_failures == failures + 1
-        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
-        wait_for_metric(llm, "vllm:hippo_drafting_failures", failures + 1)  # counters lose _total here
-        assert len(logs.records) == 1 and logged_traceback(logs.records[0], "RuntimeError: injected draft failure")
-
-        # A step hook that fails in every step: drafting is switched off for good.
-        def broken_begin_step(*args):
-            raise RuntimeError("injected step failure")
-
-        proposer.begin_step = broken_begin_step
+    # One request's draft forward fails: that request goes on without drafting.
+    failures = stats.drafting_failures
+    drafted = counter(llm, "vllm:spec_decode_num_draft_tokens")
+    fault = DraftForwardFault(draft_worker_of(llm).engine)
+    with FailureLogs() as logs:
         assert generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS) == fault_baseline
-        assert proposer.disabled and proposer.num_draft_requests == 0
+    assert fault.raised >= 1 and fault.others_after > 0  # the others still drafted
+    assert stats.drafting_failures == failures + 1
+    assert counter(llm, "vllm:spec_decode_num_draft_tokens") > drafted
+    wait_for_metric(llm, "vllm:hippo_drafting_failures", failures + 1)  # counters lose _total here
+    assert len(logs.records) == 1 and logged_traceback(logs.records[0], "RuntimeError: injected draft failure")
+
+    # A step hook that fails in every step: drafting is switched off for good.
+    def broken_begin_step(*args):
+        raise RuntimeError("injected step failure")
+
+    proposer.begin_step = broken_begin_step
+    assert generate_ids(llm, fault_requests, max_tokens=MAX_TOKENS) == fault_baseline
+    assert proposer.disabled and proposer.num_draft_requests == 0
+
+
+@SCHEDULES
+def test_skipped_steps_and_faults_in_drafting_cost_only_speculation(parallel, tiny, near_limit_requests,
+                                                                    fault_requests, baselines):
+    near_limit_baseline, fault_baseline = baselines
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel), **NEAR_LIMIT) as llm:
+        check_steps_where_vllm_skips_the_drafter_are_survived(llm, near_limit_requests, near_limit_baseline)
+        check_faults_in_drafting_cost_only_speculation(llm, fault_requests, fault_baseline)
