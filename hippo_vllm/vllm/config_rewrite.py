@@ -143,6 +143,14 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
                 f"vision-language model hippo can run as the {role}; supported architectures: "
                 f"{list(SUPPORTED_ARCHITECTURES)}."
             )
+        problem = families[role].layout_problem(config)
+        if problem is not None:
+            raise HippoConfigError(
+                f"{_subject(role, hippo, target_model_config)} is a {architecture_of(config)} "
+                f"({families[role].name} family), but {problem}: hippo's {families[role].name} adapter does "
+                f"not know this model's video layout; supported architectures: {list(SUPPORTED_ARCHITECTURES)}, "
+                f"with their released checkpoints' video layouts."
+            )
     if families["draft"] != families["target"]:
         raise HippoConfigError(
             f'speculative_config["model"]={hippo.model!r} is a {architecture_of(draft_config)} '

@@ -63,6 +63,14 @@ class ModelFamily:
         merge = hf_config.vision_config.spatial_merge_size
         return VideoGrid.from_thw(tuple(int(x) for x in thw.flatten().tolist()), merge)
 
+    def layout_problem(self, hf_config: Any) -> str | None:
+        """Why this adapter cannot lay out a video of the checkpoint ``hf_config``, or None.
+
+        The Qwen families read every video's layout from the processor's patch grid
+        and the merge size, whatever their values.
+        """
+        return None
+
     def prompt_positions(self, state: Any) -> tuple[torch.Tensor, int]:
         """The positions the target gave a request's prompt rows, as the draft takes them.
 
@@ -129,6 +137,17 @@ class PooledFramesFamily(ModelFamily):
     token per row of that. The grid is therefore (frames, pooled side, pooled side),
     with ``video_newlines`` rows after it.
     """
+
+    # How vLLM pools a video's frame features (llava_onevision.py: ``apply_pooling``
+    # with its default stride of 2, bilinear, whatever the checkpoint says).
+    POOLING = {"spatial_pool_stride": 2, "spatial_pool_mode": "bilinear"}
+
+    def layout_problem(self, hf_config: Any) -> str | None:
+        for key, known in self.POOLING.items():
+            value = getattr(hf_config, key, None)
+            if value is not None and value != known:
+                return f"its {key} is {value!r}, where vLLM pools video frames with {key} {known!r}"
+        return None
 
     def video_grid(self, feature: Any, hf_config: Any) -> VideoGrid:
         frames = int(feature.data[self.video_grid_key].data.shape[0])  # [frames, 3, H, W]

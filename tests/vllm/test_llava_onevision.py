@@ -153,6 +153,19 @@ def test_a_llava_onevision_draft_whose_tower_reads_other_frames_is_refused(llava
         _check(llava.target, draft)
 
 
+def test_a_llava_onevision_model_pooling_frames_otherwise_is_refused(llava, tmp_path):
+    target = tmp_path / "target"
+    shutil.copytree(llava.target, target)
+    cfg = json.loads((target / "config.json").read_text())
+    cfg["spatial_pool_stride"] = 3
+    (target / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HippoConfigError, match=r"the target model '.*/target' is a LlavaOnevisionForConditionalGeneration "
+                                               r"\(LLaVA-OneVision family\), but its spatial_pool_stride is 3, where "
+                                               r"vLLM pools video frames with spatial_pool_stride 2: hippo's "
+                                               r"LLaVA-OneVision adapter does not know this model's video layout"):
+        _check(target, llava.draft)
+
+
 # -- served by the real engine --------------------------------------------------------------
 
 K = 3
