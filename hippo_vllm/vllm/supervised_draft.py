@@ -13,6 +13,7 @@ to advance a restart, and when its oldest unanswered step was sent.
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Any
 
@@ -56,7 +57,7 @@ class SupervisedPending:
         return self._client._result(self, timeout)
 
 
-class SupervisedDraft:
+class SupervisedDraft(abc.ABC):
     """The supervision of a draft's side that lives outside the target's process.
 
     Subclasses set ``noun`` (how the log names the draft's side) and implement
@@ -170,14 +171,18 @@ class SupervisedDraft:
 
     # -- what a placement implements ----------------------------------------------------
 
+    @abc.abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Start a new draft side (``_generation`` is already bumped)."""
 
+    @abc.abstractmethod
     def _stop(self, graceful: bool) -> None:
-        raise NotImplementedError
+        """Stop the draft side; ``_state`` becomes OFF."""
 
+    @abc.abstractmethod
     def _advance_start(self) -> None:
-        raise NotImplementedError
+        """Move a restart on without blocking; ``_back_up`` once it is ready."""
 
+    @abc.abstractmethod
     def _oldest_unanswered(self) -> float | None:
-        raise NotImplementedError
+        """Send time of the oldest step not answered yet, or None."""
