@@ -2,7 +2,7 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo scoring-demo test test-quick bench bench-e2e bench-pruning gpu-check
+.PHONY: setup demo scoring-demo test test-quick test-trained bench bench-e2e bench-pruning gpu-check
 setup:
 	@tools/setup_env.sh
 
@@ -18,6 +18,10 @@ test: setup
 # The tests that start no in-process engine (about a minute): for a quick loop.
 test-quick: setup
 	@$(PY) -m pytest -m "not engine"
+
+# The trained pair's quality gates through vLLM; the first run trains the pair (minutes).
+test-trained: setup
+	@HIPPO_TEST_TRAINED_PAIR=1 $(PY) -m pytest tests/fixtures/test_trained_pair.py -s
 
 bench: setup
 	@$(PY) benchmarks/bench_scoring.py
