@@ -188,6 +188,7 @@ def is_correct(text: str, answer: str) -> bool:
 
 
 PROMPT_TOKENS_BUDGET = 128  # per question: its prompt is ~110 tokens (64 of them video)
+KV_BYTES_PER_QUESTION = 3 << 20  # target and draft KV of one question, with room to spare
 
 
 def engine_settings(num_questions: int) -> dict:
@@ -205,7 +206,10 @@ def engine_settings(num_questions: int) -> dict:
         # prefill of it, and with it the attention the attention-based methods rank by.
         "enable_prefix_caching": False,
         "disable_log_stats": False,  # vLLM's spec-decode counters
-        "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
+        # Room for every question's target KV and, beside it, the draft's (sized from the
+        # same budget) while the draft's own answers are decoded.
+        "dtype": "float32", "enforce_eager": True,
+        "kv_cache_memory_bytes": max(64 << 20, max(1, num_questions) * KV_BYTES_PER_QUESTION),
     }
 
 
@@ -538,11 +542,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only redraw the PNGs of a saved study (its questions are rebuilt from the seeds)")
     parser.add_argument("--video-dir", type=pathlib.Path, default=None,
                         help="keep the task's mp4s there (default: a temporary folder)")
-    parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 4)")
+    parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 8)")
     parser.add_argument("--max-tokens", type=int, help="answer length cap (default 24)")
     parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (γ, >= 2)")
     args = parser.parse_args(argv)
-    for key, full in (("samples_per_kind", 4), ("max_tokens", 24)):
+    for key, full in (("samples_per_kind", 8), ("max_tokens", 24)):
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else full)
         if getattr(args, key) < 1:

@@ -13,6 +13,10 @@ is gibberish; what matters is that it is exactly the target's own answer (the
 tests in tests/server/ check that against a server without speculation) and how
 many drafted tokens the target accepted.
 
+`--trained` serves the pair trained on the synthetic video task instead (built on first
+use, about nine minutes on 2 cores) and asks a question about a held-out task video:
+its answer means something, and the demo prints the true one beside it.
+
 Run with `make demo` (or `.venv/bin/python examples/serve_demo.py`).
 """
 
@@ -24,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hippo_vllm.fixtures import build_fixtures
+from hippo_vllm.fixtures import build_fixtures, video_task
+from hippo_vllm.fixtures.trained_pair import build_trained_pair
 
 # examples/ is sys.path[0] when this file runs as a script.
 from server_process import MetricSample, fast_cpu_serve_args, metric_totals, read_metrics, running_server
@@ -117,10 +122,25 @@ def main() -> None:
     parser.add_argument("--question", default="Describe this video.")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--parallel", action="store_true", help="VPSD's schedule instead of draft-then-verify")
+    parser.add_argument("--trained", action="store_true",
+                        help="the pair trained on the synthetic video task, asked about a held-out task video "
+                             "(trained on first use, minutes)")
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help="with --trained: ask about the N-th held-out task video (default 0)")
     args = parser.parse_args()
 
-    print("building the tiny target/draft pair and sample videos (cached after the first run)")
-    fixtures = build_fixtures()
+    expected = None
+    if args.trained:
+        print("building the trained target/draft pair (cached after the first run; minutes the first time)")
+        fixtures = build_trained_pair()
+        if args.video is None:
+            sample = video_task.make_sample(video_task.HELD_OUT_SEEDS[args.held_out])
+            qa = sample.qa[0]
+            args.question, expected = qa.question, qa.answer
+            args.video = sample.write_mp4(Path(tempfile.mkdtemp(prefix="hippo_task_video_")) / "held_out.mp4")
+    else:
+        print("building the tiny target/draft pair and sample videos (cached after the first run)")
+        fixtures = build_fixtures()
     video = (args.video or fixtures.synthetic_videos[0]).resolve()
     speculative_config = {"method": "hippo", "model": str(fixtures.draft),
                           "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
@@ -143,7 +163,10 @@ def main() -> None:
         choice = response.choices[0]
         print(f"assistant ({response.usage.completion_tokens} tokens, finish_reason {choice.finish_reason}, "
               f"{time.monotonic() - asked:.2f} s; prompt {response.usage.prompt_tokens} tokens):")
-        print(f"  {choice.message.content!r}\n")
+        print(f"  {choice.message.content!r}")
+        if expected is not None:
+            print(f"  (the true answer: {expected!r})")
+        print()
         time.sleep(METRICS_SETTLE_S)
         print_acceptance(read_metrics(server.base_url))
         print("\nstopping the server")
