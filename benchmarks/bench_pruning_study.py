@@ -188,7 +188,7 @@ def is_correct(text: str, answer: str) -> bool:
 
 
 PROMPT_TOKENS_BUDGET = 128  # per question: its prompt is ~110 tokens (64 of them video)
-KV_BYTES_PER_QUESTION = 3 << 20  # target and draft KV of one question, with room to spare
+KV_BYTES_PER_QUESTION = 8 << 20  # target and draft KV of one question, with room to spare
 
 
 def engine_settings(num_questions: int) -> dict:
@@ -376,6 +376,12 @@ def run_variant(variant: Variant, schedule: str, pair: Pair, requests, questions
     if vllm_counts["num_draft_tokens"] <= 0 or stats["draft_tokens"] <= 0:
         raise SystemExit(f"NO DRAFTING: {variant.name} ({schedule}) verified no draft token; "
                          "its figures would not measure the draft")
+    if stats["draft_kv_full"] or stats["drafting_failures"]:
+        # A request the draft could not hold, or whose drafting failed, runs without drafts:
+        # its figures would measure the KV budget or the failure, not the pruning.
+        raise SystemExit(f"DRAFTING INCOMPLETE: {variant.name} ({schedule}): draft KV cache full "
+                         f"{stats['draft_kv_full']} times, {stats['drafting_failures']} drafting failures; "
+                         "raise KV_BYTES_PER_QUESTION")
     row = {"schedule": schedule, "seconds": time.perf_counter() - started, "lossless": True,
            "vllm": vllm_counts, "hippo": stats,
            "acceptance_rate": _ratio(vllm_counts["num_accepted_tokens"], vllm_counts["num_draft_tokens"])}
