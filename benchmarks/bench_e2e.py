@@ -16,7 +16,7 @@ smaller draft of the target's family, 10% of the video). Every output must equal
 target's, token for token, or the benchmark aborts.
 
 ``--family`` picks the model family whose tiny target and draft run
-(``hippo_vllm/fixtures/families.py``; default Qwen2.5-VL). Row 2's text-only draft is
+(``hippo_testbed/families.py``; default Qwen2.5-VL). Row 2's text-only draft is
 the tiny Qwen2 language model for every family (the tiny targets' vocabulary);
 vLLM's draft_model cannot serve a Qwen2-VL target, so that family has no row 2.
 
@@ -44,7 +44,7 @@ clock of the generation only (engine start excluded): the median of ``--repeats`
 batches after one warm-up batch, every figure of a row taken from that same batch.
 
 ``--models trained`` runs the same rows on the target and draft trained on the synthetic
-video task (``hippo_vllm/fixtures/trained_pair.py``, built on first use) instead of the
+video task (``hippo_testbed/trained_pair.py``, built on first use) instead of the
 random-weight fixtures: the prompts are held-out task questions on task videos, and the
 text-only draft of row 2 is the trained draft's own language model without its vision
 encoder (`text_only_checkpoint`), so row 2 is that same draft never seeing the video.
@@ -76,7 +76,7 @@ import tempfile  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
 
-MAX_FRAMES = 16  # hippo_vllm.fixtures.processor.MAX_FRAMES; engine_settings sizes prompts for it
+MAX_FRAMES = 16  # hippo_testbed.processor.MAX_FRAMES; engine_settings sizes prompts for it
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
              "Tell me everything about the objects and their motion.")
 KEEP_RATIO = 0.1
@@ -149,7 +149,7 @@ class TrainedModels:
 
 
 def trained_models(scratch: pathlib.Path) -> TrainedModels:
-    from hippo_vllm.fixtures.trained_pair import trained_pair_paths
+    from hippo_testbed.trained_pair import trained_pair_paths
 
     target, draft = trained_pair_paths()
     return TrainedModels(target, draft, text_only_checkpoint(draft, scratch / "text_draft"))
@@ -183,8 +183,8 @@ def text_only_checkpoint(vl_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Pat
 
 def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path) -> list[dict]:
     """Held-out questions of the synthetic video task, each sample's focus questions first."""
-    from hippo_vllm.fixtures import load_video, video_chat_prompt
-    from hippo_vllm.fixtures.video_task import HELD_OUT_SEEDS, make_sample
+    from hippo_testbed import load_video, video_chat_prompt
+    from hippo_testbed.video_task import HELD_OUT_SEEDS, make_sample
 
     requests, seed = [], HELD_OUT_SEEDS[0]
     while len(requests) < num_prompts:
@@ -222,7 +222,7 @@ def engine_settings(args) -> dict:
 
 def build_requests(fx, tokenizer, num_prompts: int, num_frames: int) -> list[dict]:
     """Synthetic clips alternating with real sample videos (when installed)."""
-    from hippo_vllm.fixtures import load_video, video_chat_prompt
+    from hippo_testbed import load_video, video_chat_prompt
 
     synthetic, samples = list(fx.synthetic_videos), list(fx.sample_videos)
     videos = [v for pair in zip(synthetic, samples) for v in pair] or synthetic
@@ -549,7 +549,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tiny: the random-weight fixtures; trained: the pair trained on the video task "
                              "(default 16 tokens of 8 frames: its answers are a few tokens long)")
     parser.add_argument("--family", default=DEFAULT_FAMILY,
-                        help="model family of the tiny target and draft (hippo_vllm/fixtures/families.py; "
+                        help="model family of the tiny target and draft (hippo_testbed/families.py; "
                              f"default {DEFAULT_FAMILY}; --models trained is {DEFAULT_FAMILY})")
     parser.add_argument("--no-worker", action="store_true",
                         help="skip the rows with the draft in a worker process of its own")
@@ -570,7 +570,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("max_tokens", "num_prompts", "num_frames", "k", "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    from hippo_vllm.fixtures.families import FAMILY_FIXTURES
+    from hippo_testbed.families import FAMILY_FIXTURES
 
     if args.family not in FAMILY_FIXTURES:
         parser.error(f"--family must be one of {sorted(FAMILY_FIXTURES)}, got {args.family!r}")
@@ -589,8 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
     _torch_set_num_threads = _torch_set_num_threads or torch.set_num_threads
     from transformers import AutoTokenizer
 
-    from hippo_vllm.fixtures import build_fixtures
-    from hippo_vllm.fixtures.families import family_pair
+    from hippo_testbed import build_fixtures
+    from hippo_testbed.families import family_pair
 
     scratch = tempfile.TemporaryDirectory()  # the trained pair's text-only draft and task videos
     fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name))

@@ -4,7 +4,7 @@ HIPPO's claim is that its holistic score (the target's text->video attention, te
 change, spatial distinctiveness) keeps the video tokens that matter at high pruning,
 where attention-only pruning drifts to the frame borders and loses acceptance. This
 benchmark measures that claim on the synthetic video QA task
-(``hippo_vllm/fixtures/video_task.py``: known answers, three pruning-adversarial scene
+(``hippo_testbed/video_task.py``: known answers, three pruning-adversarial scene
 kinds), with real mp4s, through ``vllm.LLM`` with the hippo speculative config.
 
 Rows (one engine per row and schedule; every engine answers all questions in one batch):
@@ -89,7 +89,7 @@ class Pair:
 
 
 def load_pair(name: str) -> Pair:
-    from hippo_vllm.fixtures import build_fixtures
+    from hippo_testbed import build_fixtures
 
     fx = build_fixtures()
     if name == "tiny":
@@ -97,7 +97,7 @@ def load_pair(name: str) -> Pair:
     if name == "self":  # the target drafts for itself: keep_ratio 1 must reproduce its answers
         return Pair("self", str(fx.target), str(fx.target), trained=False)
     if name == "trained":  # trained on the video task (built into the fixture cache on first use)
-        from hippo_vllm.fixtures.trained_pair import trained_pair_paths
+        from hippo_testbed.trained_pair import trained_pair_paths
 
         target, draft = trained_pair_paths()
         return Pair("trained", str(target), str(draft), trained=True)
@@ -153,8 +153,8 @@ class Question:
 
 def build_questions(samples_per_kind: int, video_dir: pathlib.Path) -> list[Question]:
     """The focus questions of held-out samples, the scene kinds taking turns."""
-    from hippo_vllm.fixtures import load_video
-    from hippo_vllm.fixtures.video_task import HELD_OUT_SEEDS, SCENE_KINDS, make_sample
+    from hippo_testbed import load_video
+    from hippo_testbed.video_task import HELD_OUT_SEEDS, SCENE_KINDS, make_sample
 
     video_dir.mkdir(parents=True, exist_ok=True)
     questions = []
@@ -307,7 +307,7 @@ def external_id(req_id: str) -> str:
 
 
 def make_requests(questions: list[Question], tokenizer) -> list[dict]:
-    from hippo_vllm.fixtures import video_chat_prompt
+    from hippo_testbed import video_chat_prompt
 
     return [{"prompt": video_chat_prompt(tokenizer, q.question), "multi_modal_data": {"video": q.frames}}
             for q in questions]

@@ -38,9 +38,9 @@ ENGINE = {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 64
 
 
 def _requests(tokenizer, folder: pathlib.Path, count: int) -> list[dict]:
-    from hippo_vllm.fixtures import load_video, video_chat_prompt
-    from hippo_vllm.fixtures.trained_pair import NUM_FRAMES
-    from hippo_vllm.fixtures.video_task import HELD_OUT_SEEDS, make_sample
+    from hippo_testbed import load_video, video_chat_prompt
+    from hippo_testbed.trained_pair import NUM_FRAMES
+    from hippo_testbed.video_task import HELD_OUT_SEEDS, make_sample
 
     requests = []
     for seed in HELD_OUT_SEEDS[:count]:
@@ -114,7 +114,7 @@ def main() -> None:
             print(json.dumps(measure(args.measure_one, args.batch_sizes, pathlib.Path(tmp), args.repeats)))
         return
 
-    from hippo_vllm.fixtures.trained_pair import build_trained_pair
+    from hippo_testbed.trained_pair import build_trained_pair
 
     pair = build_trained_pair()
     load_before = os.getloadavg()

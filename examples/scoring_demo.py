@@ -28,7 +28,7 @@ from hippo_vllm.core import (
     spatial_scores,
     temporal_scores,
 )
-from hippo_vllm.fixtures.videos import load_video, write_synthetic_video
+from hippo_testbed.videos import load_video, write_synthetic_video
 
 PATCH = 28  # pixels per LLM token side: 14-pixel ViT patches merged 2x2
 FRAMES_PER_TOKEN = 2  # Qwen2.5-VL's temporal patch

@@ -28,8 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hippo_vllm.fixtures import build_fixtures, video_task
-from hippo_vllm.fixtures.trained_pair import build_trained_pair
+from hippo_testbed import build_fixtures, video_task
+from hippo_testbed.trained_pair import build_trained_pair
 
 # examples/ is sys.path[0] when this file runs as a script.
 from server_process import MetricSample, fast_cpu_serve_args, metric_totals, read_metrics, running_server

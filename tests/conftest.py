@@ -15,12 +15,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny():
-    """Tiny target/draft/text-draft checkpoints and videos (`hippo_vllm.fixtures.TinyFixtures`).
+    """Tiny target/draft/text-draft checkpoints and videos (`hippo_testbed.TinyFixtures`).
 
     Built once per recipe into the default cache ($HIPPO_VLLM_FIXTURES_DIR or
     ~/.cache/hippo_vllm/fixtures), so reruns reuse them.
     """
-    from hippo_vllm.fixtures import build_fixtures
+    from hippo_testbed import build_fixtures
 
     return build_fixtures()
 

@@ -151,14 +151,14 @@ def greedy(max_tokens: int = 16):
 
 
 def text_request(tokenizer, question: str) -> dict:
-    from hippo_vllm.fixtures import text_chat_prompt
+    from hippo_testbed import text_chat_prompt
 
     return {"prompt": text_chat_prompt(tokenizer, question)}
 
 
 def video_request(tokenizer, question: str, video: str | Path, num_frames: int = NUM_VIDEO_FRAMES) -> dict:
     """A chat prompt with one video; the mp4 is decoded like vLLM's OpenCV loader would."""
-    from hippo_vllm.fixtures import load_video, video_chat_prompt
+    from hippo_testbed import load_video, video_chat_prompt
 
     return {
         "prompt": video_chat_prompt(tokenizer, question),

@@ -139,3 +139,12 @@ def test_texts_that_name_the_supported_vllm_agree_with_the_one_list():
             assert f"`{pinned}`" in readme  # the quick start names the CPU environment's pin
         else:
             assert f"`{distribution}` {series}.x" in readme
+
+
+def test_the_testbed_is_not_part_of_the_package():
+    """hippo_testbed (fixture builders, the synthetic task, the trained pair) is for tests,
+    benchmarks and examples, outside the installed package, which never imports it."""
+    root = PACKAGE.parent
+    assert not (PACKAGE / "fixtures").exists()
+    importers = [str(p.relative_to(root)) for p in PACKAGE.rglob("*.py") if "hippo_testbed" in _imported_modules(p)]
+    assert importers == []

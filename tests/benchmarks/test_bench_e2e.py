@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from script_loading import load_script
 
-from hippo_vllm.fixtures.families import FAMILY_FIXTURES
+from hippo_testbed.families import FAMILY_FIXTURES
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]

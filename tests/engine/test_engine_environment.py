@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from engine_utils import engine, generate_ids, text_request, video_request
 
-from hippo_vllm.fixtures import load_video, sample_video_paths
+from hippo_testbed import load_video, sample_video_paths
 
 pytestmark = [
     pytest.mark.engine,

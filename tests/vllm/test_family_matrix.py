@@ -1,6 +1,6 @@
 """The lossless matrix for every supported model family, against the same engine without speculation.
 
-``hippo_vllm/fixtures/families.py`` has one row per family: its tiny target and a
+``hippo_testbed/families.py`` has one row per family: its tiny target and a
 smaller draft of the same family. Per family, the target alone serves a
 scripted batch once per numeric variant (the baseline); then, per schedule, ONE hippo
 engine serves the same script with chunked prefill (every video prompt is longer than
@@ -33,7 +33,7 @@ import pytest
 from engine_utils import ENGINE_DEFAULTS, counter, draft_worker_of, engine, hippo_config, product_default, \
     proposer_of, recording_views, schedule_matrix, text_request, video_request
 from hippo_vllm.core import num_kept
-from hippo_vllm.fixtures.families import FAMILY_FIXTURES, family_pair
+from hippo_testbed.families import FAMILY_FIXTURES, family_pair
 from hippo_vllm.vllm import model_families
 
 K = 3

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, recording_views, video_request
 
-from hippo_vllm.fixtures import load_video
+from hippo_testbed import load_video
 
 pytestmark = pytest.mark.engine
 

@@ -38,7 +38,7 @@ VIDEO_TOKENS = FRAMES * FRAME_TOKENS  # the newline row after them is not a vide
 
 @pytest.fixture(scope="module")
 def llava():
-    from hippo_vllm.fixtures.llava_onevision import build_llava_onevision
+    from hippo_testbed.llava_onevision import build_llava_onevision
 
     return build_llava_onevision()
 
@@ -64,7 +64,7 @@ def test_both_checkpoints_are_llava_onevision(llava):
 def test_the_fixture_processor_lays_a_video_out_as_pooled_frames_and_a_newline(tiny, llava, llava_tokenizer):
     from transformers import AutoProcessor
 
-    from hippo_vllm.fixtures import load_video, video_chat_prompt
+    from hippo_testbed import load_video, video_chat_prompt
 
     processor = AutoProcessor.from_pretrained(str(llava.target))
     frames, _ = load_video(tiny.synthetic_videos[0], FRAMES)
