@@ -21,7 +21,7 @@ test-quick: setup
 
 # The trained pair's quality gates through vLLM; the first run trains the pair (minutes).
 test-trained: setup
-	@HIPPO_TEST_TRAINED_PAIR=1 $(PY) -m pytest tests/fixtures/test_trained_pair.py -s
+	@HIPPO_TEST_TRAINED_PAIR=1 $(PY) -m pytest tests/testbed/test_trained_pair.py -s
 
 bench: setup
 	@$(PY) benchmarks/bench_scoring.py
