@@ -28,6 +28,6 @@ setup(
         "ray": ["ray>=2.60,<3"],
     },
     entry_points={
-        "vllm.general_plugins": ["hippo = hippo_vllm.vllm.plugin:register"],
+        "vllm.general_plugins": ["hippo = hippo_vllm.vllm.seam.plugin:register"],
     },
 )

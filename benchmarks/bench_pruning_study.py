@@ -233,7 +233,7 @@ class ViewRecorder:
     def __init__(self, llm, answer_tokens: int, stop_ids: set[int]):
         import torch
 
-        from hippo_vllm.vllm.draft_view import video_embed_rows
+        from hippo_vllm.vllm.draft.view import video_embed_rows
 
         self.proposer = proposer_of(llm)
         self.worker = worker = draft_worker_of(llm)
@@ -282,7 +282,7 @@ class ViewRecorder:
         """The draft's greedy answer from its just-prefilled view; its KV is rolled back after."""
         import torch
 
-        from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftInput
+        from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftInput
 
         engine, state = self.worker.engine, self.worker._states[req_id]
         tokens: list[int] = []

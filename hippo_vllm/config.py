@@ -21,6 +21,7 @@ from typing import Any
 from hippo_vllm.core.pruning import PRUNING_METHODS, SELECTION_MODES
 
 METHOD_NAME = "hippo"
+ADDITIONAL_CONFIG_KEY = "hippo"  # where the validated settings travel in vLLM's additional_config
 SIGNALS = ("attn", "temp", "spa")
 PLACEMENTS = ("in_process", "process", "ray")
 
@@ -192,9 +193,25 @@ class HippoConfig:
         return d
 
     @property
+    def uses_target_attention(self) -> bool:
+        """Whether the draft's views need s_attn from the target's prefill."""
+        if self.keep_ratio == 0.0:  # the draft sees no video: nothing to rank
+            return False
+        if self.pruning in ("attention", "specvlm"):
+            return True
+        return self.pruning == "holistic" and self.score_weights["attn"] > 0
+
+    @property
     def vllm_num_speculative_tokens(self) -> int:
         """Spec tokens vLLM verifies per step: γ serially, γ−1 in parallel mode."""
         return self.num_speculative_tokens - 1 if self.parallel else self.num_speculative_tokens
+
+
+def hippo_settings(vllm_config: Any) -> HippoConfig | None:
+    """The HippoConfig a VllmConfig carries (the config rewrite put it there), or None."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    raw = extra.get(ADDITIONAL_CONFIG_KEY)
+    return None if raw is None else HippoConfig(**raw)
 
 
 @dataclasses.dataclass(frozen=True)

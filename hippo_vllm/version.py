@@ -1,7 +1,7 @@
 """The package version and the vLLM releases it supports: the one place for both.
 
 setup.py reads this file (it runs it, importing nothing else) for the version and
-for the ``cpu`` / ``gpu`` extras; :mod:`hippo_vllm.vllm.version_gate` checks the
+for the ``cpu`` / ``gpu`` extras; :mod:`hippo_vllm.vllm.seam.version_gate` checks the
 installed vLLM against :data:`SUPPORTED_VLLM`. Texts that must repeat the list
 (README, tools/requirements-*.txt) are checked against it by tests/test_package.py.
 """

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(hippo_vllm.__file__).parent
 
 
 def test_module_loggers_are_children_of_vllms_logger():
-    assert get_logger("hippo_vllm.vllm.proposer").name == f"{ROOT_LOGGER_NAME}.vllm.proposer"
+    assert get_logger("hippo_vllm.vllm.target.proposer").name == f"{ROOT_LOGGER_NAME}.vllm.target.proposer"
     assert ROOT_LOGGER_NAME.startswith("vllm.")
 
 
@@ -43,7 +43,7 @@ def test_info_lines_print_with_vllms_default_logging_config():
         "from vllm.plugins import load_general_plugins\n"
         "load_general_plugins()\n"
         "from hippo_vllm.logs import get_logger\n"
-        "get_logger('hippo_vllm.vllm.proposer').info('hippo info line')\n"
+        "get_logger('hippo_vllm.vllm.target.proposer').info('hippo info line')\n"
     )
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_LOGGING_LEVEL", "VLLM_CONFIGURE_LOGGING", "HIPPO_VLLM_SKIP_VERSION_CHECK")}

@@ -9,15 +9,15 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from hippo_vllm.vllm import version_gate
-from hippo_vllm.vllm.version_gate import UnsupportedVllmVersion, check_vllm_version
+from hippo_vllm.vllm.seam import version_gate
+from hippo_vllm.vllm.seam.version_gate import UnsupportedVllmVersion, check_vllm_version
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "hippo_vllm"
 
 
 def test_importing_the_package_and_core_does_not_import_vllm():
     code = (
-        "import sys, hippo_vllm, hippo_vllm.core, hippo_vllm.vllm, hippo_vllm.vllm.plugin\n"
+        "import sys, hippo_vllm, hippo_vllm.core, hippo_vllm.vllm, hippo_vllm.vllm.seam.plugin\n"
         "heavy = [m for m in ('vllm', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print(hippo_vllm.__version__)\n"
@@ -58,11 +58,11 @@ def test_vllm_imports_stay_inside_the_vllm_subpackage():
 
 def test_plugin_entry_point_is_registered():
     hippo = [e for e in entry_points(group="vllm.general_plugins") if e.name == "hippo"]
-    assert [e.value for e in hippo] == ["hippo_vllm.vllm.plugin:register"]
+    assert [e.value for e in hippo] == ["hippo_vllm.vllm.seam.plugin:register"]
 
 
 def test_register_is_idempotent_and_active_on_the_installed_vllm():
-    from hippo_vllm.vllm.plugin import register
+    from hippo_vllm.vllm.seam.plugin import register
 
     assert register() is True
     assert register() is True
@@ -89,7 +89,7 @@ def test_version_check_can_be_overridden(monkeypatch):
 def test_hippo_on_an_unsupported_vllm_is_refused_with_the_version_message(monkeypatch):
     from types import SimpleNamespace
 
-    from hippo_vllm.vllm.config_rewrite import rewrite_hippo_engine_args
+    from hippo_vllm.vllm.seam.config_rewrite import rewrite_hippo_engine_args
 
     monkeypatch.delenv(version_gate.SKIP_VERSION_CHECK_ENV, raising=False)
     monkeypatch.setattr(version_gate, "installed_vllm_version", lambda: "0.40.0")
@@ -104,7 +104,7 @@ def test_plugin_on_an_unsupported_vllm_stands_down_but_still_refuses_hippo_clear
     code = (
         "import vllm\n"
         "vllm.__version__ = '0.40.0'\n"
-        "from hippo_vllm.vllm import plugin\n"
+        "from hippo_vllm.vllm.seam import plugin\n"
         "assert plugin.register() is False\n"
         "from vllm.engine.arg_utils import EngineArgs\n"
         "args = EngineArgs(model='unused', speculative_config={'method': 'hippo', 'model': 'd'})\n"

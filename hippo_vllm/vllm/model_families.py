@@ -12,8 +12,8 @@ what the vLLM side must know about it:
 - how its prompt positions are assigned: M-RoPE (t, h, w) positions (Qwen3-VL's
   interleave the three sections across the rotary dims, inside vLLM's rotary
   embedding), or plain 1-D positions (LLaVA-OneVision); a kept video token
-  carries its position with it into the draft (``prompt_positions`` reads them
-  from the target's request state);
+  carries its position with it into the draft (``prompt_positions`` takes them
+  from what the target's runner computed);
 - how many rows after a video's frame tokens hold a learned newline embedding
   (``video_newlines``; LLaVA-OneVision: one ``image_newline`` after the last
   frame): the draft always keeps them and never scores them;
@@ -71,30 +71,31 @@ class ModelFamily:
         """
         return None
 
-    def prompt_positions(self, state: Any) -> tuple[torch.Tensor, int]:
+    def prompt_positions(
+        self, prompt_len: int, mrope_positions: torch.Tensor | None, mrope_delta: int | None
+    ) -> tuple[torch.Tensor, int]:
         """The positions the target gave a request's prompt rows, as the draft takes them.
 
-        ``state`` is the target runner's request state. Returns a ``[3, P]`` int64
-        tensor (a copy holding only the prompt's rows) and the offset of the outputs:
-        output token i sits at position ``P + i + offset``.
+        ``mrope_positions``/``mrope_delta``: what vLLM's runner computed for the
+        request when it arrived (M-RoPE families; None otherwise). Returns a
+        ``[3, P]`` int64 tensor (a copy holding only the prompt's rows) and the
+        offset of the outputs: output token i sits at position ``P + i + offset``.
         """
         assign = _PROMPT_POSITIONS.get(self.positions)
         if assign is None:
             raise ValueError(f"{self.name}: positions {self.positions!r} have no prompt positions for the "
                              f"draft; allowed: {sorted(_PROMPT_POSITIONS)}")
-        return assign(state)
+        return assign(prompt_len, mrope_positions, mrope_delta)
 
 
-def _mrope_prompt_positions(state: Any) -> tuple[torch.Tensor, int]:
+def _mrope_prompt_positions(prompt_len: int, mrope_positions: Any, mrope_delta: Any) -> tuple[torch.Tensor, int]:
     """vLLM's runner computes a prompt's M-RoPE positions when the request arrives."""
-    prompt_len = len(state.prompt_token_ids)
-    positions = state.mrope_positions[:, :prompt_len].to(torch.long).clone()
-    return positions, int(state.mrope_position_delta or 0)
+    return mrope_positions[:, :prompt_len].to(torch.long).clone(), int(mrope_delta or 0)
 
 
-def _rope_1d_prompt_positions(state: Any) -> tuple[torch.Tensor, int]:
+def _rope_1d_prompt_positions(prompt_len: int, mrope_positions: Any, mrope_delta: Any) -> tuple[torch.Tensor, int]:
     """Position i at row i, as three equal rows like the draft's text rows."""
-    return torch.arange(len(state.prompt_token_ids)).expand(3, -1).clone(), 0
+    return torch.arange(prompt_len).expand(3, -1).clone(), 0
 
 
 # ModelFamily.positions -> how the draft reads a prompt's positions from the target's request state.

@@ -26,7 +26,7 @@ class PatchEntry:
 PATCHES: tuple[PatchEntry, ...] = (
     PatchEntry(
         target="vllm.engine.arg_utils:EngineArgs.create_engine_config",
-        module="hippo_vllm.vllm.config_rewrite",
+        module="hippo_vllm.vllm.seam.config_rewrite",
         why=(
             'SpeculativeConfig is a closed pydantic Literal: "method": "hippo" and its keys '
             "(keep_ratio, ...) fail validation. The wrapper validates them as HippoConfig, "
@@ -37,7 +37,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.v1.worker.cpu_worker:CPUModelRunner",
-        module="hippo_vllm.vllm.worker_cpu",
+        module="hippo_vllm.vllm.seam.worker_cpu",
         why=(
             "CPUWorker.init_device builds CPUModelRunner through this module global and has no "
             "_make_model_runner hook like the GPU Worker; it is swapped for the hippo runner "
@@ -66,7 +66,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.v1.metrics.loggers:StatLoggerManager.__init__",
-        module="hippo_vllm.vllm.stat_logger",
+        module="hippo_vllm.vllm.metrics.stat_logger",
         why=(
             "The vllm.stat_logger_plugins entry point is loaded only by AsyncLLM, not by "
             "LLMEngine (LLM), and once installed it forces stats on for every AsyncLLM. The "
@@ -80,7 +80,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.v1.sample.rejection_sampler:expand_batch_to_tokens",
-        module="hippo_vllm.vllm.cpu_sampling_fix",
+        module="hippo_vllm.vllm.seam.cpu_sampling_fix",
         why=(
             "On CPU, vLLM's replacement of the Triton expand_kernel writes into int64 copies "
             "and drops the result, so temperatures/top-k/top-p of draft tokens are garbage and "
@@ -95,7 +95,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.model_executor.layers.attention.attention:Attention.impl.forward",
-        module="hippo_vllm.vllm.attention_capture",
+        module="hippo_vllm.vllm.target.attention_capture",
         why=(
             "No attention backend returns attention probabilities, and s_attn needs the "
             "target's post-RoPE text queries against its video keys. The forward of the "
@@ -107,7 +107,7 @@ PATCHES: tuple[PatchEntry, ...] = (
     ),
     PatchEntry(
         target="vllm.v1.sample.rejection_sampler:apply_top_k_top_p",
-        module="hippo_vllm.vllm.empty_logits_guard",
+        module="hippo_vllm.vllm.seam.empty_logits_guard",
         why=(
             "Every step of a speculative config goes through the rejection sampler, also steps "
             "with zero draft tokens (conservative rounds, paused drafting); with temperature > 0 "

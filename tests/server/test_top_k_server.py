@@ -2,7 +2,7 @@
 
 With speculation configured, vLLM runs top-k over the draft positions of every
 step, also steps without draft tokens; unguarded, that crashed the engine (see
-hippo_vllm/vllm/empty_logits_guard.py). The server default comes the way real
+hippo_vllm/vllm/seam/empty_logits_guard.py). The server default comes the way real
 checkpoints bring it: a ``generation_config.json`` with a ``top_k``, which vLLM
 applies by default (``--generation-config auto``) to every request that does not
 set ``top_k`` itself. The checkpoint is a copy of the tiny target (links to its

@@ -14,9 +14,9 @@ import types
 import pytest
 import torch
 
-from hippo_vllm.vllm.attention_capture import PATCH_TARGET, TargetAttentionCapture
+from hippo_vllm.vllm.target.attention_capture import PATCH_TARGET, TargetAttentionCapture
 from hippo_vllm.vllm.patching import PatchConflict, applied_patches
-from hippo_vllm.vllm.step_records import batch_rows, step_start
+from hippo_vllm.vllm.target.step_records import batch_rows, step_start
 
 HEADS, KV_HEADS, HEAD_SIZE = 2, 1, 4
 PROMPT_LEN, VIDEO = 12, (2, 4)  # a video at rows 2..5, text after it

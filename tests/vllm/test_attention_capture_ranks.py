@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hippo_vllm.vllm.attention_capture import TargetAttentionCapture
-from hippo_vllm.vllm.step_records import batch_rows, step_start
+from hippo_vllm.vllm.target.attention_capture import TargetAttentionCapture
+from hippo_vllm.vllm.target.step_records import batch_rows, step_start
 
 H_Q, H_KV, D, LAYERS = 4, 2, 8, (0, 1)
 TEXT_BEFORE, VIDEO, TEXT_AFTER = 3, 6, 4

@@ -8,10 +8,10 @@ import shutil
 import pytest
 
 from hippo_vllm.config import HippoConfigError
-from hippo_vllm.vllm.config_rewrite import (
+from hippo_vllm.config import hippo_settings
+from hippo_vllm.vllm.seam.config_rewrite import (
     CPU_WORKER_PATH,
     PROPOSER_CLASS_PATH,
-    hippo_settings,
     looks_like_local_path,
 )
 
@@ -19,7 +19,7 @@ from hippo_vllm.vllm.config_rewrite import (
 def engine_config(target, speculative_config, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
-    import hippo_vllm.vllm.plugin as plugin
+    import hippo_vllm.vllm.seam.plugin as plugin
 
     plugin.register()
     args = EngineArgs(model=str(target), max_model_len=1024, enforce_eager=True,

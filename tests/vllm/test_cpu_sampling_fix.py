@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hippo_vllm.vllm.cpu_sampling_fix import expand_batch_to_tokens
+from hippo_vllm.vllm.seam.cpu_sampling_fix import expand_batch_to_tokens
 
 CU = torch.tensor([2, 5, 6], dtype=torch.int32)  # 2, 3 and 1 draft tokens
 

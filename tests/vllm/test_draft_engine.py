@@ -18,7 +18,7 @@ import torch
 from engine_utils import greedy, make_llm, shutdown_llm, text_request, video_request
 from vllm.multimodal.inputs import PlaceholderRange
 
-from hippo_vllm.vllm.draft_engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftInput
 
 pytestmark = pytest.mark.engine
 

@@ -16,8 +16,8 @@ import torch
 from engine_utils import make_llm, shutdown_llm, text_request, video_request
 from test_draft_engine import NUM_TOKENS, _capture_requests, _greedy_decode
 
-from hippo_vllm.vllm.draft_engine import DraftEngine, DraftInput
-from hippo_vllm.vllm.draft_view import video_embed_rows
+from hippo_vllm.vllm.draft.engine import DraftEngine, DraftInput
+from hippo_vllm.vllm.draft.view import video_embed_rows
 
 pytestmark = pytest.mark.engine
 

@@ -23,7 +23,7 @@ from engine_utils import (
     text_request,
     video_request,
 )
-from hippo_vllm.vllm.draft_kv_budget import DraftKVBudget
+from hippo_vllm.vllm.target.draft_kv_budget import DraftKVBudget
 
 BLOCK = 32
 MIB = 1 << 20

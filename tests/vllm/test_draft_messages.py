@@ -10,8 +10,8 @@ import random
 
 import torch
 
-from hippo_vllm.vllm.draft_messages import ChunkPlan, DraftMessages, common_prefix
-from hippo_vllm.vllm.draft_protocol import DraftPrompt, StepResult, ViewReport
+from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, common_prefix
+from hippo_vllm.vllm.protocol import DraftPrompt, StepResult, ViewReport
 
 
 class Sent:

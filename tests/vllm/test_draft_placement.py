@@ -7,7 +7,7 @@ import types
 import pytest
 
 from hippo_vllm.config import DraftWorkerConfig, HippoConfigError
-from hippo_vllm.vllm.draft_placement import physical_gpu_ids, target_gpu_indices, worker_device_env
+from hippo_vllm.vllm.placements.factory import physical_gpu_ids, target_gpu_indices, worker_device_env
 
 TP4 = {0, 1, 2, 3}
 

@@ -14,12 +14,12 @@ import pytest
 from engine_utils import engine, greedy, text_request, video_request
 
 from hippo_vllm.config import HippoConfig
-from hippo_vllm.vllm.draft_backend import InProcessDraft
-from hippo_vllm.vllm.draft_engine import DraftCapacityError
-from hippo_vllm.vllm.draft_protocol import ChunkOrder, Prefill, Release, StepWork
-from hippo_vllm.vllm.draft_worker import DraftWorker
+from hippo_vllm.vllm.placements.in_process import InProcessDraft
+from hippo_vllm.vllm.draft.engine import DraftCapacityError
+from hippo_vllm.vllm.protocol import ChunkOrder, Prefill, Release, StepWork
+from hippo_vllm.vllm.draft.worker import DraftWorker
 from hippo_vllm.vllm.model_families import QWEN2_5_VL
-from hippo_vllm.vllm.step_records import draft_prompt
+from hippo_vllm.vllm.target.step_records import draft_prompt
 
 pytestmark = pytest.mark.engine
 

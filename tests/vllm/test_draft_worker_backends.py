@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from engine_utils import CPU_DEFAULTS
-from hippo_vllm.vllm.draft_protocol import StepResult
+from hippo_vllm.vllm.protocol import StepResult
 
 pytestmark = pytest.mark.engine
 
@@ -47,14 +47,14 @@ def hippo(tiny, **worker):
 
 
 def first_step(seq=1, req_id="a"):
-    from hippo_vllm.vllm.draft_protocol import ChunkOrder, DraftPrompt, Prefill, StepWork
+    from hippo_vllm.vllm.protocol import ChunkOrder, DraftPrompt, Prefill, StepWork
 
     prompt = DraftPrompt(req_id, PROMPT, [], torch.arange(len(PROMPT)).expand(3, -1).clone(), 0)
     return StepWork(seq=seq, prefills=[Prefill(req_id, prompt, None)], chunks=[ChunkOrder(req_id, 0, [5], K)])
 
 
 def next_step(seq, kept, token, req_id="a"):
-    from hippo_vllm.vllm.draft_protocol import ChunkOrder, StepWork
+    from hippo_vllm.vllm.protocol import ChunkOrder, StepWork
 
     return StepWork(seq=seq, chunks=[ChunkOrder(req_id, kept, [token], K)])
 
@@ -76,12 +76,9 @@ def wait_gone(pid: int, seconds: float = 10.0) -> bool:
 
 def _chunks_of_a_plain_draft_worker(target_config, hippo_config) -> list[dict]:
     """In a fresh process with a one-rank vLLM world: a DraftWorker called directly."""
-    from hippo_vllm.vllm.draft_worker import DraftWorker
-    from hippo_vllm.vllm.draft_worker_process import _init_one_rank_world, _prepare_device
+    from hippo_vllm.vllm.placements.bootstrap import start_draft_worker
 
-    _prepare_device()
-    _init_one_rank_world(target_config)
-    worker = DraftWorker(target_config, hippo_config)
+    worker = start_draft_worker(target_config, hippo_config)
     worker.allocate_kv_cache(32)
     return [worker.handle(first_step()).chunks, worker.handle(next_step(2, 1, 6)).chunks]
 
@@ -98,8 +95,8 @@ def reference(target_config, tiny):
 
 
 def test_a_worker_process_drafts_like_a_plain_worker_and_survives_its_faults(target_config, tiny, reference):
-    from hippo_vllm.vllm.metrics import HippoStats
-    from hippo_vllm.vllm.remote_draft import RemoteDraft
+    from hippo_vllm.vllm.metrics.stats import HippoStats
+    from hippo_vllm.vllm.placements.process_client import RemoteDraft
 
     stats = HippoStats()
     config = hippo(tiny, placement="process", cpu_cores=[1], max_restarts=2, timeout_ms=50)
@@ -171,8 +168,8 @@ def test_the_worker_exits_when_its_parent_is_killed(tmp_path, tiny):
         from engine_utils import CPU_DEFAULTS
         from vllm.engine.arg_utils import EngineArgs
         from hippo_vllm.config import HippoConfig
-        from hippo_vllm.vllm.metrics import HippoStats
-        from hippo_vllm.vllm.remote_draft import RemoteDraft
+        from hippo_vllm.vllm.metrics.stats import HippoStats
+        from hippo_vllm.vllm.placements.process_client import RemoteDraft
         args = {{k: v for k, v in CPU_DEFAULTS.items() if k != "disable_log_stats"}}
         config = EngineArgs(model={str(tiny.target)!r}, **args).create_engine_config()
         hippo = HippoConfig(model={str(tiny.draft)!r}, draft_worker={{"placement": "process"}})
@@ -200,8 +197,8 @@ def test_the_worker_exits_when_its_parent_is_killed(tmp_path, tiny):
 def test_a_ray_actor_drafts_like_a_plain_worker_and_is_restarted_when_it_dies(target_config, tiny, reference):
     import ray
 
-    from hippo_vllm.vllm.metrics import HippoStats
-    from hippo_vllm.vllm.ray_draft import RayDraft
+    from hippo_vllm.vllm.metrics.stats import HippoStats
+    from hippo_vllm.vllm.placements.ray_actor import RayDraft
 
     ray.init(num_cpus=2, include_dashboard=False)
     stats = HippoStats()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from engine_utils import counter, engine, generate_ids, greedy, hippo_config, text_request, video_request
 
-from hippo_vllm.vllm.empty_logits_guard import apply_top_k_top_p
+from hippo_vllm.vllm.seam.empty_logits_guard import apply_top_k_top_p
 
 MAX_TOKENS = 12
 

@@ -34,17 +34,18 @@ GUARDED = [
     ("vllm.utils.torch_utils", "async_tensor_h2d"),
 ]
 
-CPU_ONLY_MODULES = {"worker_cpu"}
+CPU_ONLY_MODULES = {"hippo_vllm.vllm.seam.worker_cpu"}
 
 
 def gpu_side_modules() -> list[str]:
     """Every hippo_vllm.vllm module a GPU process may import (all but the CPU worker)."""
     root = pathlib.Path(integration.__file__).parent
-    return sorted(
-        f"hippo_vllm.vllm.{p.stem}"
-        for p in root.glob("*.py")
-        if p.stem not in CPU_ONLY_MODULES and p.stem != "__init__"
+    modules = (
+        ".".join(("hippo_vllm", "vllm", *p.relative_to(root).with_suffix("").parts))
+        for p in root.rglob("*.py")
+        if p.stem != "__init__"
     )
+    return sorted(m for m in modules if m not in CPU_ONLY_MODULES)
 
 
 def replaced_after(imports: list[str]) -> list[str]:
@@ -61,7 +62,7 @@ def replaced_after(imports: list[str]) -> list[str]:
         before = current()
         for name in {imports!r}:
             importlib.import_module(name)
-        from hippo_vllm.vllm import plugin
+        from hippo_vllm.vllm.seam import plugin
         plugin.register()
         after = current()
         print("REPLACED:" + ",".join(k for k in before if before[k] is not after[k]))
@@ -78,11 +79,11 @@ def replaced_after(imports: list[str]) -> list[str]:
 
 def test_gpu_worker_and_plugin_modules_leave_cuda_and_torch_untouched():
     modules = gpu_side_modules()
-    assert "hippo_vllm.vllm.worker_gpu" in modules and "hippo_vllm.vllm.proposer" in modules
-    assert replaced_after(["hippo_vllm.vllm.worker_gpu", *modules]) == []
+    assert "hippo_vllm.vllm.seam.worker_gpu" in modules and "hippo_vllm.vllm.target.proposer" in modules
+    assert replaced_after(["hippo_vllm.vllm.seam.worker_gpu", *modules]) == []
 
 
 def test_the_check_detects_the_cpu_worker_import():
     # Control: the CPU worker module does switch the process, and the check sees it.
-    replaced = replaced_after(["hippo_vllm.vllm.worker_cpu"])
+    replaced = replaced_after(["hippo_vllm.vllm.seam.worker_cpu"])
     assert set(replaced) == {f"{m}.{a}" for m, a in GUARDED}

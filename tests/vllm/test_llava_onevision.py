@@ -26,8 +26,8 @@ from engine_utils import (
 )
 from hippo_vllm.config import HippoConfig, HippoConfigError
 from hippo_vllm.core import VideoGrid
-from hippo_vllm.vllm.config_rewrite import check_draft_against_target
-from hippo_vllm.vllm.draft_view import build_draft_view
+from hippo_vllm.vllm.seam.config_rewrite import check_draft_against_target
+from hippo_vllm.vllm.draft.view import build_draft_view
 from hippo_vllm.vllm.model_families import LLAVA_ONEVISION, QWEN2_5_VL, family_of
 
 QUESTIONS = ("Describe this video.", "What moves in the video?")

@@ -57,7 +57,7 @@ def metrics_by_name(llm) -> dict:
 def settled_metrics(llm, stats) -> dict:
     """get_metrics() once the worker's snapshot has caught up with all its counters
     (the last steps of a generation may land in the next snapshot)."""
-    from hippo_vllm.vllm.stats_export import read_snapshot, worker_snapshot_path
+    from hippo_vllm.vllm.metrics.export import read_snapshot, worker_snapshot_path
 
     path = worker_snapshot_path(proposer_of(llm).vllm_config)
     wait_for(lambda: read_snapshot(path) == stats.exported(), timeout=5)
@@ -129,7 +129,7 @@ def requests(tiny, tiny_tokenizer):
 
 
 def test_every_counter_is_exported_under_vllm_names():
-    from hippo_vllm.vllm.metrics import EXPORTED_STATS, HippoStats, metric_name
+    from hippo_vllm.vllm.metrics.stats import EXPORTED_STATS, HippoStats, metric_name
 
     assert set(EXPORTED_STATS) == set(HippoStats().as_dict())
     assert {metric_name(field) for field in EXPORTED_STATS} >= {
@@ -139,8 +139,8 @@ def test_every_counter_is_exported_under_vllm_names():
 
 
 def test_snapshot_round_trip_survives_a_bad_file_and_is_removed_on_close(tmp_path):
-    from hippo_vllm.vllm.metrics import HippoStats
-    from hippo_vllm.vllm.stats_export import SnapshotReader, StatsPublisher
+    from hippo_vllm.vllm.metrics.stats import HippoStats
+    from hippo_vllm.vllm.metrics.export import SnapshotReader, StatsPublisher
 
     class Proposer:  # what the publisher needs of HippoProposer
         stats = HippoStats(draft_views=2, video_tokens_total=128, video_tokens_seen=14)
@@ -162,7 +162,7 @@ def test_snapshot_round_trip_survives_a_bad_file_and_is_removed_on_close(tmp_pat
 
 
 def test_log_line_reads_like_vllms_stats_lines():
-    from hippo_vllm.vllm.stat_logger import format_log_line
+    from hippo_vllm.vllm.metrics.stat_logger import format_log_line
 
     delta = {"draft_views": 4, "video_tokens_total": 64, "video_tokens_seen": 7,
              "pruning_seconds": 0.0048, "views_without_target_attention": 1, "draft_tokens": 30}
@@ -202,8 +202,8 @@ def test_log_line_reads_like_vllms_stats_lines():
 def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_process_0(tiny, requests, variant):
     from prometheus_client import REGISTRY, generate_latest
 
-    from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
-    from hippo_vllm.vllm.stats_export import worker_snapshot_path
+    from hippo_vllm.vllm.metrics.stats import EXPORTED_STATS, metric_name
+    from hippo_vllm.vllm.metrics.export import worker_snapshot_path
 
     # Draft-then-verify: the independent count below is that schedule's.
     config = hippo_config(tiny.target, keep_ratio=1.0, parallel=False)
@@ -273,7 +273,7 @@ def test_parallel_mode_reports_mat_and_tokens_per_forward(tiny, requests, varian
 @pytest.mark.engine
 def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_the_line(tiny, tmp_path):
     """API server, engine core and worker are three processes; the tiny draft sees a tenth."""
-    from hippo_vllm.vllm.metrics import EXPORTED_STATS, metric_name
+    from hippo_vllm.vllm.metrics.stats import EXPORTED_STATS, metric_name
 
     from openai import OpenAI
 

@@ -20,8 +20,8 @@ import torch
 from engine_utils import counter, engine, generate_ids, hippo_config, proposer_of, text_request, video_request
 from hippo_vllm.config import HippoConfig, HippoConfigError
 from hippo_vllm.core import VideoGrid
-from hippo_vllm.vllm.config_rewrite import check_draft_against_target
-from hippo_vllm.vllm.draft_view import build_draft_view
+from hippo_vllm.vllm.seam.config_rewrite import check_draft_against_target
+from hippo_vllm.vllm.draft.view import build_draft_view
 from hippo_vllm.vllm.model_families import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, family_of
 
 QUESTIONS = ("Describe this video.", "What moves in the video?")
@@ -51,14 +51,13 @@ def test_the_video_grid_is_the_merged_token_grid(family):
 
 
 def test_a_family_reads_the_targets_prompt_positions_for_the_draft():
-    state = SimpleNamespace(prompt_token_ids=[7] * 4, mrope_positions=torch.arange(18).view(3, 6),
-                            mrope_position_delta=-2)
-    positions, delta = QWEN3_VL.prompt_positions(state)
-    assert torch.equal(positions, torch.arange(18).view(3, 6)[:, :4]) and delta == -2
+    mrope = torch.arange(18).view(3, 6)
+    positions, delta = QWEN3_VL.prompt_positions(4, mrope, -2)
+    assert torch.equal(positions, mrope[:, :4]) and delta == -2
     unknown = dataclasses.replace(QWEN3_VL, positions="rope-1d")
     with pytest.raises(ValueError, match=r"Qwen3-VL: positions 'rope-1d' have no prompt positions for the draft; "
                                          r"allowed: \['1d', 'mrope'\]"):
-        unknown.prompt_positions(state)
+        unknown.prompt_positions(4, mrope, -2)
 
 
 def _check(tiny, target: str, draft) -> None:
@@ -175,7 +174,7 @@ def _target_vllm_config(target):
                                                    ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL),
                                                    ("qwen3_vl_moe_target", "qwen3_vl_moe_target", QWEN3_VL)])
 def test_the_draft_engine_builds_a_drafts_config_and_refuses_a_text_model(tiny, target, draft, family):
-    from hippo_vllm.vllm.draft_engine import make_draft_vllm_config
+    from hippo_vllm.vllm.draft.engine import make_draft_vllm_config
 
     target = _target_vllm_config(getattr(tiny, target))
     draft = make_draft_vllm_config(target, getattr(tiny, draft))
@@ -251,7 +250,7 @@ def test_qwen3_vl_self_draft_keeping_every_token_is_lossless_and_accepts_everyth
 
 
 def test_a_moe_draft_under_data_parallelism_is_refused_and_a_dense_one_is_not(tiny):
-    from hippo_vllm.vllm.config_rewrite import check_draft_parallelism
+    from hippo_vllm.vllm.seam.config_rewrite import check_draft_parallelism
 
     moe, dense = _config(tiny, "qwen3_vl_moe_target"), _config(tiny, "qwen3_vl_draft")
     hippo = HippoConfig(model=str(tiny.qwen3_vl_moe_target))

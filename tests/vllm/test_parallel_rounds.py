@@ -7,9 +7,9 @@ request is next scheduled.
 
 from __future__ import annotations
 
-from hippo_vllm.vllm.metrics import HippoStats
-from hippo_vllm.vllm.parallel_rounds import ParallelRounds
-from hippo_vllm.vllm.step_records import RequestRecord
+from hippo_vllm.vllm.metrics.stats import HippoStats
+from hippo_vllm.vllm.target.parallel_rounds import ParallelRounds
+from hippo_vllm.vllm.target.step_records import RequestRecord
 
 GAMMA = 3
 

@@ -18,14 +18,15 @@ def patch_calls() -> set[tuple[str, str]]:
     """(module, patched attribute name) for every patch call in hippo_vllm.vllm."""
     root = pathlib.Path(integration.__file__).parent
     found = set()
-    for path in root.glob("*.py"):
+    for path in root.rglob("*.py"):
         if path.name == "patching.py":
             continue
+        module = ".".join(("hippo_vllm", "vllm", *path.relative_to(root).with_suffix("").parts))
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in PATCH_FUNCTIONS:
                 name = node.args[1]
                 assert isinstance(name, ast.Constant), f"{path.name}: patch target must be a literal"
-                found.add((f"hippo_vllm.vllm.{path.stem}", name.value))
+                found.add((module, name.value))
     return found
 
 

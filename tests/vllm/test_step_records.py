@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hippo_vllm.vllm.model_families import LLAVA_ONEVISION, QWEN2_5_VL
-from hippo_vllm.vllm.step_records import (
+from hippo_vllm.vllm.target.step_records import (
     after_sampling,
     batch_rows,
     before_forward,
@@ -120,7 +120,9 @@ def test_before_forward_leaves_out_new_and_resumed_requests():
 
 
 def test_step_start_names_the_requests_and_where_their_rows_start():
-    new = SimpleNamespace(req_id="new", prompt_token_ids=[1] * 12, mm_features=["video"], num_computed_tokens=4)
+    video = SimpleNamespace(modality="video", mm_position=SimpleNamespace(offset=3, length=6))
+    image = SimpleNamespace(modality="image", mm_position=SimpleNamespace(offset=0, length=2))
+    new = SimpleNamespace(req_id="new", prompt_token_ids=[1] * 12, mm_features=[image, video], num_computed_tokens=4)
     embeds = SimpleNamespace(req_id="embeds", prompt_token_ids=None, mm_features=[], num_computed_tokens=0)
     runner = SimpleNamespace(requests={"back": request(9, [5])})
     so = scheduler_output(
@@ -130,8 +132,8 @@ def test_step_start_names_the_requests_and_where_their_rows_start():
     step = step_start(runner, so)
     assert step.finished == ["gone"] and step.preempted == ["out"]
     assert step.new == ["new", "embeds"] and step.resumed == ["back"]
-    assert [(p.req_id, p.prompt_len, p.mm_features) for p in step.starting] == [
-        ("new", 12, ["video"]), ("embeds", None, []), ("back", 9, [])
+    assert [(p.req_id, p.prompt_len, p.video_spans, p.mm_ranges) for p in step.starting] == [
+        ("new", 12, [(3, 6)], [(0, 2), (3, 6)]), ("embeds", None, [], []), ("back", 9, [], [])
     ]
     assert step.computed_before == {"new": 4, "embeds": 0, "back": 0, "run": 20}
     assert list(step.num_scheduled_tokens) == ["new", "embeds", "back", "run"]

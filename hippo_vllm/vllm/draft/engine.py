@@ -1,0 +1,435 @@
+"""The HIPPO draft engine: a small vision-language model run by vLLM's own model code, with its own KV cache.
+
+The draft sees a pruned video (``docs/architecture.md``, "The draft's view"): its sequence is
+``text-before, kept video rows, text-after, generated tokens`` and every row keeps
+its original position (M-RoPE, or 1-D for a family with plain RoPE), so generated
+tokens sit where the target has them.
+This module offers exactly what the proposer needs: the draft's own video
+embeddings, prompt embeddings, and one batched forward that appends rows to
+each request's draft KV and returns the logits of each input's last row.
+
+How it hooks into vLLM: the model is loaded with
+``get_model`` under a separate ``VllmConfig`` whose compilation config is fresh
+(the target's would reject the draft's layer names as duplicates), inside
+``set_current_vllm_config`` (the weight loader needs it), and runs under
+``set_forward_context`` with per-layer metadata and slot mappings from
+:mod:`hippo_vllm.vllm.draft.kv_cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from vllm.config import (
+    CompilationMode,
+    CUDAGraphMode,
+    VllmConfig,
+    get_layers_from_vllm_config,
+    set_current_vllm_config,
+)
+from vllm.config.speculative import SpeculativeConfig
+from vllm.config.utils import replace
+from vllm.engine.arg_utils import EngineArgs
+from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.model_loader import get_model
+from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.model_families import MROPE, family_of, supported_architectures
+from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
+
+__all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
+
+
+@dataclass
+class DraftInput:
+    """Rows to append to one request's draft sequence.
+
+    positions: ``[3, n]`` int M-RoPE positions in the *original* (full-sequence)
+        coordinates; text and generated tokens have three equal rows, and so
+        has every row of a 1-D family (the draft's model gets the first row).
+    token_ids: ``[n]`` ids, embedded with the draft's own token embedding, or
+    inputs_embeds: ``[n, row_width]`` rows already embedded (e.g. a compact prompt
+        with kept video rows, from ``DraftEngine.embed_prompt``); for a DeepStack
+        draft each row carries its DeepStack features after its embedding.
+    """
+
+    req_id: str
+    positions: torch.Tensor
+    token_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.token_ids is None) == (self.inputs_embeds is None):
+            raise ValueError(f"DraftInput {self.req_id!r}: give exactly one of token_ids and inputs_embeds")
+        rows = self.token_ids if self.token_ids is not None else self.inputs_embeds
+        n = rows.shape[0]
+        if n < 1:
+            raise ValueError(f"DraftInput {self.req_id!r} has no rows")
+        if self.positions.dim() != 2 or tuple(self.positions.shape) != (3, n):
+            raise ValueError(
+                f"DraftInput {self.req_id!r}: positions must be [3, {n}] M-RoPE positions, "
+                f"got {tuple(self.positions.shape)}"
+            )
+        if self.token_ids is not None and self.token_ids.dim() != 1:
+            raise ValueError(
+                f"DraftInput {self.req_id!r}: token_ids must be 1-D, got {tuple(self.token_ids.shape)}"
+            )
+        if self.inputs_embeds is not None and self.inputs_embeds.dim() != 2:
+            raise ValueError(
+                f"DraftInput {self.req_id!r}: inputs_embeds must be [n, row_width], "
+                f"got {tuple(self.inputs_embeds.shape)}"
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return self.positions.shape[1]
+
+
+def make_draft_vllm_config(
+    target_vllm_config: VllmConfig, draft_model: str | Path, dtype: torch.dtype | str | None = None
+) -> VllmConfig:
+    """The draft's own VllmConfig: the target's, with the draft's ModelConfig.
+
+    The draft runs eagerly, whatever the target does: no torch.compile and no
+    CUDA graphs (compilation mode NONE, cudagraph mode NONE, enforce_eager). A
+    compiled draft would compile on its first request, in the middle of serving,
+    and would accept only batch sizes up to ``max_num_batched_tokens``. The cost:
+    on a GPU each draft decode step pays the kernel-launch overhead that CUDA
+    graphs would hide.
+
+    Sub-configs the draft may change are copies: a fresh compilation config (the
+    draft registers its layers in its ``static_forward_context``), and shallow
+    copies of the cache/scheduler configs, because ``VllmConfig``'s post-init and
+    the draft's KV layout choice write into them. The parallel config is the one
+    vLLM makes for a draft of tensor-parallel size 1 (the draft runs whole on one
+    rank, see tensor_parallel). ``quant_config`` is re-derived from the draft
+    checkpoint instead of inheriting the target's.
+    """
+    target_mc = target_vllm_config.model_config
+    mm = target_mc.multimodal_config
+    mm_args = {}
+    if mm is not None:
+        mm_args = {
+            # Counts only: the draft never profiles, it just must accept the same items.
+            "limit_mm_per_prompt": {m: mm.get_limit_per_prompt(m) for m in mm.limit_per_prompt},
+            # The features come from the *target's* processor; whether its pixels are
+            # still uint8 (normalised by each ViT itself) must agree with the draft.
+            "mm_device_do_normalize": mm.mm_device_do_normalize,
+        }
+    draft_mc = EngineArgs(
+        model=str(draft_model),
+        dtype=dtype if dtype is not None else target_mc.dtype,
+        max_model_len=target_mc.max_model_len,
+        seed=target_mc.seed,
+        trust_remote_code=target_mc.trust_remote_code,
+        enforce_eager=True,  # see below: the draft always runs eagerly
+        **mm_args,
+    ).create_model_config()
+    family = family_of(draft_mc.hf_config)
+    if family is None or draft_mc.multimodal_config is None:
+        raise ValueError(
+            f"draft {draft_model} ({draft_mc.architectures}) is of no vision-language model family "
+            f"hippo supports; supported architectures: {supported_architectures()}"
+        )
+    if family.positions == MROPE and not draft_mc.uses_mrope:
+        raise ValueError(
+            f"draft {draft_model} ({draft_mc.architectures}): vLLM does not run it with M-RoPE "
+            f"positions, which the {family.name} family needs"
+        )
+    return replace(
+        target_vllm_config,
+        model_config=draft_mc,
+        quant_config=None,
+        compilation_config=replace(
+            target_vllm_config.compilation_config,
+            mode=CompilationMode.NONE,
+            cudagraph_mode=CUDAGraphMode.NONE,
+        ),
+        cache_config=copy.copy(target_vllm_config.cache_config),
+        scheduler_config=copy.copy(target_vllm_config.scheduler_config),
+        parallel_config=SpeculativeConfig.create_draft_parallel_config(
+            target_vllm_config.parallel_config, 1, draft_model_config=draft_mc
+        ),
+    )
+
+
+class DraftEngine:
+    """A vision-language draft (see model_families) with a private paged KV cache, batched over requests.
+
+    Each request's draft sequence is addressed by compact index 0..length-1
+    (KV slots); positions are whatever the caller passes. ``run`` is the only
+    method that changes KV contents; ``truncate``/``free`` only move blocks.
+
+    ``tensor_parallel_group``: under tensor parallelism, the one-rank group the
+    draft is built and run in (``tensor_parallel.make_draft_group``); None keeps
+    vLLM's own group.
+
+    The KV cache is allocated with ``num_blocks`` at construction, or later with
+    :meth:`allocate_kv_cache` once its size is known (``kv_bytes_per_token``
+    tells what each token costs); nothing runs before it exists.
+    """
+
+    def __init__(
+        self,
+        target_vllm_config: VllmConfig,
+        draft_model: str | Path,
+        *,
+        num_blocks: int | None = None,
+        block_size: int = 32,
+        dtype: torch.dtype | str | None = None,
+        tensor_parallel_group=None,
+    ) -> None:
+        self.tensor_parallel_group = tensor_parallel_group
+        self.draft_vllm_config = make_draft_vllm_config(target_vllm_config, draft_model, dtype)
+        model_config = self.draft_vllm_config.model_config
+        self.device = torch.device(self.draft_vllm_config.device_config.device)
+        self.dtype = model_config.dtype
+        self.uses_mrope = model_config.uses_mrope  # else the model takes 1-D positions
+        self.hidden_size = model_config.get_hidden_size()
+        self.vocab_size = model_config.get_vocab_size()
+        self.block_size = block_size
+        self.kv: DraftKVCache | None = None
+        cfg = self.draft_vllm_config
+        with self._as_draft():
+            self.model = get_model(vllm_config=cfg)
+            self.deepstack_levels = _deepstack_levels(self.model, model_config)
+            # A prompt row: its input embedding, then one hidden-wide feature per DeepStack level.
+            self.row_width = self.hidden_size * (1 + self.deepstack_levels)
+            # Layers without a KV spec (encoder-only attention) keep no cache.
+            self._kv_layers = {
+                name: layer
+                for name, layer in get_layers_from_vllm_config(cfg, Attention).items()
+                if layer.get_kv_cache_spec(cfg) is not None
+            }
+            self.kv_bytes_per_token = draft_kv_bytes_per_token(cfg, self._kv_layers, block_size)
+        if num_blocks is not None:
+            self.allocate_kv_cache(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the draft's KV cache: ``num_blocks`` blocks of ``block_size`` tokens."""
+        if self.kv is not None:
+            raise RuntimeError(f"the draft KV cache is already allocated ({self.kv.num_blocks} blocks)")
+        cfg = self.draft_vllm_config
+        with self._as_draft():
+            self.kv = DraftKVCache(
+                cfg, self._kv_layers, num_blocks=num_blocks, block_size=self.block_size, device=self.device
+            )
+
+    @contextlib.contextmanager
+    def _as_draft(self) -> Iterator[None]:
+        """vLLM's current config and TP group are the draft's while its model is built or run."""
+        with set_current_vllm_config(self.draft_vllm_config), draft_tensor_parallel(self.tensor_parallel_group):
+            yield
+
+    # -- bookkeeping (see DraftKVCache) ------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        return self.kv.num_requests
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.kv.num_used_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    def has_room_for(self, num_tokens: int) -> bool:
+        """Whether a new request of ``num_tokens`` tokens fits in the free draft KV now."""
+        return self.kv.has_room_for(num_tokens)
+
+    def length(self, req_id: str) -> int:
+        """Tokens in the request's draft KV (0 if unknown)."""
+        return self.kv.length(req_id)
+
+    def truncate(self, req_id: str, length: int) -> None:
+        """Roll the request back to its first ``length`` tokens (e.g. after rejected drafts)."""
+        self.kv.truncate(req_id, length)
+
+    def free(self, req_id: str) -> None:
+        """Forget the request and release its blocks (no-op if unknown)."""
+        self.kv.free(req_id)
+
+    # -- embeddings --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_multimodal(self, mm_features) -> list[torch.Tensor]:
+        """The draft's own vision encoder on a request's items: one ``[n_i, hidden]`` per item.
+
+        ``mm_features`` are vLLM ``MultiModalFeatureSpec`` (``runner.requests[rid].mm_features``);
+        consecutive items of one modality are encoded as one batch, output order is input order.
+        """
+        items = []
+        for f in mm_features:
+            if f.data is None:
+                raise ValueError(
+                    f"multimodal item {f.identifier} of modality {f.modality} has no data; the draft "
+                    "needs the raw inputs (read mm_features in the worker after the cache refilled them)"
+                )
+            items.append((f.modality, f.data))
+        embeds: list[torch.Tensor] = []
+        with self._as_draft():
+            for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
+                out = self.model.embed_multimodal(**batch)
+                if len(out) != num_items:
+                    raise RuntimeError(f"draft encoder gave {len(out)} {modality} embeddings for {num_items} items")
+                embeds.extend(out)
+        return embeds
+
+    @torch.inference_mode()
+    def embed_prompt(
+        self, token_ids: torch.Tensor, mm_features, item_embeds: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """``[P, row_width]`` draft input rows of a full prompt of ``P`` token ids.
+
+        Token embeddings, with each item's embeddings placed at its placeholder rows
+        (``mm_position``; only rows with ``is_embed`` when it is set).
+        ``item_embeds`` (in ``mm_features`` order) defaults to ``embed_multimodal(mm_features)``.
+        A DeepStack draft (Qwen3-VL) gives each row its DeepStack features after its
+        embedding (zeros on text rows), so that a subset of rows keeps exactly its own.
+        """
+        ids = token_ids.to(self.device, torch.int64)
+        mm_features = list(mm_features or ())
+        if not mm_features:
+            with self._as_draft():
+                return self._with_deepstack(self.model.embed_input_ids(ids), None)
+        if item_embeds is None:
+            item_embeds = self.embed_multimodal(mm_features)
+        if len(item_embeds) != len(mm_features):
+            raise ValueError(f"{len(item_embeds)} item embeddings for {len(mm_features)} multimodal items")
+        # The merge fills placeholder rows in prompt order, so order items by offset.
+        ordered = sorted(zip(mm_features, item_embeds), key=lambda fe: fe[0].mm_position.offset)
+        is_mm = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for feature, emb in ordered:
+            pos, name = feature.mm_position, f"{feature.modality} item {feature.identifier}"
+            if pos.offset + pos.length > ids.shape[0]:
+                raise ValueError(f"{name}: placeholder {pos} lies beyond the {ids.shape[0]}-token prompt")
+            mask = torch.ones(pos.length, dtype=torch.bool) if pos.is_embed is None else pos.is_embed.bool().cpu()
+            if emb.shape[0] != int(mask.sum()):
+                raise ValueError(f"{name}: {emb.shape[0]} embeddings for {int(mask.sum())} placeholder rows")
+            span = is_mm[pos.offset : pos.offset + pos.length]  # a view: `|=` writes into is_mm
+            if bool((span & mask).any()):
+                raise ValueError(f"{name}: placeholder {pos} overlaps another item")
+            span |= mask
+        with self._as_draft():
+            embeds = self.model.embed_input_ids(
+                ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
+            )
+            return self._with_deepstack(embeds, self._take_deepstack(ids.shape[0]))
+
+    def _take_deepstack(self, num_rows: int) -> torch.Tensor | None:
+        """``[num_rows, levels * hidden]``: the DeepStack features vLLM's ``embed_input_ids`` just
+        left in the model's buffer for the forward that follows it; the buffer is cleared.
+
+        The draft runs a pruned subset of these rows, in other forwards, so the features
+        leave the buffer here and travel with their rows (``_forward`` puts them back).
+        """
+        if not self.deepstack_levels:
+            return None
+        buffers = self.model.deepstack_input_embeds
+        features = torch.cat([b[:num_rows] for b in buffers], dim=-1).clone()
+        self.model._clear_deepstack_input_embeds(num_rows)
+        return features
+
+    def _with_deepstack(self, embeds: torch.Tensor, deepstack: torch.Tensor | None) -> torch.Tensor:
+        if not self.deepstack_levels:
+            return embeds
+        if deepstack is None:
+            deepstack = embeds.new_zeros(embeds.shape[0], self.row_width - self.hidden_size)
+        return torch.cat([embeds, deepstack.to(embeds.dtype)], dim=-1)
+
+    # -- forward -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, inputs: list[DraftInput]) -> torch.Tensor:
+        """One batched forward; returns float32 ``[R, vocab]`` logits of each input's last row.
+
+        Each input's rows are appended to its request's draft KV at the request's
+        current length (a new request starts at 0) and attend causally to the
+        request's whole draft KV. Inputs may mix prefill chunks and single tokens.
+        Raises ``DraftCapacityError`` (state unchanged) if blocks run out; if the
+        forward itself fails, lengths are rolled back too.
+        """
+        if not inputs:
+            raise ValueError("DraftEngine.run needs at least one input")
+        req_ids = [inp.req_id for inp in inputs]
+        if len(set(req_ids)) != len(req_ids):
+            raise ValueError(f"one input per request and forward, got {req_ids}")
+        for inp in inputs:
+            if inp.inputs_embeds is not None and inp.inputs_embeds.shape[1] != self.row_width:
+                raise ValueError(
+                    f"DraftInput {inp.req_id!r}: inputs_embeds width {inp.inputs_embeds.shape[1]} "
+                    f"!= the draft's row width {self.row_width} (hidden size {self.hidden_size}, "
+                    f"{self.deepstack_levels} DeepStack levels)"
+                )
+        old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
+        self.kv.reserve({inp.req_id: self.kv.length(inp.req_id) + inp.num_rows for inp in inputs})
+        try:
+            with self._as_draft():
+                return self._forward(inputs)
+        except BaseException:
+            # Undo the reservation: KV rows past the old lengths may be half written.
+            for r in req_ids:
+                if r in old_lengths:
+                    self.kv.truncate(r, old_lengths[r])
+                else:
+                    self.kv.free(r)
+            raise
+
+    def _forward(self, inputs: list[DraftInput]) -> torch.Tensor:
+        order = list(range(len(inputs)))
+        threshold = self.kv.builder.reorder_batch_threshold
+        if threshold is not None:
+            # Backends with a threshold (e.g. FLASHINFER; not CPU_ATTN) split the batch
+            # into decodes and prefills assuming the short queries come first.
+            order.sort(key=lambda i: inputs[i].num_rows > threshold)
+        batch_inputs = [inputs[i] for i in order]
+        query_lens = [inp.num_rows for inp in batch_inputs]
+        rows = torch.cat([self._embed_rows(inp) for inp in batch_inputs])
+        embeds = rows[:, : self.hidden_size]
+        if self.deepstack_levels:
+            # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
+            # layers' outputs (and clears them): fill it with exactly this batch's rows.
+            deepstack = rows[:, self.hidden_size :].reshape(rows.shape[0], self.deepstack_levels, -1)
+            self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
+        positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
+        if not self.uses_mrope:
+            positions = positions[0]  # a 1-D family's three rows are equal
+        batch = self.kv.build_batch([inp.req_id for inp in batch_inputs], query_lens)
+        cfg = self.draft_vllm_config
+        # The current config is the draft's during the forward so custom ops and
+        # backends that consult it see the draft's (not the target's) settings.
+        with set_current_vllm_config(cfg), set_forward_context(
+            batch.attn_metadata, cfg, num_tokens=batch.num_tokens, slot_mapping=batch.slot_mapping
+        ):
+            hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
+        last_rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+        logits = self.model.compute_logits(hidden[last_rows]).float()
+        return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
+
+    def _embed_rows(self, inp: DraftInput) -> torch.Tensor:
+        if inp.token_ids is not None:
+            return self._with_deepstack(self.model.embed_input_ids(inp.token_ids.to(self.device, torch.int64)), None)
+        return inp.inputs_embeds.to(self.device, self.dtype)
+
+
+def _deepstack_levels(model, model_config) -> int:
+    """DeepStack levels of a family that has them, checked against vLLM's model (0 for others)."""
+    family = family_of(model_config.hf_config)
+    if family is None or not family.deepstack:
+        return 0
+    levels = getattr(model, "deepstack_num_level", 0)
+    if not getattr(model, "use_deepstack", False) or not levels:
+        raise ValueError(
+            f"{family.name} draft {model_config.model}: vLLM's {type(model).__name__} has no DeepStack "
+            "buffer to fill, but the family injects DeepStack features"
+        )
+    return int(levels)

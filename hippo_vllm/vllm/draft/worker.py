@@ -1,0 +1,251 @@
+"""The draft's side of drafting: the draft model, its KV cache, its views.
+
+A :class:`DraftWorker` answers one :class:`~hippo_vllm.vllm.protocol.StepWork`
+per target step with one :class:`~hippo_vllm.vllm.protocol.StepResult`
+(``handle``). It owns everything the draft needs and nothing of the target's
+runner, so it can run in the target's process (``placements.in_process``)
+or in a process of its own with only the pickled target ``VllmConfig``:
+
+- the :class:`~hippo_vllm.vllm.draft.engine.DraftEngine` and its chunk drafting;
+- each request's :class:`~hippo_vllm.vllm.protocol.DraftPrompt`, held from
+  its first prefill until a finished ``Release``, so a preempted request is
+  prefilled again without the target sending its video again;
+- the draft views (``request_views``), which survive preemption, and the recent
+  ones reused for prompts served from the target's prefix cache;
+- per request its draft state and the mirror of its last chunk order's outputs,
+  to which each ``ChunkOrder``'s ``kept``/``new_tokens`` delta applies. A
+  ``Release`` drops the mirror; the target's side drops its copy with it.
+
+``handle`` never raises. An error that one request is to blame for (its prefill,
+its chunk order, its chunk; a batched chunk that fails is drafted request by
+request to find the culprit) becomes a ``DraftFailure`` for that request; lack of
+draft KV puts the request in ``no_room`` (drafting pauses for it); anything else
+becomes the step's ``step_failure``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+from hippo_vllm.config import HippoConfig
+from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.draft.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
+from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.protocol import (
+    ChunkOrder,
+    DraftFailure,
+    DraftPrompt,
+    Prefill,
+    Release,
+    StepResult,
+    StepWork,
+    ViewReport,
+)
+from hippo_vllm.vllm.draft.view import DraftView
+from hippo_vllm.vllm.model_families import architecture_of, family_of, supported_architectures
+from hippo_vllm.vllm.draft.request_views import RequestViews
+
+logger = get_logger(__name__)
+
+
+class DraftWorker:
+    """Drafts for the target's steps; see the module docstring."""
+
+    def __init__(self, target_vllm_config: Any, hippo: HippoConfig, tensor_parallel_group=None):
+        self.hippo = hippo
+        # The draft's KV cache is allocated later (allocate_kv_cache), once its size is known.
+        self.engine = DraftEngine(target_vllm_config, hippo.model, tensor_parallel_group=tensor_parallel_group)
+        self.chunks = ChunkDrafter(self.engine)
+        # The mm features come from the target's processor, so its family's layout applies.
+        target_hf = target_vllm_config.model_config.hf_config
+        family = family_of(target_hf)
+        if family is None:
+            raise ValueError(
+                f"target {target_vllm_config.model_config.model} ({architecture_of(target_hf)}) is of no "
+                f"model family hippo supports; supported architectures: {supported_architectures()}"
+            )
+        self.views = RequestViews(
+            hippo, functools.partial(family.video_grid, hf_config=target_hf), family.video_newlines
+        )
+        # The compact prefill runs in pieces no larger than the target's own batches.
+        self.prefill_chunk_tokens = target_vllm_config.scheduler_config.max_num_batched_tokens
+        self._prompts: dict[str, DraftPrompt] = {}  # until a finished Release
+        self._states: dict[str, DraftState] = {}  # requests with a prefilled draft KV
+        self._orders: dict[str, list[int]] = {}  # each request's last chunk order's outputs
+        logger.info(
+            "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
+            hippo.model, hippo.keep_ratio, hippo.pruning, hippo.num_speculative_tokens,
+        )
+
+    # -- memory --------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.engine.kv_bytes_per_token
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.engine.allocate_kv_cache(num_blocks)
+
+    # -- one step ------------------------------------------------------------------------
+
+    def handle(self, work: StepWork) -> StepResult:
+        """Releases, then prefills, then chunks; never raises (see the module docstring)."""
+        result = StepResult(work.seq)
+        try:
+            for release in work.releases:
+                self._release(release)
+            start = time.perf_counter()
+            for prefill in work.prefills:
+                self._prefill_one(prefill, result)
+            result.prefill_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            self._draft(work.chunks, result)
+            result.draft_seconds = time.perf_counter() - start
+        except Exception as exc:  # noqa: BLE001 - no request to blame; the target's side decides
+            result.step_failure = DraftFailure.from_exception("", "draft step", exc)
+        return result
+
+    def _release(self, release: Release) -> None:
+        self.engine.free(release.req_id)
+        self._states.pop(release.req_id, None)
+        self._orders.pop(release.req_id, None)
+        if release.finished:
+            self._prompts.pop(release.req_id, None)
+            self.views.drop(release.req_id)
+
+    def _prefill_one(self, prefill: Prefill, result: StepResult) -> None:
+        req_id = prefill.req_id
+        if prefill.prompt is not None:
+            self._prompts[req_id] = prefill.prompt
+        try:
+            self._prefill(req_id, prefill.attention, result)
+        except DraftCapacityError:
+            result.no_room.append(req_id)  # drafting pauses; the target's side retries
+        except Exception as exc:  # noqa: BLE001 - this request only
+            result.failures.append(DraftFailure.from_exception(req_id, "draft prefill", exc))
+
+    def _prefill(self, req_id: str, attention: list[torch.Tensor | None] | None, result: StepResult) -> None:
+        if req_id in self._states:
+            return  # already prefilled (the target's side may not know a chunk found no room)
+        prompt = self._prompts.get(req_id)
+        if prompt is None:
+            raise RuntimeError(f"request {req_id!r} has no draft prompt on the draft's side to prefill")
+        engine = self.engine
+        view = self.views.get(req_id)
+        engine.free(req_id)
+        if view is not None:
+            self._check_room(req_id, view)  # before encoding the video again
+        item_embeds = engine.embed_multimodal(prompt.mm_features) if prompt.mm_features else []
+        if view is None:
+            # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
+            # encoder appends to it.
+            visual = [e[:, : engine.hidden_size] for e in item_embeds]
+            view = self.views.build(req_id, prompt, visual, attention)
+            result.views.append(_report(req_id, view))
+        token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
+        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds)[view.keep_rows]
+        positions = prompt.positions[:, view.keep_rows]
+        self._check_room(req_id, view)
+        # In pieces of at most max_num_batched_tokens rows, like the target's own
+        # prefill: bounded activations, and the sizes a compiled model accepts.
+        step = self.prefill_chunk_tokens
+        try:
+            for start in range(0, view.compact_len, step):
+                rows = slice(start, start + step)
+                engine.run([DraftInput(req_id, positions[:, rows], inputs_embeds=embeds[rows])])
+        except BaseException:
+            engine.free(req_id)  # no half-prefilled draft sequence stays behind
+            raise
+        self._states[req_id] = DraftState(view, prompt.mrope_delta)
+
+    def _check_room(self, req_id: str, view: DraftView) -> None:
+        if not self.engine.has_room_for(view.compact_len):
+            raise DraftCapacityError(
+                f"no room for the {view.compact_len}-token draft prompt of request {req_id!r} "
+                f"in the draft KV cache ({self.engine.num_free_blocks} blocks free)"
+            )
+
+    def _draft(self, orders: list[ChunkOrder], result: StepResult) -> None:
+        paused = set(result.no_room) | {f.req_id for f in result.failures}
+        requests = []
+        for order in orders:
+            try:
+                outputs = self._apply_order(order)
+                state = self._states.get(order.req_id)
+                if state is None and order.req_id not in paused:
+                    raise RuntimeError(
+                        f"chunk order for request {order.req_id!r}, which has no draft state "
+                        "(it was never prefilled, or was released)"
+                    )
+                if order.budget < 1:
+                    raise ValueError(f"chunk order for request {order.req_id!r}: budget {order.budget} < 1")
+            except Exception as exc:  # noqa: BLE001 - this request only
+                result.failures.append(DraftFailure.from_exception(order.req_id, "chunk drafting", exc))
+                continue
+            if state is not None:  # else its prefill found no room or failed this step
+                requests.append(ChunkRequest(order.req_id, state, outputs, order.budget))
+        if not requests:
+            return
+        try:
+            found, failures = self.chunks.launch_each(requests)
+        except DraftCapacityError:
+            result.no_room.extend(r.req_id for r in requests)  # drafting pauses this step
+            return
+        for request, chunk in zip(requests, found):
+            if chunk is not None:
+                pending, row = chunk
+                result.chunks[request.req_id] = pending.tokens()[row]
+        failed = set()
+        for request, exc in failures:
+            failed.add(request.req_id)
+            result.failures.append(DraftFailure.from_exception(request.req_id, "chunk drafting", exc))
+        # Drafted alone, out of room.
+        result.no_room.extend(
+            r.req_id for r, chunk in zip(requests, found) if chunk is None and r.req_id not in failed
+        )
+
+    def _apply_order(self, order: ChunkOrder) -> list[int]:
+        """The order's outputs: ``kept`` tokens of the last order's, then its new ones."""
+        previous = self._orders.get(order.req_id, [])
+        if not 0 <= order.kept <= len(previous):
+            raise ValueError(
+                f"chunk order for request {order.req_id!r} keeps {order.kept} tokens of its last "
+                f"order, which had {len(previous)}"
+            )
+        outputs = previous[: order.kept] + list(order.new_tokens)
+        self._orders[order.req_id] = outputs
+        return list(outputs)
+
+    # -- introspection (tests) -----------------------------------------------------------
+
+    @property
+    def num_draft_requests(self) -> int:
+        return len(self._states)
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self._prompts)
+
+
+def _report(req_id: str, view: DraftView) -> ViewReport:
+    return ViewReport(
+        req_id=req_id,
+        keep_rows=view.keep_rows,
+        prompt_len=view.prompt_len,
+        video_tokens=view.video_tokens,
+        video_tokens_seen=view.video_tokens_seen,
+        pruning_seconds=view.pruning_seconds,
+        attention_used=view.attention_used,
+    )

@@ -1,0 +1,65 @@
+"""Bringing up a draft worker in a process of its own: the steps every such placement takes.
+
+A worker process (``process_worker``) and a Ray actor (``ray_actor``) both run the
+draft away from the target's workers, so both must do what vLLM's own worker does
+before it loads a model (bind threads, prepare the device, set up a distributed
+world) for a world of one rank, then build the draft worker: :func:`bind_threads`
+first (before torch is imported where the caller can), then :func:`start_draft_worker`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+
+def bind_threads(cores: list[int]) -> None:
+    """Bind this process to ``cores``; torch's thread pool is sized for them."""
+    os.sched_setaffinity(0, cores)
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    torch = sys.modules.get("torch")
+    if torch is not None:  # imported already: its pool was sized for the old affinity
+        torch.set_num_threads(len(cores))
+
+
+def prepare_device() -> None:
+    """The device set-up vLLM's own worker would do before loading a model here."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # As vLLM's CPU model runner does: torch.accelerator calls in vLLM's model
+        # loading become no-ops (torch has no accelerator to answer them).
+        from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+        _set_torch_accelerator_to_noop()
+    elif torch.cuda.is_available():
+        torch.cuda.set_device(0)  # the one GPU this process sees
+
+
+def init_one_rank_world(vllm_config: Any) -> None:
+    """A vLLM distributed world of this process alone (gloo), for the draft's layers.
+
+    vLLM reads the current config while it builds the groups; the target's serves
+    (the draft is built with a one-rank parallel config of its own).
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
+    from vllm.utils.network_utils import get_open_port
+
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(
+            world_size=1, rank=0, local_rank=0, backend="gloo",
+            distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
+        )
+        ensure_model_parallel_initialized(1, 1)
+
+
+def start_draft_worker(vllm_config: Any, hippo: Any):
+    """Prepare the device, set up a one-rank world, build the DraftWorker (threads already bound)."""
+    from hippo_vllm.vllm.draft.worker import DraftWorker
+
+    prepare_device()
+    init_one_rank_world(vllm_config)
+    return DraftWorker(vllm_config, hippo)

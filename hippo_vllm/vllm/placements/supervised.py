@@ -1,0 +1,194 @@
+"""What every placement with the draft outside the target's process shares.
+
+A draft of its own (a worker process, a Ray actor) can die, stall or fall behind
+without the target noticing anything but missing drafts. :class:`SupervisedDraft`
+is that supervision, once: the state of the draft's side (starting, up, off),
+a step that comes back late (its chunks are dropped, the step is counted), the
+loss of the draft's side (kill it, restart it at most ``max_restarts`` times,
+then leave drafting off with one error), ``epoch`` (bumped when a restarted
+side is ready, so the target's side sends its prompts again) and logging each
+kind of fault once. A placement supplies how to start and stop its side, how
+to advance a restart, and when its oldest unanswered step was sent.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Any
+
+from hippo_vllm.config import HippoConfig
+from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.protocol import StepResult
+from hippo_vllm.vllm.metrics.stats import HippoStats
+
+logger = get_logger(__name__)
+
+MAX_STEPS_BEHIND = 16  # unanswered steps before the draft's side counts as fallen behind
+MIN_STALL_S = 5.0  # silent this long (and 10 deadlines) with work queued: stalled
+
+STARTING, UP, OFF = "starting", "up", "off"
+
+
+class DraftWorkerError(RuntimeError):
+    """The draft's worker could not be started."""
+
+
+class NoDrafts:
+    """A step nobody will answer (the draft's side is not up, or the one that had it
+    is gone): an empty result, at once, so the proposer's step goes on without drafts."""
+
+    def __init__(self, seq: int):
+        self.seq = seq
+
+    def result(self, timeout: float | None = None) -> StepResult:
+        return StepResult(self.seq)
+
+
+class SupervisedPending:
+    """A submitted step: read its result through the placement that sent it."""
+
+    def __init__(self, client: SupervisedDraft, seq: int, generation: int, ref: Any = None):
+        self._client, self.seq, self.generation, self.ref = client, seq, generation, ref
+        self.sent_at = time.perf_counter()
+        self.late = False  # its first read missed the deadline: its chunks are dropped
+
+    def result(self, timeout: float | None = None) -> StepResult | None:
+        return self._client._result(self, timeout)
+
+
+class SupervisedDraft(abc.ABC):
+    """The supervision of a draft's side that lives outside the target's process.
+
+    Subclasses set ``noun`` (how the log names the draft's side) and implement
+    ``_start`` (start a new side; ``_generation`` is already bumped), ``_stop``
+    (kill it), ``_advance_start`` (move a restart on without blocking) and
+    ``_oldest_unanswered`` (send time of the oldest step not answered, or None).
+    """
+
+    noun = "draft worker"
+    shares_target_memory = False  # the draft's KV cache lives in its own process's memory
+
+    def __init__(self, hippo: HippoConfig, stats: HippoStats):
+        self.hippo = hippo
+        self.settings = hippo.draft_worker
+        self.stats = stats
+        self.stall_after_s = max(MIN_STALL_S, 10 * self.settings.timeout_s)
+        self._epoch = 0
+        self._generation = 0
+        self._restarts = 0
+        self._num_blocks: int | None = None
+        self._logged: set[str] = set()
+        self._state = OFF
+
+    # -- DraftBackend -------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        if self._state == STARTING:
+            self._advance_start()
+        return self._epoch
+
+    @property
+    def result_timeout(self) -> float:
+        """A draft of its own answers within its deadline or its step goes without chunks."""
+        return self.settings.timeout_s
+
+    @property
+    def is_up(self) -> bool:
+        return self._state == UP
+
+    # -- for the placements -------------------------------------------------------------
+
+    def _ready_to_submit(self, seq: int) -> bool:
+        """Whether a step can be sent now; if not, it is counted as dropped."""
+        if self._state == STARTING:
+            self._advance_start()
+        if self._state != UP:
+            self.stats.draft_dropped_steps += 1
+            return False
+        return True
+
+    def _answered(self, pending: SupervisedPending, arrived_at: float) -> None:
+        if not pending.late:
+            self.stats.draft_round_trip_seconds += arrived_at - pending.sent_at
+            self.stats.draft_round_trips += 1
+
+    def _dropped(self, pending: SupervisedPending) -> None:
+        if not pending.late:
+            pending.late = True
+            self.stats.draft_dropped_steps += 1
+
+    def _late(self, pending: SupervisedPending, timeout: float) -> None:
+        """The step missed its deadline; a side that has not answered for long is stalled."""
+        self._dropped(pending)
+        self._log_once(
+            "late", "hippo: the %s's answer for a step came after the %.0f ms deadline; "
+            "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",
+            self.noun, 1000 * timeout,
+        )
+        oldest = self._oldest_unanswered()
+        if oldest is not None and time.perf_counter() - oldest > self.stall_after_s:
+            self._lost("stalled", f"no answer for {self.stall_after_s:.1f} s")
+
+    def _back_up(self, where: str) -> None:
+        """A restarted side is ready: drafting resumes, and the target's side re-sends its prompts."""
+        self._state = UP
+        self._epoch += 1
+        logger.warning("hippo: the %s is back (%srestart %d of %d); drafting resumes",
+                       self.noun, where, self._restarts, self.settings.max_restarts)
+
+    def _lost(self, what: str, detail: str) -> None:
+        """The draft's side is unusable: kill it; restart it, or leave drafting off."""
+        self._stop(graceful=False)
+        if self._restarts >= self.settings.max_restarts:
+            self._state = OFF
+            logger.error(
+                "hippo: the %s %s (%s) and was restarted %d times "
+                '(speculative_config["draft_worker"]["max_restarts"]); drafting stays off for this '
+                "engine (outputs are unaffected)", self.noun, what, detail, self._restarts,
+            )
+            return
+        self._restarts += 1
+        self.stats.draft_worker_restarts += 1
+        self._log_once(
+            f"lost {what}", "hippo: the %s %s (%s); restarting it (%d of at most %d); "
+            "steps go on without drafts meanwhile", self.noun, what, detail, self._restarts,
+            self.settings.max_restarts,
+        )
+        self._restart()
+
+    def _restart(self) -> None:
+        self._generation += 1
+        self._started_at = time.perf_counter()
+        self._start()
+        self._state = STARTING
+
+    def _start_timed_out(self) -> bool:
+        if time.perf_counter() - self._started_at > self.settings.start_timeout_s:
+            self._lost("did not start", f"not ready after {self.settings.start_timeout_s:.0f} s")
+            return True
+        return False
+
+    def _log_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.warning(message, *args)
+
+    # -- what a placement implements ----------------------------------------------------
+
+    @abc.abstractmethod
+    def _start(self) -> None:
+        """Start a new draft side (``_generation`` is already bumped)."""
+
+    @abc.abstractmethod
+    def _stop(self, graceful: bool) -> None:
+        """Stop the draft side; ``_state`` becomes OFF."""
+
+    @abc.abstractmethod
+    def _advance_start(self) -> None:
+        """Move a restart on without blocking; ``_back_up`` once it is ready."""
+
+    @abc.abstractmethod
+    def _oldest_unanswered(self) -> float | None:
+        """Send time of the oldest step not answered yet, or None."""

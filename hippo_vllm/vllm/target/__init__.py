@@ -1,0 +1,1 @@
+"""The target's side of drafting: proposer, step records, attention capture, schedules, failures."""

@@ -1,0 +1,449 @@
+"""HippoProposer: the target's side of drafting, for every request of a vLLM step.
+
+vLLM builds this class through its ``custom_class`` seam (see config_rewrite), and
+the hippo model runner drives it: ``begin_step`` before the target forward (track
+requests whose prefill needs s_attn, release finished and preempted ones),
+``launch_parallel_drafts`` right after it (VPSD only), ``after_target_forward``
+after the target's forward, and ``propose_batch`` after sampling, with the tokens
+each request committed. Under tensor parallelism every rank captures s_attn, but
+only the output rank has a draft (see tensor_parallel).
+
+The draft itself lives on the draft's side (``draft_worker``) behind a
+``draft_backend``; this side reads vLLM's step state only through
+``step_records`` and talks to the draft only through ``draft_protocol``: one
+``StepWork`` per target step (queued releases, the prefills the step's chunks
+need, the chunk orders; built by ``draft_messages``) and one ``StepResult``
+back. Draft-then-verify sends and reads it in ``propose_batch``; VPSD sends it
+before the target's forward and reads it after sampling (``draft_schedules``,
+``parallel_rounds``). Either way the draft proposes greedily: a one-hot
+proposal, which vLLM's rejection sampler verifies exactly for greedy and random
+sampling alike. Where the draft runs is ``draft_placement``'s choice: in the
+target's process (``InProcessDraft``, the default) drafting runs in sequence with
+the target's forward; in a worker of its own VPSD drafts while the target
+verifies, and a step whose answer is not back ``timeout_ms`` after sampling goes
+on without chunks.
+
+No exception leaves the proposer's entry points (the runner guards each call and
+reports to :meth:`step_failed`): a failure while drafting one request (reported
+by the draft's side as a ``DraftFailure``) stops drafting for that request, one
+that cannot be attributed costs every request of the step its drafting for that
+step (their draft state is rebuilt next step from the kept view), and after
+``MAX_FAILED_STEPS_IN_A_ROW`` such steps drafting stops for the engine. The
+target's outputs never depend on the draft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.target.attention_capture import TargetAttentionCapture
+from hippo_vllm.config import hippo_settings
+from hippo_vllm.vllm.placements.backend import DraftBackend, PendingStep
+from hippo_vllm.vllm.target.draft_kv_budget import DraftKVBudget
+from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages
+from hippo_vllm.vllm.protocol import DraftFailure, StepResult, StepWork
+from hippo_vllm.vllm.target.schedules import ParallelSchedule, SerialSchedule
+from hippo_vllm.vllm.target.drafting_failures import DraftingFailures
+from hippo_vllm.vllm.metrics.stats import HippoStats
+from hippo_vllm.vllm.model_families import family_of
+from hippo_vllm.vllm.target.step_records import (
+    StartingPrompt,
+    after_sampling,
+    batch_rows,
+    before_forward,
+    draft_prompt,
+    no_drafts,
+    step_start,
+)
+from hippo_vllm.vllm.tensor_parallel import (
+    is_output_rank,
+    make_draft_group,
+    make_sum_over_ranks,
+    tensor_parallel_rank,
+)
+
+logger = get_logger(__name__)
+
+MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good
+
+
+class HippoProposer:
+    """The custom_class proposer object vLLM builds; driven by the hippo runner."""
+
+    def __init__(self, vllm_config: Any):
+        self.vllm_config = vllm_config
+        hippo = hippo_settings(vllm_config)
+        if hippo is None:
+            raise RuntimeError(
+                "HippoProposer is configured through "
+                '--speculative-config \'{"method": "hippo", ...}\'; it cannot be used as a '
+                "plain custom_class proposer."
+            )
+        self.hippo = hippo
+        self.num_speculative_tokens = hippo.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.family = family_of(vllm_config.model_config.hf_config)  # checked when the config was rewritten
+        self.draft: DraftBackend | None = None  # None: a TP rank whose drafts vLLM does not read
+        self.draft_group = None  # the one-rank group the draft runs in (load_model)
+        self.runs_draft = False  # whether this rank runs the draft (the output rank)
+        self.capture: TargetAttentionCapture | None = None
+        self.stats = HippoStats()
+        self.failures = DraftingFailures(self.stats)
+        self.schedule = (
+            ParallelSchedule(self.num_speculative_tokens, self.stats) if hippo.parallel else SerialSchedule()
+        )
+        self.messages = DraftMessages()
+        # How long propose_batch waits for the work sent before the forward (None: until it is back).
+        self.result_timeout: float | None = None
+        self._pending: tuple[StepWork, PendingStep] | None = None  # sent before the forward, unread
+        self._late: list[tuple[StepWork, PendingStep]] = []  # never read in their step
+        self._failed: set[str] = set()  # requests that lost drafting for good
+        self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
+        self._failed_steps_in_a_row = 0
+        self._step_failed = False
+        self.disabled = False  # drafting stopped for the engine after repeated failures
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def load_model(self, target_model: Any) -> None:
+        """Called by vLLM's runner after the target is loaded."""
+        config = self.vllm_config
+        hf_text = config.model_config.hf_text_config
+        if self.hippo.uses_target_attention:
+            layers = TargetAttentionCapture.find_text_attention_layers(
+                config.compilation_config.static_forward_context
+            )
+            indices = self.hippo.resolve_attn_layers(hf_text.num_hidden_layers)
+            self.capture = TargetAttentionCapture(
+                layers, indices, sum_over_ranks=make_sum_over_ranks(), on_failure=self.capture_failed
+            )
+        # Under tensor parallelism the draft runs whole on the output rank only; the
+        # group it runs in is created by every rank (a collective), before that split.
+        self.draft_group = make_draft_group()
+        self.runs_draft = is_output_rank()
+        if not self.runs_draft:
+            logger.info("hippo: tensor-parallel rank %d runs no draft", tensor_parallel_rank())
+
+    def attach_draft(self, draft: DraftBackend) -> None:
+        """The output rank's draft, in the placement the hippo runner chose (its KV not yet allocated).
+
+        The draft's KV cache is allocated later (allocate_draft_kv_cache), from the
+        memory the hippo worker sets aside for it.
+        """
+        self.draft = draft
+        # A draft of its own answers within its deadline or its step goes without chunks.
+        self.result_timeout = draft.result_timeout
+        sched = self.vllm_config.scheduler_config
+        self.kv_budget = DraftKVBudget(
+            setting=self.hippo.draft_kv_tokens,
+            keep_ratio=self.hippo.keep_ratio,
+            # Every running request at full length, plus the k drafted tokens.
+            max_useful_tokens=sched.max_num_seqs * (self.max_model_len + self.num_speculative_tokens + 1),
+            draft_bytes_per_token=draft.kv_bytes_per_token,
+            block_size=draft.block_size,
+        )
+
+    def close(self) -> None:
+        """Stop the draft's backend (a worker of its own); never raises."""
+        draft, self.draft = self.draft, None
+        if draft is not None:
+            try:
+                draft.close()
+            except Exception:  # noqa: BLE001 - shutting down; the worker also exits with this process
+                logger.exception("hippo: closing the draft worker failed")
+
+    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
+        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest).
+
+        0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
+        cache by the smallest figure, the output rank's. 0 too for a draft in a
+        worker of its own: its cache is in that worker's memory, on its device.
+        """
+        if self.draft is None or not self.draft.shares_target_memory:
+            return 0
+        return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
+
+    def allocate_draft_kv_cache(self, target_tokens: int) -> None:
+        """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
+        if self.draft is None:
+            return
+        num_blocks = self.kv_budget.num_blocks(target_tokens)
+        self.draft.allocate_kv_cache(num_blocks)
+        tokens = num_blocks * self.draft.block_size
+        logger.info(
+            "hippo: draft KV cache of %d tokens (%.3f GiB, draft_kv_tokens=%s) next to the "
+            "target's %d tokens",
+            tokens, tokens * self.draft.kv_bytes_per_token / 2**30, self.hippo.draft_kv_tokens, target_tokens,
+        )
+
+    def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
+        raise RuntimeError(
+            "HippoProposer needs the hippo model runner (worker_cls "
+            "hippo_vllm.vllm.seam.worker_cpu or worker_gpu); it was called by a stock runner."
+        )
+
+    # -- per step ------------------------------------------------------------------------
+
+    def new_step(self) -> None:
+        """A target step starts: step-wide failures of the last one expire."""
+        if not self._step_failed:
+            self._failed_steps_in_a_row = 0
+        self._step_failed = False
+        self._failed_this_step.clear()
+
+    def begin_step(self, runner: Any, scheduler_output: Any) -> None:
+        step = step_start(runner, scheduler_output)
+        for req_id in step.finished:
+            self.release(req_id, finished=True)
+        for req_id in step.preempted:
+            self.release(req_id, finished=False)
+        if self.capture is None or self.disabled:
+            return
+        for prompt in step.starting:
+            self._maybe_track(prompt)
+        # Batch rows are mapped to requests at forward time, after vLLM ordered its batch.
+        self.capture.begin_step(step, functools.partial(batch_rows, runner, scheduler_output))
+
+    def after_target_forward(self) -> None:
+        """Every rank, after the target's forward: sum the s_attn of ended prefills over TP ranks."""
+        if self.capture is not None:
+            self.capture.sum_ended_prefills()
+
+    def end_step(self) -> None:
+        if self.capture is not None:
+            self.capture.end_step()
+
+    def _maybe_track(self, prompt: StartingPrompt) -> None:
+        # Under tensor parallelism every rank must track the same requests (their
+        # s_attn is summed over the ranks), and only the output rank has views.
+        has_view = self.messages.has_view(prompt.req_id) and not self.capture.sums_over_ranks
+        if has_view or prompt.prompt_len is None or self.capture.is_tracking(prompt.req_id):
+            return
+        if prompt.video_spans:
+            self.capture.track(prompt.req_id, prompt.prompt_len, prompt.video_spans, prompt.mm_ranges)
+
+    def release(self, req_id: str, finished: bool, keep_capture: bool = False) -> None:
+        """Free the request's draft KV (with the next step's work); a finished request also loses its view."""
+        self.messages.release(req_id, finished)
+        self.schedule.release(req_id)
+        if finished:
+            self._failed.discard(req_id)
+        if self.capture is not None and not keep_capture:
+            self.capture.drop(req_id)
+
+    def launch_parallel_drafts(self, runner: Any, scheduler_output: Any) -> None:
+        """VPSD: send this step's work before the target's forward (in-process: drafted now)."""
+        if self.draft is None or self.disabled or not self.schedule.drafts_before_forward:
+            return
+        if self._pending is not None:  # vLLM ran the last step without the drafter
+            self._late.append(self._pending)
+            self._pending = None
+        self._collect_late()
+        records = before_forward(runner, scheduler_output, self.num_speculative_tokens, self.max_model_len)
+        plans = self.schedule.plan_before_forward(records)
+        self._pending = self._send(runner, plans)
+
+    def propose_batch(
+        self, runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]]
+    ) -> list[list[int]]:
+        """Next step's spec tokens for each request of the batch, in ``input_batch`` order."""
+        drafts = no_drafts(runner)
+        if self.draft is None or self.disabled:
+            return drafts
+        chunks = self._read_pending()  # the chunks drafted before the forward (VPSD)
+        records = after_sampling(
+            runner, scheduler_output, sampled_token_ids, self.num_speculative_tokens, self.max_model_len,
+            with_outputs=self.schedule.needs_outputs_after_sampling,
+        )
+        planned: list[tuple[int, ChunkPlan]] = []
+        for record in records:
+            req_id = record.req_id
+            if not record.sampled or req_id in self._failed or req_id in self._failed_this_step:
+                continue
+            # Account this step's round first, also when it is the request's last.
+            try:
+                next_spec = self.schedule.follow(record, chunks.get(req_id))
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._request_failed(DraftFailure.from_exception(req_id, "parallel round", exc))
+                continue
+            if next_spec is not None and record.budget >= 0:
+                # At 0 the next step commits one token without spec tokens; the
+                # request stays so that step is accounted too.
+                drafts[record.index] = next_spec[: record.budget]
+                continue
+            if record.budget <= 0:
+                # The request ends within one more token: nothing to draft, and its
+                # draft state can go now rather than when vLLM reports it finished.
+                self.release(req_id, finished=False)
+                continue
+            try:
+                drafts[record.index], plan = self.schedule.start(record)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._request_failed(DraftFailure.from_exception(req_id, "parallel round", exc))
+                continue
+            if plan is not None:
+                planned.append((record.index, plan))
+        if not self.schedule.drafts_before_forward:
+            sent = self._send(runner, [plan for _, plan in planned])
+            chunks = self._read(*sent, timeout=None) if sent is not None else {}
+            for index, plan in planned:
+                drafts[index] = chunks.get(plan.req_id, [])
+        self.schedule.finish_step()
+        self.stats.record_drafts(sum(len(d) for d in drafts))
+        return drafts
+
+    # -- the draft's side ----------------------------------------------------------------
+
+    def _send(self, runner: Any, plans: list[ChunkPlan]) -> tuple[StepWork, PendingStep] | None:
+        """This step's work to the draft's side (None when there is nothing to send)."""
+        self.messages.sync_epoch(self.draft.epoch)
+        prompt_of = functools.partial(draft_prompt, runner, family=self.family)
+        work = self.messages.work(plans, prompt_of, self._attention)
+        if not (work.releases or work.prefills or work.chunks):
+            return None
+        try:
+            return work, self.draft.submit(work)
+        except Exception as exc:  # noqa: BLE001 - the work never reached the draft's side
+            self.messages.requeue(work.releases)
+            self.step_failed("draft submit", exc, _requests_of(work))
+            return None
+
+    def _attention(self, req_id: str) -> list | None:
+        """The target's s_attn per video for the request's view (taken once)."""
+        return self.capture.finish(req_id) if self.capture is not None else None
+
+    def _read_pending(self) -> dict[str, list[int]]:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {}
+        return self._read(*pending, timeout=self.result_timeout)
+
+    def _read(self, work: StepWork, pending: PendingStep, timeout: float | None) -> dict[str, list[int]]:
+        """The step's chunks; its other news is taken in. A late result's chunks are dropped."""
+        result = pending.result(timeout)
+        if result is None:
+            self._late.append((work, pending))
+            return {}
+        return self._take_in(work, result)
+
+    def _collect_late(self) -> None:
+        """Take in what late results report (views, failures, no room); their chunks are stale."""
+        waiting, self._late = self._late, []
+        for work, pending in waiting:
+            result = pending.result(0)
+            if result is None:
+                self._late.append((work, pending))
+            else:
+                self._take_in(work, result)
+
+    def _take_in(self, work: StepWork, result: StepResult) -> dict[str, list[int]]:
+        if result.seq != work.seq:
+            raise RuntimeError(f"the draft answered step {result.seq} to step {work.seq}")
+        self.messages.received(work, result)
+        for report in result.views:
+            self.stats.record_view(report)
+        self.stats.draft_prefill_seconds += result.prefill_seconds
+        self.stats.draft_seconds += result.draft_seconds
+        self.stats.draft_kv_full += len(result.no_room)  # drafting pauses; retried next step
+        for failure in result.failures:
+            self._request_failed(failure)
+        if result.step_failure is not None:
+            self._step_failed_with(result.step_failure, _requests_of(work))
+            return {}
+        return result.chunks
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _request_failed(self, failure: DraftFailure) -> None:
+        """Drafting failed for one request: it goes on without speculation."""
+        self.failures.record(failure, [failure.req_id])
+        self._failed.add(failure.req_id)
+        with contextlib.suppress(Exception):
+            self.release(failure.req_id, finished=False, keep_capture=self._captures_agree_over_ranks())
+
+    def step_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+        """An error no single request can be blamed for; never raises.
+
+        Every request of the step loses drafting for this step: its draft state
+        and round are released (rebuilt next step from the kept view, so the
+        output only loses speculation). After ``MAX_FAILED_STEPS_IN_A_ROW`` steps
+        with such a failure, drafting stops for the engine.
+        """
+        try:
+            failure = DraftFailure.from_exception("", where, exc)
+        except Exception:  # noqa: BLE001 - the last line of defence
+            failure = DraftFailure("", where, type(exc).__qualname__, "", "")
+        self._step_failed_with(failure, req_ids)
+
+    def _step_failed_with(self, failure: DraftFailure, req_ids: Iterable[str]) -> None:
+        try:
+            req_ids = list(req_ids)
+            self.failures.record(failure, req_ids)
+            self._failed_this_step.update(req_ids)
+            keep_capture = self._captures_agree_over_ranks()
+            for req_id in req_ids:
+                with contextlib.suppress(Exception):
+                    self.release(req_id, finished=False, keep_capture=keep_capture)
+            self.messages.resend_prompts(req_ids)  # the draft's side may have lost them
+            if not self._step_failed:
+                self._step_failed = True
+                self._failed_steps_in_a_row += 1
+            if self._failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+                self.disable()
+        except Exception:  # noqa: BLE001 - the last line of defence
+            self.disable()
+
+    def _captures_agree_over_ranks(self) -> bool:
+        """Under tensor parallelism every rank must track the same requests, so a
+        failure seen by one rank must not drop a capture (vLLM's finish and
+        preemption, seen by all ranks, still do)."""
+        return self.capture is not None and self.capture.sums_over_ranks
+
+    def capture_failed(self, where: str, exc: BaseException, req_ids: Iterable[str]) -> None:
+        """The attention capture failed inside the target's forward (it never raises there).
+
+        The capture marked those requests' videos incomplete, so their views are
+        built without s_attn; drafting itself goes on, and the captures are kept
+        (under tensor parallelism every rank must go on tracking the same requests).
+        """
+        with contextlib.suppress(Exception):
+            self.failures.record(DraftFailure.from_exception("", where, exc), req_ids)
+
+    def disable(self) -> None:
+        """Stop drafting for the engine: free every draft state; no more spec tokens."""
+        if self.disabled:
+            return
+        self.disabled = True
+        logger.error(
+            "hippo: drafting failed in %d steps in a row; speculation is off for this engine "
+            "from now on (outputs are unaffected)", self._failed_steps_in_a_row,
+        )
+        with contextlib.suppress(Exception):
+            for req_id in self.messages.held_requests():
+                self.release(req_id, finished=True)
+            if self.draft is not None:
+                self._pending = None
+                self._send(None, [])  # the releases only; the draft's answer is not needed
+        if self.capture is not None:
+            with contextlib.suppress(Exception):
+                self.capture.end_step()
+
+    # -- introspection (tests, metrics) ---------------------------------------------------
+
+    @property
+    def num_draft_requests(self) -> int:
+        """Requests whose draft KV is prefilled, as far as the target's side knows."""
+        return self.messages.num_prefilled
+
+    @property
+    def num_views(self) -> int:
+        return self.messages.num_views
+
+
+def _requests_of(work: StepWork) -> list[str]:
+    """The requests whose drafting a step's work touches."""
+    return list(dict.fromkeys([p.req_id for p in work.prefills] + [c.req_id for c in work.chunks]))
