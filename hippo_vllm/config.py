@@ -224,14 +224,17 @@ class DraftWorkerConfig:
     same worker as a Ray actor (one GPU on a GPU machine, ``len(cpu_cores)`` or
     one CPU on a CPU machine). A step whose draft answer is not back
     ``timeout_ms`` after the target needs it goes on without drafts; a worker
-    that dies or stalls is restarted at most ``max_restarts`` times.
+    that dies or stalls is restarted, at most ``max_restarts`` times within any
+    ``restart_window_s`` seconds (a crash loop leaves drafting off; a rare fault
+    never does).
     """
 
     placement: str = "in_process"
     device: str | None = None  # "cpu", "cuda:N" (process), "cuda" (ray: Ray assigns it); None: the target's kind
     cpu_cores: tuple[int, ...] | None = None  # None: the threads stay where the worker's parent runs
     timeout_ms: float = 1000.0
-    max_restarts: int = 3
+    max_restarts: int = 3  # within any restart_window_s
+    restart_window_s: float = 600.0
     start_timeout_s: float = 600.0  # loading the draft in a fresh worker
 
     @classmethod
@@ -273,7 +276,12 @@ class DraftWorkerConfig:
         object.__setattr__(self, "timeout_ms", float(t))
         if not _is_int(self.max_restarts) or self.max_restarts < 0:
             raise _fail_worker("max_restarts", self.max_restarts,
-                        "an integer >= 0 (restarts of a dead or stalled draft worker)")
+                        "an integer >= 0 (restarts of a dead or stalled draft worker per restart_window_s)")
+        w = self.restart_window_s
+        if not _is_number(w) or not math.isfinite(w) or w <= 0:
+            raise _fail_worker("restart_window_s", w,
+                        "a number > 0 (seconds over which max_restarts counts restarts)")
+        object.__setattr__(self, "restart_window_s", float(w))
         s = self.start_timeout_s
         if not _is_number(s) or not math.isfinite(s) or s <= 0:
             raise _fail_worker("start_timeout_s", s, "a number > 0 (seconds to load the draft in a worker)")

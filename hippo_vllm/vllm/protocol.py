@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from typing import Any
 
 import torch
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class DraftPrompt:
 
     req_id: str
     prompt_token_ids: list[int]
-    mm_features: list[Any]  # vLLM MultiModalFeatureSpec, with data (pixels, grid)
+    mm_features: list[MultiModalFeatureSpec]  # with data (pixels, grid)
     positions: torch.Tensor  # [3, P] int64 M-RoPE positions of the prompt (1-D ones: three equal rows)
     mrope_delta: int  # output token i sits at position P + i + mrope_delta
 
@@ -124,3 +124,33 @@ class StepResult:
     step_failure: DraftFailure | None = None
     prefill_seconds: float = 0.0  # on the draft's side
     draft_seconds: float = 0.0
+
+
+def work_on_host(work: StepWork) -> StepWork:
+    """``work`` with its tensors on the CPU, for a draft of its own.
+
+    The target's s_attn is computed on the target's device; a worker that sees
+    other GPUs, or none, could not read it from there. The rest is on the CPU
+    already (a moved tensor is the same object).
+    """
+    if not work.prefills:
+        return work
+    prefills = []
+    for prefill in work.prefills:
+        prompt = prefill.prompt
+        if prompt is not None and prompt.positions.device.type != "cpu":
+            prompt = dataclasses.replace(prompt, positions=prompt.positions.cpu())
+        attention = prefill.attention
+        if attention is not None:
+            attention = [None if a is None else a.cpu() for a in attention]
+        prefills.append(dataclasses.replace(prefill, prompt=prompt, attention=attention))
+    return dataclasses.replace(work, prefills=prefills)
+
+
+def result_on_host(result: StepResult) -> StepResult:
+    """``result`` with its tensors on the CPU (the kept rows of each view built)."""
+    if not result.views:
+        return result
+    views = [dataclasses.replace(view, keep_rows=view.keep_rows.cpu()) for view in result.views]
+    return dataclasses.replace(result, views=views)
+

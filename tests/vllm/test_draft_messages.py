@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, common_prefix
+from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep, common_prefix
 from hippo_vllm.vllm.protocol import DraftPrompt, StepResult, ViewReport
 
 
@@ -38,7 +38,7 @@ def test_a_prompt_and_its_attention_travel_once_and_orders_carry_only_the_change
     work = messages.work([ChunkPlan("r", [5, 6], 3)], sent.prompt_of, sent.attention_of)
     assert [(p.req_id, p.prompt is not None, p.attention is not None) for p in work.prefills] == [("r", True, True)]
     assert [(c.kept, c.new_tokens, c.budget) for c in work.chunks] == [(0, [5, 6], 3)]
-    messages.received(work, StepResult(work.seq, views=[view_report("r")]))
+    messages.received(SentStep.of(work), StepResult(work.seq, views=[view_report("r")]))
     # Rejected look-ahead: the orders share [5, 6, 7] only.
     messages.work([ChunkPlan("r", [5, 6, 7, 8], 3)], sent.prompt_of, sent.attention_of)
     work = messages.work([ChunkPlan("r", [5, 6, 7, 9, 10], 2)], sent.prompt_of, sent.attention_of)
@@ -61,14 +61,14 @@ def test_a_prompt_and_its_attention_travel_once_and_orders_carry_only_the_change
 def test_a_prefill_without_room_is_sent_again_with_the_next_chunk():
     messages, sent = DraftMessages(), Sent()
     work = messages.work([ChunkPlan("r", [5], 3)], sent.prompt_of, sent.attention_of)
-    messages.received(work, StepResult(work.seq, views=[view_report("r")], no_room=["r"]))
+    messages.received(SentStep.of(work), StepResult(work.seq, views=[view_report("r")], no_room=["r"]))
     assert messages.num_prefilled == 0
     work = messages.work([ChunkPlan("r", [5, 6], 3)], sent.prompt_of, sent.attention_of)
     assert [(p.req_id, p.prompt, p.attention) for p in work.prefills] == [("r", None, None)]  # it has its view
     # A chunk without room (the prefill was earlier) keeps the request prefilled.
-    messages.received(work, StepResult(work.seq))
+    messages.received(SentStep.of(work), StepResult(work.seq))
     work = messages.work([ChunkPlan("r", [5, 6, 7], 3)], sent.prompt_of, sent.attention_of)
-    messages.received(work, StepResult(work.seq, no_room=["r"]))
+    messages.received(SentStep.of(work), StepResult(work.seq, no_room=["r"]))
     assert messages.num_prefilled == 1
     assert sent.prompts == ["r"]
 
@@ -76,7 +76,7 @@ def test_a_prefill_without_room_is_sent_again_with_the_next_chunk():
 def test_a_new_epoch_forgets_everything_the_draft_held():
     messages, sent = DraftMessages(), Sent()
     work = messages.work([ChunkPlan("r", [5, 6], 3)], sent.prompt_of, sent.attention_of)
-    messages.received(work, StepResult(work.seq, views=[view_report("r")]))
+    messages.received(SentStep.of(work), StepResult(work.seq, views=[view_report("r")]))
     messages.release("r", finished=False)
     messages.sync_epoch(1)
     work = messages.work([ChunkPlan("r", [5, 6, 7], 3)], sent.prompt_of, sent.attention_of)

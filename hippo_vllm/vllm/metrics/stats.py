@@ -62,6 +62,10 @@ EXPORTED_STATS: dict[str, str] = {
         "comes) or the worker was down."
     ),
     "draft_worker_restarts": "Draft worker: restarts after it died, stalled or fell behind.",
+    "draft_worker_down_seconds": (
+        "Draft worker: time drafting was off because the worker was lost, restarting, or left "
+        "off after a crash loop (counted while the engine runs steps)."
+    ),
 }
 
 
@@ -99,6 +103,7 @@ class HippoStats:
     draft_wait_seconds: float = 0.0
     draft_dropped_steps: int = 0
     draft_worker_restarts: int = 0
+    draft_worker_down_seconds: float = 0.0
 
     def record_view(self, view) -> None:
         self.draft_views += 1

@@ -10,21 +10,23 @@ failures, lack of room). The worker keeps applying every StepWork in order, so a
 late step costs only its chunks.
 
 Faults never reach the target: a worker that dies, stalls (no answer for
-``stall_after_s``) or falls ``MAX_STEPS_BEHIND`` steps behind is killed and
-restarted in the background, at most ``max_restarts`` times; meanwhile steps get
-no drafts (the supervision is :mod:`hippo_vllm.vllm.placements.supervised`'s, shared
-with the Ray placement).
+``stall_after_s``), falls ``MAX_STEPS_BEHIND`` steps behind or cannot take a
+message within the step's deadline (a send to a worker that died after its hello
+would otherwise wait forever) is killed and restarted in the background, at most
+``max_restarts`` times per ``restart_window_s``; meanwhile steps get no drafts
+(the supervision is :mod:`hippo_vllm.vllm.placements.supervised`'s, shared with
+the Ray placement). Messages travel on vLLM's ZMQ and msgpack helpers
+(:mod:`hippo_vllm.vllm.placements.wire`), tensors on the CPU only.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -33,9 +35,10 @@ import zmq
 
 import hippo_vllm
 from hippo_vllm.config import HippoConfig
-from hippo_vllm.vllm.protocol import StepResult, StepWork
-from hippo_vllm.vllm.placements.wire import Messenger
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.metrics.stats import HippoStats
+from hippo_vllm.vllm.placements.wire import Channel, MalformedMessage
+from hippo_vllm.vllm.protocol import DraftFailure, StepResult, StepWork, work_on_host
 from hippo_vllm.vllm.placements.supervised import (
     MAX_STEPS_BEHIND,
     OFF,
@@ -49,6 +52,8 @@ from hippo_vllm.vllm.placements.supervised import (
 MAX_RESULTS_KEPT = 4 * MAX_STEPS_BEHIND  # answers received and not yet read
 SHUTDOWN_GRACE_S = 5.0
 DEATH_CHECK_S = 0.05  # while waiting for an answer, whether the worker still lives
+
+logger = get_logger(__name__)
 
 
 def _kill_quietly(proc: subprocess.Popen) -> None:
@@ -75,7 +80,7 @@ class RemoteDraft(SupervisedDraft):
         self.extra_env = dict(env or {})
         self._ctx = zmq.Context()
         self._proc: subprocess.Popen | None = None
-        self._channel: Messenger | None = None
+        self._channel: Channel | None = None
         self._restart()
         ready = self._wait_for("ready", self.settings.start_timeout_s)
         self.kv_bytes_per_token, self.block_size = ready
@@ -90,7 +95,7 @@ class RemoteDraft(SupervisedDraft):
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self._num_blocks = num_blocks
-        self._channel.send("alloc", num_blocks)
+        self._send_at_start("alloc", num_blocks)
         self._wait_for("allocated", self.settings.start_timeout_s)
 
     def submit(self, work: StepWork):
@@ -104,7 +109,7 @@ class RemoteDraft(SupervisedDraft):
             self._lost("fell behind", f"{len(self._sent)} steps unanswered")
             return NoDrafts(work.seq)
         try:
-            self._channel.send("work", work, block=False)
+            self._channel.send("work", work_on_host(work), seq=work.seq, block=False)
         except zmq.Again:
             self._lost("fell behind", "its message queue is full")
             return NoDrafts(work.seq)
@@ -135,7 +140,7 @@ class RemoteDraft(SupervisedDraft):
                 arrived = self._results.pop(pending.seq, None)
                 if arrived is not None:
                     result, arrived_at = arrived
-                    self._answered(pending, arrived_at)
+                    self._answered(pending, arrived_at, timeout)
                     return result
                 if self._proc.poll() is not None:
                     self._dropped(pending)
@@ -160,12 +165,24 @@ class RemoteDraft(SupervisedDraft):
         return min(self._sent.values(), default=None)
 
     def _receive_one(self) -> None:
-        kind, payload = self._channel.recv()
-        if kind != "result":
-            self._lost("failed", f"unexpected message {kind!r}: {payload}")
+        try:
+            kind, seq, payload = self._channel.recv()
+        except MalformedMessage as bad:
+            if bad.kind != "result" or bad.seq < 0:
+                self._lost("failed", str(bad))
+                return
+            # That step goes on without drafts; its requests' draft state is rebuilt.
+            kind, seq = "result", bad.seq
+            payload = StepResult(seq, step_failure=DraftFailure.from_exception("", "reading a draft answer", bad))
+        if kind == "malformed":  # the worker could not read one of our messages; it goes on
+            self._log_once("malformed", "hippo: the %s could not read a message: %s: %s",
+                           self.noun, payload.error_type, payload.message)
             return
-        self._sent.pop(payload.seq, None)
-        self._results[payload.seq] = (payload, time.perf_counter())
+        if kind != "result":
+            self._lost("failed", f"unexpected message {kind!r}")
+            return
+        self._sent.pop(seq, None)
+        self._results[seq] = (payload, time.perf_counter())
         while len(self._results) > MAX_RESULTS_KEPT:  # results nobody reads (a dropped PendingStep)
             del self._results[min(self._results)]
 
@@ -174,11 +191,11 @@ class RemoteDraft(SupervisedDraft):
     def _start(self) -> None:
         self._sent: dict[int, float] = {}
         self._results: dict[int, tuple[StepResult, float]] = {}  # seq -> (result, arrival time)
-        endpoint = f"ipc://{tempfile.gettempdir()}/hippo-draft-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        socket = self._ctx.socket(zmq.PAIR)
-        socket.bind(endpoint)
-        self._channel = Messenger(socket)
-        cmd = [sys.executable, "-m", "hippo_vllm.vllm.placements.process_worker", endpoint, str(os.getpid())]
+        endpoint = Channel.new_path()
+        # Sends on the step and restart paths wait at most the step's deadline (a
+        # PAIR send blocks while no peer is connected).
+        self._channel = Channel(self._ctx, endpoint, bind=True, send_timeout_s=self.settings.timeout_s)
+        cmd = [*self._worker_command(), endpoint, str(os.getpid())]
         if self.settings.cpu_cores:
             cmd += ["--cpu-cores", ",".join(map(str, self.settings.cpu_cores))]
         env = {**os.environ, **self.extra_env}
@@ -188,6 +205,24 @@ class RemoteDraft(SupervisedDraft):
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         # A client dropped without close() (e.g. an engine garbage-collected) takes its worker along.
         weakref.finalize(self, _kill_quietly, self._proc)
+
+    def _worker_command(self) -> list[str]:
+        """The worker process's command line, before its endpoint and parent pid."""
+        return [sys.executable, "-m", "hippo_vllm.vllm.placements.process_worker"]
+
+    def _init_message(self) -> bytes:
+        return pickle.dumps((self.vllm_config, self.hippo), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _send_at_start(self, kind: str, payload: Any) -> None:
+        """A control message during the engine's start-up; a worker that cannot take it is an error."""
+        try:
+            self._channel.send(kind, payload)
+        except zmq.Again:
+            self._stop(graceful=False)
+            raise DraftWorkerError(
+                f"the draft worker did not take its {kind!r} message within "
+                f"{self.settings.timeout_s:.3f} s (it died or hangs); its log is above"
+            ) from None
 
     def _wait_for(self, kind: str, timeout_s: float) -> Any:
         """Block until the worker's start reaches ``kind`` (engine start-up only)."""
@@ -207,9 +242,13 @@ class RemoteDraft(SupervisedDraft):
                         '(speculative_config["draft_worker"]["start_timeout_s"])'
                     )
                 continue
-            got, payload = self._channel.recv()
+            try:
+                got, _, payload = self._channel.recv()
+            except MalformedMessage as bad:
+                self._stop(graceful=False)
+                raise DraftWorkerError(f"the draft worker sent {bad}") from bad
             if got == "hello":
-                self._channel.send("init", (self.vllm_config, self.hippo))
+                self._send_at_start("init", self._init_message())
             elif got == "error":
                 self._stop(graceful=False)
                 raise DraftWorkerError(
@@ -223,9 +262,10 @@ class RemoteDraft(SupervisedDraft):
         """Advance a restarting worker without blocking; bump the epoch once it is ready."""
         try:
             while self._channel.poll(0):
-                got, payload = self._channel.recv()
+                got, _, payload = self._channel.recv()
+                # Each send waits at most the step's deadline (a worker that died after its hello).
                 if got == "hello":
-                    self._channel.send("init", (self.vllm_config, self.hippo))
+                    self._channel.send("init", self._init_message())
                 elif got == "ready":
                     self._channel.send("alloc", self._num_blocks)
                 elif got == "allocated":
@@ -238,7 +278,7 @@ class RemoteDraft(SupervisedDraft):
                 self._lost("died while starting", f"exit code {self._proc.returncode}")
             else:
                 self._start_timed_out()
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, MalformedMessage) as exc:
             self._lost("failed to start", repr(exc))
 
     def _stop(self, graceful: bool) -> None:
@@ -254,12 +294,6 @@ class RemoteDraft(SupervisedDraft):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
         if channel is not None:
-            endpoint = channel.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-            channel.socket.close(linger=0)
-            if endpoint.startswith("ipc://"):
-                try:
-                    os.unlink(endpoint[len("ipc://"):])
-                except OSError:
-                    pass
+            channel.close()
         self._channel = None
         self._state = OFF

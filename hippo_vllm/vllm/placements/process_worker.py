@@ -2,11 +2,14 @@
 
 Started by :class:`hippo_vllm.vllm.placements.process_client.RemoteDraft` in the target's
 output-rank worker. It connects to the client's ipc socket, says hello, and then
-serves pickled messages in order (see :mod:`hippo_vllm.vllm.placements.wire`): ``init``
+serves messages in order (see :mod:`hippo_vllm.vllm.placements.wire`): ``init``
 (the target's VllmConfig and the HippoConfig: it sets up a one-rank vLLM world of
 its own and builds the draft worker), ``alloc`` (the draft's KV cache),
-``work`` (one StepWork, answered by one StepResult), ``stall`` (sleep; tests of
-the client's deadlines use it) and ``shutdown``.
+``work`` (one StepWork, answered by one StepResult with its tensors on the CPU),
+``stall`` (sleep; tests of the client's deadlines use it) and ``shutdown``. A
+message it cannot read is answered, never fatal: a step's work by a StepResult
+whose step failed (that step goes on without drafts), anything else by a
+``malformed`` report.
 
 It is a plain subprocess rather than a ``multiprocessing`` child because vLLM's
 worker and engine-core processes are daemonic, and a daemonic process may not
@@ -41,27 +44,37 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def serve(endpoint: str) -> None:
+    import pickle
+
     import torch
     import zmq
 
     from hippo_vllm.vllm.placements.bootstrap import start_draft_worker
-    from hippo_vllm.vllm.placements.wire import Messenger
-    from hippo_vllm.vllm.protocol import DraftFailure
+    from hippo_vllm.vllm.placements.wire import Channel, MalformedMessage
+    from hippo_vllm.vllm.protocol import DraftFailure, StepResult, result_on_host
 
     if "OMP_NUM_THREADS" in os.environ:  # bound in main(): size torch's pool for those cores
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     ctx = zmq.Context()
-    channel = Messenger(ctx.socket(zmq.PAIR))
-    channel.socket.connect(endpoint)
+    channel = Channel(ctx, endpoint, bind=False)
     channel.send("hello", os.getpid())
     worker = None
     try:
         while True:
-            kind, payload = channel.recv()
+            try:
+                kind, seq, payload = channel.recv()
+            except MalformedMessage as bad:
+                failure = DraftFailure.from_exception("", "draft worker: reading a message", bad)
+                if bad.kind == "work" and bad.seq >= 0:
+                    channel.send("result", StepResult(bad.seq, step_failure=failure), seq=bad.seq)
+                else:
+                    channel.send("malformed", failure)
+                continue
             if kind == "work":
-                channel.send("result", worker.handle(payload))  # handle never raises
+                # handle never raises; its kept rows may be on the draft's device.
+                channel.send("result", result_on_host(worker.handle(payload)), seq=seq)
             elif kind == "init":
-                vllm_config, hippo = payload
+                vllm_config, hippo = pickle.loads(payload)  # the engine's own config, from the process that started us
                 try:
                     worker = start_draft_worker(vllm_config, hippo)
                     channel.send("ready", (worker.kv_bytes_per_token, worker.block_size))
@@ -80,7 +93,7 @@ def serve(endpoint: str) -> None:
             elif kind == "shutdown":
                 return
     finally:
-        channel.socket.close(linger=0)
+        channel.close()
         ctx.term()
 
 

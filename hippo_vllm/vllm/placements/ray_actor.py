@@ -5,7 +5,8 @@ process, served by a Ray actor: one GPU on a GPU machine (Ray picks it and sets
 its ``CUDA_VISIBLE_DEVICES``), ``len(cpu_cores)`` CPUs (or one) on a CPU
 machine. Each step is one ``handle.remote(work)`` call; Ray runs an actor's calls
 in order, and puts large arguments (a request's video inputs, sent once) in its
-object store. ``PendingStep.result(timeout)`` is a ``ray.wait`` with that
+object store; tensors travel on the CPU only (the target's s_attn is moved there
+first), so an actor on another GPU or node can read them. ``PendingStep.result(timeout)`` is a ``ray.wait`` with that
 deadline. Late steps, a dead or stalled actor and restarts are supervised as a
 worker process's are (:mod:`hippo_vllm.vllm.placements.supervised`).
 
@@ -20,7 +21,7 @@ import time
 from typing import Any
 
 from hippo_vllm.config import HippoConfig
-from hippo_vllm.vllm.protocol import StepResult, StepWork
+from hippo_vllm.vllm.protocol import StepResult, StepWork, result_on_host, work_on_host
 from hippo_vllm.vllm.metrics.stats import HippoStats
 from hippo_vllm.vllm.placements.supervised import (
     MAX_STEPS_BEHIND,
@@ -56,7 +57,7 @@ class DraftActor:
         return num_blocks
 
     def handle(self, work: StepWork) -> StepResult:
-        return self.worker.handle(work)
+        return result_on_host(self.worker.handle(work))  # its kept rows may be on the draft's GPU
 
     def stall(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -112,7 +113,7 @@ class RayDraft(SupervisedDraft):
         if len(self._outstanding) >= MAX_STEPS_BEHIND:
             self._lost("fell behind", f"{len(self._outstanding)} steps unanswered")
             return NoDrafts(work.seq)
-        pending = SupervisedPending(self, work.seq, self._generation, ref=self._actor.handle.remote(work))
+        pending = SupervisedPending(self, work.seq, self._generation, ref=self._actor.handle.remote(work_on_host(work)))
         self._outstanding[work.seq] = (pending.sent_at, pending.ref)
         return pending
 
@@ -146,7 +147,7 @@ class RayDraft(SupervisedDraft):
                     self._dropped(pending)
                     self._lost("died", f"{type(exc).__name__}: {exc}")
                     return StepResult(pending.seq)
-                self._answered(pending, time.perf_counter())
+                self._answered(pending, time.perf_counter(), timeout)
                 return result
             self._dropped(pending)  # the actor that had this step is gone
             return StepResult(pending.seq)

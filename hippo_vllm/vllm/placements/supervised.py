@@ -4,16 +4,24 @@ A draft of its own (a worker process, a Ray actor) can die, stall or fall behind
 without the target noticing anything but missing drafts. :class:`SupervisedDraft`
 is that supervision, once: the state of the draft's side (starting, up, off),
 a step that comes back late (its chunks are dropped, the step is counted), the
-loss of the draft's side (kill it, restart it at most ``max_restarts`` times,
-then leave drafting off with one error), ``epoch`` (bumped when a restarted
-side is ready, so the target's side sends its prompts again) and logging each
-kind of fault once. A placement supplies how to start and stop its side, how
-to advance a restart, and when its oldest unanswered step was sent.
+loss of the draft's side (kill it and restart it, as a supervisor would: at most
+``max_restarts`` restarts within any ``restart_window_s``, so a rare fault never
+turns drafting off while a crash loop stops with one error), ``epoch`` (bumped
+when a restarted side is ready, so the target's side sends its prompts again),
+the time drafting was off, and one log line per fault and per recovery. A
+placement supplies how to start and stop its side, how to advance a restart, and
+when its oldest unanswered step was sent.
+
+Round trips are timed from a step's send to its answer only when the target's
+side reads it within its step (a bounded wait): an answer taken in later, from a
+step vLLM ran without reading its drafts or one that missed its deadline, may
+have waited across idle time and is not a round trip of a busy engine.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import time
 from typing import Any
 
@@ -52,6 +60,7 @@ class SupervisedPending:
         self._client, self.seq, self.generation, self.ref = client, seq, generation, ref
         self.sent_at = time.perf_counter()
         self.late = False  # its first read missed the deadline: its chunks are dropped
+        self.read = False  # read once already (a round trip is timed at most once)
 
     def result(self, timeout: float | None = None) -> StepResult | None:
         return self._client._result(self, timeout)
@@ -76,7 +85,10 @@ class SupervisedDraft(abc.ABC):
         self.stall_after_s = max(MIN_STALL_S, 10 * self.settings.timeout_s)
         self._epoch = 0
         self._generation = 0
-        self._restarts = 0
+        self._restarts = 0  # over the engine's life (the budget is per window: _restart_times)
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._down_since: float | None = None  # drafting off since (perf_counter), while not up
+        self._down_counted_to = 0.0  # down time up to here is in stats.draft_worker_down_seconds
         self._num_blocks: int | None = None
         self._logged: set[str] = set()
         self._state = OFF
@@ -105,14 +117,17 @@ class SupervisedDraft(abc.ABC):
         if self._state == STARTING:
             self._advance_start()
         if self._state != UP:
+            self._count_down_time()
             self.stats.draft_dropped_steps += 1
             return False
         return True
 
-    def _answered(self, pending: SupervisedPending, arrived_at: float) -> None:
-        if not pending.late:
+    def _answered(self, pending: SupervisedPending, arrived_at: float, timeout: float) -> None:
+        """Count the round trip of a step read within its step (its first, bounded read)."""
+        if not pending.late and not pending.read and timeout > 0:
             self.stats.draft_round_trip_seconds += arrived_at - pending.sent_at
             self.stats.draft_round_trips += 1
+        pending.read = True
 
     def _dropped(self, pending: SupervisedPending) -> None:
         if not pending.late:
@@ -135,26 +150,48 @@ class SupervisedDraft(abc.ABC):
         """A restarted side is ready: drafting resumes, and the target's side re-sends its prompts."""
         self._state = UP
         self._epoch += 1
-        logger.warning("hippo: the %s is back (%srestart %d of %d); drafting resumes",
-                       self.noun, where, self._restarts, self.settings.max_restarts)
+        off_for = self._count_down_time()
+        self._down_since = None
+        logger.warning(
+            "hippo: the %s is back (%srestart %d, %d within the last %.0f s); drafting resumes after "
+            "%.1f s off (vllm:hippo_draft_worker_down_seconds_total)", self.noun, where, self._restarts,
+            len(self._restart_times), self.settings.restart_window_s, off_for,
+        )
+
+    def _count_down_time(self) -> float:
+        """Add the time drafting has been off since the last count; the whole outage so far."""
+        if self._down_since is None:
+            return 0.0
+        now = time.perf_counter()
+        self.stats.draft_worker_down_seconds += now - max(self._down_counted_to, self._down_since)
+        self._down_counted_to = now
+        return now - self._down_since
 
     def _lost(self, what: str, detail: str) -> None:
-        """The draft's side is unusable: kill it; restart it, or leave drafting off."""
+        """The draft's side is unusable: kill it; restart it, or leave drafting off (crash loop)."""
         self._stop(graceful=False)
-        if self._restarts >= self.settings.max_restarts:
+        if self._down_since is None:
+            self._down_since = time.perf_counter()
+        now = time.perf_counter()
+        window = self.settings.restart_window_s
+        while self._restart_times and now - self._restart_times[0] > window:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= self.settings.max_restarts:
             self._state = OFF
             logger.error(
-                "hippo: the %s %s (%s) and was restarted %d times "
-                '(speculative_config["draft_worker"]["max_restarts"]); drafting stays off for this '
-                "engine (outputs are unaffected)", self.noun, what, detail, self._restarts,
+                "hippo: the %s %s (%s) after %d restarts within %.0f s "
+                '(speculative_config["draft_worker"]["max_restarts"] per "restart_window_s"): a crash '
+                "loop; drafting stays off for this engine (outputs are unaffected)",
+                self.noun, what, detail, len(self._restart_times), window,
             )
             return
         self._restarts += 1
+        self._restart_times.append(now)
         self.stats.draft_worker_restarts += 1
-        self._log_once(
-            f"lost {what}", "hippo: the %s %s (%s); restarting it (%d of at most %d); "
+        logger.warning(
+            "hippo: the %s %s (%s); restarting it (restart %d, %d of at most %d within %.0f s); "
             "steps go on without drafts meanwhile", self.noun, what, detail, self._restarts,
-            self.settings.max_restarts,
+            len(self._restart_times), self.settings.max_restarts, window,
         )
         self._restart()
 

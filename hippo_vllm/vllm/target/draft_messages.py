@@ -32,6 +32,25 @@ class ChunkPlan:
     budget: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SentStep:
+    """What the target's side keeps of a sent step's work until its answer is read.
+
+    Not the work itself: a late answer may be read many steps later, and the work
+    can hold a request's video inputs.
+    """
+
+    seq: int
+    prefilled: frozenset[str]  # requests whose prefill the work carried
+    req_ids: tuple[str, ...]  # every request the work touched (a step-wide failure costs them)
+
+    @classmethod
+    def of(cls, work: StepWork) -> SentStep:
+        prefilled = [p.req_id for p in work.prefills]
+        return cls(work.seq, frozenset(prefilled),
+                   tuple(dict.fromkeys(prefilled + [c.req_id for c in work.chunks])))
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix (list comparisons run in C: outputs can be long)."""
     low, high = 0, min(len(a), len(b))  # a[:low] == b[:low] holds
@@ -112,12 +131,11 @@ class DraftMessages:
         self._releases = []
         return work
 
-    def received(self, work: StepWork, result: StepResult) -> None:
-        """Learn from the draft's answer: views built, prefills that found no room."""
+    def received(self, sent: SentStep, result: StepResult) -> None:
+        """Learn from the draft's answer (in time or late): views built, prefills that found no room."""
         self._views.update(report.req_id for report in result.views)
-        prefilled = {p.req_id for p in work.prefills}
         for req_id in result.no_room:
-            if req_id in prefilled:
+            if req_id in sent.prefilled:
                 self._prefilled.discard(req_id)  # sent again with its next chunk
 
     def held_requests(self) -> list[str]:

@@ -21,7 +21,9 @@ sampling alike. Where the draft runs is ``draft_placement``'s choice: in the
 target's process (``InProcessDraft``, the default) drafting runs in sequence with
 the target's forward; in a worker of its own VPSD drafts while the target
 verifies, and a step whose answer is not back ``timeout_ms`` after sampling goes
-on without chunks.
+on without chunks. In either schedule such a late answer is read when it comes,
+for its news (views built, failures, prefills that found no room); only its
+chunks are stale.
 
 No exception leaves the proposer's entry points (the runner guards each call and
 reports to :meth:`step_failed`): a failure while drafting one request (reported
@@ -44,8 +46,8 @@ from hippo_vllm.vllm.target.attention_capture import TargetAttentionCapture
 from hippo_vllm.config import hippo_settings
 from hippo_vllm.vllm.placements.backend import DraftBackend, PendingStep
 from hippo_vllm.vllm.target.draft_kv_budget import DraftKVBudget
-from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages
-from hippo_vllm.vllm.protocol import DraftFailure, StepResult, StepWork
+from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep
+from hippo_vllm.vllm.protocol import DraftFailure, StepResult
 from hippo_vllm.vllm.target.schedules import ParallelSchedule, SerialSchedule
 from hippo_vllm.vllm.target.drafting_failures import DraftingFailures
 from hippo_vllm.vllm.metrics.stats import HippoStats
@@ -69,6 +71,10 @@ from hippo_vllm.vllm.tensor_parallel import (
 logger = get_logger(__name__)
 
 MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good
+# Late answers waiting to be read. A draft of its own that leaves more than 16 steps
+# unanswered is restarted (its steps then answer empty at once), so this bound only
+# guards against a backend that never answers.
+MAX_LATE_STEPS = 64
 
 
 class HippoProposer:
@@ -99,8 +105,8 @@ class HippoProposer:
         self.messages = DraftMessages()
         # How long propose_batch waits for the work sent before the forward (None: until it is back).
         self.result_timeout: float | None = None
-        self._pending: tuple[StepWork, PendingStep] | None = None  # sent before the forward, unread
-        self._late: list[tuple[StepWork, PendingStep]] = []  # never read in their step
+        self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
+        self._late: list[tuple[SentStep, PendingStep]] = []  # not back in their step; read when they come
         self._failed: set[str] = set()  # requests that lost drafting for good
         self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
         self._failed_steps_in_a_row = 0
@@ -201,7 +207,9 @@ class HippoProposer:
             self.release(req_id, finished=True)
         for req_id in step.preempted:
             self.release(req_id, finished=False)
-        if self.capture is None or self.disabled:
+        # Under tensor parallelism the other ranks go on summing s_attn with this one
+        # (a collective) after drafting stopped here, so the capture goes on too.
+        if self.capture is None or (self.disabled and not self.capture.sums_over_ranks):
             return
         for prompt in step.starting:
             self._maybe_track(prompt)
@@ -240,7 +248,7 @@ class HippoProposer:
         if self.draft is None or self.disabled or not self.schedule.drafts_before_forward:
             return
         if self._pending is not None:  # vLLM ran the last step without the drafter
-            self._late.append(self._pending)
+            self._wait_late(*self._pending)
             self._pending = None
         self._collect_late()
         records = before_forward(runner, scheduler_output, self.num_speculative_tokens, self.max_model_len)
@@ -255,6 +263,7 @@ class HippoProposer:
         if self.draft is None or self.disabled:
             return drafts
         chunks = self._read_pending()  # the chunks drafted before the forward (VPSD)
+        self._collect_late()  # before this step's chunks are planned: a late "no room" re-prefills
         records = after_sampling(
             runner, scheduler_output, sampled_token_ids, self.num_speculative_tokens, self.max_model_len,
             with_outputs=self.schedule.needs_outputs_after_sampling,
@@ -298,7 +307,7 @@ class HippoProposer:
 
     # -- the draft's side ----------------------------------------------------------------
 
-    def _send(self, runner: Any, plans: list[ChunkPlan]) -> tuple[StepWork, PendingStep] | None:
+    def _send(self, runner: Any, plans: list[ChunkPlan]) -> tuple[SentStep, PendingStep] | None:
         """This step's work to the draft's side (None when there is nothing to send)."""
         self.messages.sync_epoch(self.draft.epoch)
         prompt_of = functools.partial(draft_prompt, runner, family=self.family)
@@ -306,10 +315,10 @@ class HippoProposer:
         if not (work.releases or work.prefills or work.chunks):
             return None
         try:
-            return work, self.draft.submit(work)
+            return SentStep.of(work), self.draft.submit(work)
         except Exception as exc:  # noqa: BLE001 - the work never reached the draft's side
             self.messages.requeue(work.releases)
-            self.step_failed("draft submit", exc, _requests_of(work))
+            self.step_failed("draft submit", exc, SentStep.of(work).req_ids)
             return None
 
     def _attention(self, req_id: str) -> list | None:
@@ -322,28 +331,39 @@ class HippoProposer:
             return {}
         return self._read(*pending, timeout=self.result_timeout)
 
-    def _read(self, work: StepWork, pending: PendingStep, timeout: float | None) -> dict[str, list[int]]:
+    def _read(self, sent: SentStep, pending: PendingStep, timeout: float | None) -> dict[str, list[int]]:
         """The step's chunks; its other news is taken in. A late result's chunks are dropped."""
         result = pending.result(timeout)
         if result is None:
-            self._late.append((work, pending))
+            self._wait_late(sent, pending)
             return {}
-        return self._take_in(work, result)
+        return self._take_in(sent, result)
+
+    def _wait_late(self, sent: SentStep, pending: PendingStep) -> None:
+        """Read this step's answer when it comes (``_collect_late``), for its news only."""
+        self._late.append((sent, pending))
+        while len(self._late) > MAX_LATE_STEPS:
+            # Never to be read: what the draft's side holds of its requests is unknown,
+            # so their draft state is released and rebuilt from the kept view.
+            oldest, _ = self._late.pop(0)
+            keep_capture = self._captures_agree_over_ranks()
+            for req_id in oldest.req_ids:
+                self.release(req_id, finished=False, keep_capture=keep_capture)
 
     def _collect_late(self) -> None:
-        """Take in what late results report (views, failures, no room); their chunks are stale."""
+        """Take in what late answers report (views, failures, no room); their chunks are stale."""
         waiting, self._late = self._late, []
-        for work, pending in waiting:
+        for sent, pending in waiting:
             result = pending.result(0)
             if result is None:
-                self._late.append((work, pending))
+                self._late.append((sent, pending))
             else:
-                self._take_in(work, result)
+                self._take_in(sent, result)
 
-    def _take_in(self, work: StepWork, result: StepResult) -> dict[str, list[int]]:
-        if result.seq != work.seq:
-            raise RuntimeError(f"the draft answered step {result.seq} to step {work.seq}")
-        self.messages.received(work, result)
+    def _take_in(self, sent: SentStep, result: StepResult) -> dict[str, list[int]]:
+        if result.seq != sent.seq:
+            raise RuntimeError(f"the draft answered step {result.seq} to step {sent.seq}")
+        self.messages.received(sent, result)
         for report in result.views:
             self.stats.record_view(report)
         self.stats.draft_prefill_seconds += result.prefill_seconds
@@ -352,7 +372,7 @@ class HippoProposer:
         for failure in result.failures:
             self._request_failed(failure)
         if result.step_failure is not None:
-            self._step_failed_with(result.step_failure, _requests_of(work))
+            self._step_failed_with(result.step_failure, sent.req_ids)
             return {}
         return result.chunks
 
@@ -422,13 +442,15 @@ class HippoProposer:
             "hippo: drafting failed in %d steps in a row; speculation is off for this engine "
             "from now on (outputs are unaffected)", self._failed_steps_in_a_row,
         )
+        keep_capture = self._captures_agree_over_ranks()  # the other ranks still sum with this one
         with contextlib.suppress(Exception):
             for req_id in self.messages.held_requests():
-                self.release(req_id, finished=True)
+                self.release(req_id, finished=True, keep_capture=keep_capture)
             if self.draft is not None:
                 self._pending = None
+                self._late = []
                 self._send(None, [])  # the releases only; the draft's answer is not needed
-        if self.capture is not None:
+        if self.capture is not None and not keep_capture:
             with contextlib.suppress(Exception):
                 self.capture.end_step()
 
@@ -442,8 +464,3 @@ class HippoProposer:
     @property
     def num_views(self) -> int:
         return self.messages.num_views
-
-
-def _requests_of(work: StepWork) -> list[str]:
-    """The requests whose drafting a step's work touches."""
-    return list(dict.fromkeys([p.req_id for p in work.prefills] + [c.req_id for c in work.chunks]))
