@@ -38,6 +38,32 @@ MIN_STALL_S = 5.0  # silent this long (and 10 deadlines) with work queued: stall
 STARTING, UP, OFF = "starting", "up", "off"
 
 
+class RestartBudget:
+    """At most ``max_restarts`` restarts within any ``window_s`` seconds, as a supervisor allows.
+
+    A rare fault, however many over a server's life, is always restarted; only a
+    crash loop (more restarts than that within one window) uses the budget up.
+    """
+
+    def __init__(self, max_restarts: int, window_s: float):
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self._times: collections.deque[float] = collections.deque()
+
+    def take(self, now: float) -> bool:
+        """Whether a restart at ``now`` is allowed (then it is counted)."""
+        while self._times and now - self._times[0] >= self.window_s:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+    @property
+    def in_window(self) -> int:
+        """Restarts counted in the current window."""
+        return len(self._times)
+
+
 class DraftWorkerError(RuntimeError):
     """The draft's worker could not be started."""
 
@@ -85,8 +111,8 @@ class SupervisedDraft(abc.ABC):
         self.stall_after_s = max(MIN_STALL_S, 10 * self.settings.timeout_s)
         self._epoch = 0
         self._generation = 0
-        self._restarts = 0  # over the engine's life (the budget is per window: _restart_times)
-        self._restart_times: collections.deque[float] = collections.deque()
+        self._restarts = 0  # over the engine's life (the budget is per window)
+        self._budget = RestartBudget(self.settings.max_restarts, self.settings.restart_window_s)
         self._down_since: float | None = None  # drafting off since (perf_counter), while not up
         self._down_counted_to = 0.0  # down time up to here is in stats.draft_worker_down_seconds
         self._num_blocks: int | None = None
@@ -155,7 +181,7 @@ class SupervisedDraft(abc.ABC):
         logger.warning(
             "hippo: the %s is back (%srestart %d, %d within the last %.0f s); drafting resumes after "
             "%.1f s off (vllm:hippo_draft_worker_down_seconds_total)", self.noun, where, self._restarts,
-            len(self._restart_times), self.settings.restart_window_s, off_for,
+            self._budget.in_window, self.settings.restart_window_s, off_for,
         )
 
     def _count_down_time(self) -> float:
@@ -172,26 +198,22 @@ class SupervisedDraft(abc.ABC):
         self._stop(graceful=False)
         if self._down_since is None:
             self._down_since = time.perf_counter()
-        now = time.perf_counter()
         window = self.settings.restart_window_s
-        while self._restart_times and now - self._restart_times[0] > window:
-            self._restart_times.popleft()
-        if len(self._restart_times) >= self.settings.max_restarts:
+        if not self._budget.take(time.perf_counter()):
             self._state = OFF
             logger.error(
                 "hippo: the %s %s (%s) after %d restarts within %.0f s "
                 '(speculative_config["draft_worker"]["max_restarts"] per "restart_window_s"): a crash '
                 "loop; drafting stays off for this engine (outputs are unaffected)",
-                self.noun, what, detail, len(self._restart_times), window,
+                self.noun, what, detail, self._budget.in_window, window,
             )
             return
         self._restarts += 1
-        self._restart_times.append(now)
         self.stats.draft_worker_restarts += 1
         logger.warning(
             "hippo: the %s %s (%s); restarting it (restart %d, %d of at most %d within %.0f s); "
             "steps go on without drafts meanwhile", self.noun, what, detail, self._restarts,
-            len(self._restart_times), self.settings.max_restarts, window,
+            self._budget.in_window, self.settings.max_restarts, window,
         )
         self._restart()
 

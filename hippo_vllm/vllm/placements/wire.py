@@ -35,6 +35,7 @@ import zmq
 from hippo_vllm.vllm.protocol import DraftFailure, StepResult, StepWork
 
 NO_SEQ = -1  # the header's seq of a control message
+HEADER = msgspec.msgpack.Encoder()  # a message's first frame: [kind, seq]
 
 # The payload type of each kind of message.
 PAYLOADS: dict[str, Any] = {
@@ -91,7 +92,6 @@ class Channel:
         if send_timeout_s is not None:
             self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
         self._encoder = MsgpackEncoder()
-        self._header = msgspec.msgpack.Encoder()
         self._header_decoder = msgspec.msgpack.Decoder(tuple[str, int])
         self._decoders = {kind: MsgpackDecoder(t) for kind, t in PAYLOADS.items()}
 
@@ -107,7 +107,7 @@ class Channel:
         if kind not in PAYLOADS:
             raise ValueError(f"unknown message kind {kind!r}; known: {sorted(PAYLOADS)}")
         check_on_host(payload, kind)
-        frames = [self._header.encode((kind, seq)), *self._encoder.encode(payload)]
+        frames = [HEADER.encode((kind, seq)), *self._encoder.encode(payload)]
         self.socket.send_multipart(frames, flags=0 if block else zmq.NOBLOCK, copy=False)
 
     def recv(self) -> tuple[str, int, Any]:
