@@ -3,8 +3,8 @@
 Random inputs, fresh each run (the seed is in every failure message): shapes, GQA
 ratios, cache dtypes, fp8 keys with a key scale, each cache layout, non-contiguous
 block tables, NaN in every slot the video does not own, and an output that already
-holds sums (the kernel adds to it). CPU here; tools/gpu_check.py runs the same cases
-on CUDA.
+holds sums (the kernel adds to it). On the CPU in the default suite;
+``HIPPO_KERNEL_TEST_DEVICE=cuda`` (tools/gpu_check.py) runs the same cases on CUDA.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from hippo_vllm.core import AttentionScoreAccumulator
 from hippo_vllm.ops import KeyLayout, kernel_status, video_key_colsum, video_key_colsum_torch
 from tests.ops.paged_cache import make_paged_keys
 
+DEVICE = os.environ.get("HIPPO_KERNEL_TEST_DEVICE", "cpu")
 CASES = [  # (H_q, H_kv, d, block_size)
     (4, 4, 64, 16),  # no GQA
     (28, 4, 128, 32),  # 7B geometry
@@ -43,7 +44,7 @@ def oracle(query, keys, scale) -> torch.Tensor:
     return accumulator.layer_totals([0])[0][0].to(torch.float32)
 
 
-def random_problem(seed, case, storage, layout, device="cpu", as_bytes=True):
+def random_problem(seed, case, storage, layout, device=DEVICE, as_bytes=True):
     generator = torch.Generator().manual_seed(seed)
     num_q_heads, num_kv_heads, head_dim, block_size = case
     dtype, fp8_format, k_scale = storage
@@ -54,19 +55,18 @@ def random_problem(seed, case, storage, layout, device="cpu", as_bytes=True):
     keys = torch.randn(key_start + num_keys + rows, num_kv_heads, head_dim, generator=generator) \
         * torch.rand(head_dim, generator=generator) * 3
     paged = make_paged_keys(keys, layout, block_size, generator, dtype=dtype, fp8_format=fp8_format,
-                            k_scale=k_scale, as_bytes=as_bytes)
+                            k_scale=k_scale, as_bytes=as_bytes, device=device)
     query = (torch.randn(rows, num_q_heads, head_dim, generator=generator) * 2).to(dtype)
     scale = head_dim**-0.5
     expected = oracle(query, paged.keys[key_start : key_start + num_keys], scale)
-    if device != "cpu":
-        paged.key_cache, paged.block_table = paged.key_cache.to(device), paged.block_table.to(device)
-        query = query.to(device)
+    query = query.to(device)
     return query, paged, key_start, num_keys, scale, expected
 
 
-def test_the_cpu_kernel_is_built():
-    # setup.py always builds it; without it every CPU capture would run the torch path.
-    assert kernel_status("cpu") == "kernel"
+def test_the_kernel_is_built():
+    # setup.py always builds the CPU one (the CUDA one where a toolkit is found); without
+    # it every capture would run the torch path.
+    assert kernel_status(DEVICE) == "kernel"
 
 
 @pytest.mark.parametrize("layout", list(KeyLayout), ids=lambda layout: layout.name)
@@ -75,13 +75,13 @@ def test_kernel_equals_the_oracle(layout, storage):
     for case in CASES:
         seed = fresh_seed()
         query, paged, key_start, num_keys, scale, expected = random_problem(seed, case, storage, layout)
-        poison = torch.rand(num_keys) * 100  # sums already there: the kernel adds to them
+        poison = torch.rand(num_keys, device=DEVICE) * 100  # sums already there: the kernel adds to them
         out = poison.clone()
         video_key_colsum(query, paged.key_cache, layout, paged.block_table, key_start, num_keys, scale, out,
                          k_scale=paged.k_scale, fp8_format=paged.fp8_format)
         message = f"case {case}, seed {seed}"
         assert torch.isfinite(out).all(), message  # a read of a slot the video does not own is NaN
-        torch.testing.assert_close(out - poison, expected, rtol=2e-4, atol=2e-5, msg=lambda m: f"{message}: {m}")
+        torch.testing.assert_close((out - poison).cpu(), expected, rtol=2e-4, atol=2e-5, msg=lambda m: f"{message}: {m}")
         # Each (row, head) pair's probabilities sum to one.
         total = query.shape[0] * query.shape[1]
         assert abs(float((out - poison).sum()) - total) < 1e-3 * total, message
@@ -96,11 +96,11 @@ def test_the_torch_path_equals_the_oracle_and_reads_fp8_dtypes(layout):
     assert paged.key_cache.dtype == torch.float8_e4m3fn  # the format comes from the dtype
     got = video_key_colsum_torch(query, paged.key_cache, layout, paged.block_table, key_start, num_keys, scale,
                                  k_scale=paged.k_scale)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
-    out = torch.zeros(num_keys)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
+    out = torch.zeros(num_keys, device=DEVICE)
     video_key_colsum(query, paged.key_cache, layout, paged.block_table, key_start, num_keys, scale, out,
                      k_scale=paged.k_scale)
-    torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5, msg=lambda m: f"seed {seed}: {m}")
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-4, atol=2e-5, msg=lambda m: f"seed {seed}: {m}")
 
 
 def test_a_long_video_and_many_queries():
@@ -108,14 +108,16 @@ def test_a_long_video_and_many_queries():
     seed = fresh_seed()
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(3000, 4, 128, generator=generator)
-    paged = make_paged_keys(keys, KeyLayout.TRANSPOSED, 128, generator, dtype=torch.bfloat16)
+    paged = make_paged_keys(keys, KeyLayout.TRANSPOSED, 128, generator, dtype=torch.bfloat16, device=DEVICE)
     query = torch.randn(64, 28, 128, generator=generator).to(torch.bfloat16)
-    out = torch.zeros(2900)
-    video_key_colsum(query, paged.key_cache, KeyLayout.TRANSPOSED, paged.block_table, 37, 2900, 128**-0.5, out)
     expected = oracle(query, paged.keys[37:2937], 128**-0.5)
-    torch.testing.assert_close(out, expected, rtol=2e-4, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+    out = torch.zeros(2900, device=DEVICE)
+    video_key_colsum(query.to(DEVICE), paged.key_cache, KeyLayout.TRANSPOSED, paged.block_table, 37, 2900,
+                     128**-0.5, out)
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-4, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU kernel's messages")
 def test_clear_errors():
     generator = torch.Generator().manual_seed(0)
     paged = make_paged_keys(torch.randn(40, 2, 64), KeyLayout.ROWS, 16, generator, dtype=torch.float32)
