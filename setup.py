@@ -20,7 +20,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["hippo_vllm", "hippo_vllm.*"]),
     # torch comes with vLLM; listing it unpinned keeps whatever build vLLM brought.
-    install_requires=["torch", "numpy"],
+    # pyzmq and msgspec: the draft worker's wire imports them directly (vLLM uses both).
+    install_requires=["torch", "numpy", "pyzmq", "msgspec"],
     extras_require={
         **{extra: [VERSION_INFO["vllm_requirement"](extra)] for extra in VERSION_INFO["SUPPORTED_VLLM"]},
         "test": ["pytest", "opencv-python-headless"],
