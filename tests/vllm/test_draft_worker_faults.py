@@ -174,3 +174,26 @@ def test_a_ray_actor_on_a_target_gpu_is_refused(target_config, tiny):
                      target_physical_gpus={"0"})
     finally:
         ray.shutdown()
+
+
+def test_a_target_with_data_parallelism_gives_the_worker_a_one_rank_world(tiny):
+    """Under the target's DP-2 config vLLM would make the worker rank 0 of a 2-rank world
+    and rendezvous at the target's DP master: it would never start."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_utils import CPU_DEFAULTS
+    from hippo_vllm.vllm.placements.bootstrap import one_rank_config
+
+    args = {k: v for k, v in CPU_DEFAULTS.items() if k != "disable_log_stats"}
+    dp2 = EngineArgs(model=str(tiny.target), data_parallel_size=2, **args).create_engine_config()
+    assert dp2.parallel_config.world_size_across_dp == 2
+    one_rank = one_rank_config(dp2).parallel_config
+    assert (one_rank.data_parallel_size, one_rank.nnodes, one_rank.world_size) == (1, 1, 1)
+    assert dp2.parallel_config.data_parallel_size == 2  # the target's config is untouched
+
+    draft = bounded(remote_draft, dp2, hippo(tiny, placement="process", cpu_cores=[1], start_timeout_s=90))
+    try:
+        draft.allocate_kv_cache(32)
+        assert draft.submit(first_step()).result(30).chunks["a"]
+    finally:
+        draft.close()

@@ -9,6 +9,7 @@ first (before torch is imported where the caller can), then :func:`start_draft_w
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from typing import Any
@@ -38,17 +39,36 @@ def prepare_device() -> None:
         torch.cuda.set_device(0)  # the one GPU this process sees
 
 
+def one_rank_config(vllm_config: Any) -> Any:
+    """The target's config with the one-rank parallel config vLLM makes for a draft.
+
+    vLLM's ``init_distributed_environment`` reads the current config: under the
+    target's, with data parallelism or several nodes, it would turn rank 0 of 1
+    into the target's DP rank of the whole DP world and rendezvous at the target's
+    DP master or ``master_addr`` (a wait that never ends). The draft's parallel
+    config (TP 1, PP 1, DP 1, one node; ``SpeculativeConfig.create_draft_parallel_config``,
+    as the draft's own config has it) keeps the world this process's alone.
+    """
+    from vllm.config.speculative import SpeculativeConfig
+
+    one_rank = copy.copy(vllm_config)
+    parallel = SpeculativeConfig.create_draft_parallel_config(vllm_config.parallel_config, 1)
+    object.__setattr__(one_rank, "parallel_config", parallel)
+    return one_rank
+
+
 def init_one_rank_world(vllm_config: Any) -> None:
     """A vLLM distributed world of this process alone (gloo), for the draft's layers.
 
-    vLLM reads the current config while it builds the groups; the target's serves
-    (the draft is built with a one-rank parallel config of its own).
+    vLLM reads the current config while it builds the groups: the draft's
+    one-rank parallel config serves (:func:`one_rank_config`), whatever the
+    target's data parallelism or node count.
     """
     from vllm.config import set_current_vllm_config
     from vllm.distributed.parallel_state import ensure_model_parallel_initialized, init_distributed_environment
     from vllm.utils.network_utils import get_open_port
 
-    with set_current_vllm_config(vllm_config):
+    with set_current_vllm_config(one_rank_config(vllm_config)):
         init_distributed_environment(
             world_size=1, rank=0, local_rank=0, backend="gloo",
             distributed_init_method=f"tcp://127.0.0.1:{get_open_port()}",
