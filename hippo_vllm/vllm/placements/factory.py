@@ -11,8 +11,9 @@
   and the draft must use another one. The worker process is started with only
   that GPU visible. With vLLM 0.33's ``--device-ids`` the target's GPUs are the
   ones that list assigns to those indices (every GPU stays visible).
-- ``ray``: :class:`~hippo_vllm.vllm.placements.ray_actor.RayDraft`; Ray assigns the GPU,
-  and one the target uses is refused once the actor reports it.
+- ``ray``: :class:`~hippo_vllm.vllm.placements.ray_actor.RayDraft`; Ray assigns the GPU
+  (a local Ray started by hippo sees only the spare ones), and one the target uses on
+  its node is refused once Ray placed the actor.
 """
 
 from __future__ import annotations
@@ -112,17 +113,20 @@ def make_draft_backend(vllm_config: Any, hippo: HippoConfig, stats: HippoStats, 
     device_type = vllm_config.device_config.device_type
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     target_gpus = target_physical_gpus(vllm_config.parallel_config, visible) if device_type == "cuda" else set()
-    if settings.placement == "process":
+    num_gpus = 0
+    if device_type == "cuda":
         import torch
 
+        num_gpus = torch.cuda.device_count()  # the visible ones (vLLM narrows nothing per rank)
+    if settings.placement == "process":
         from hippo_vllm.vllm.placements.process_client import RemoteDraft
 
-        num_gpus = torch.cuda.device_count() if device_type == "cuda" else 0
         env = worker_device_env(settings, device_type, target_gpus, visible, num_gpus)
         return RemoteDraft(portable_vllm_config(vllm_config), hippo, stats, env=env)
     from hippo_vllm.vllm.placements.ray_actor import RayDraft
 
     if settings.device not in (None, "cpu" if device_type != "cuda" else "cuda"):
         raise _refuse("device", settings.device, f'null or "{device_type}": the target runs on {device_type}')
+    spare_gpus = physical_gpu_ids(set(range(num_gpus)), visible) - target_gpus
     return RayDraft(portable_vllm_config(vllm_config), hippo, stats, use_gpu=device_type == "cuda",
-                    target_physical_gpus=target_gpus)
+                    target_physical_gpus=target_gpus, spare_physical_gpus=spare_gpus)
