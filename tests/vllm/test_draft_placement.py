@@ -73,3 +73,14 @@ def test_the_target_gpus_follow_vllms_local_rank_mapping():
     assert target_gpu_indices(older) == {2, 3}
     assert physical_gpu_ids({0, 2}, "5,6,7") == {"5", "7"}
     assert physical_gpu_ids({1}, None) == {"1"}
+
+
+def test_a_draft_of_its_own_gets_no_more_kv_blocks_than_its_device_holds():
+    from hippo_vllm.vllm.placements.bootstrap import DRAFT_GPU_KV_FRACTION, blocks_that_fit
+
+    gib = 2**30
+    # 10 GiB free after the weights, 2 MiB blocks: the requested 100k blocks become what fits.
+    fitting = int(10 * gib * DRAFT_GPU_KV_FRACTION) // (2 * 2**20)
+    assert blocks_that_fit(100_000, 2 * 2**20, 10 * gib) == fitting < 100_000
+    assert blocks_that_fit(1_000, 2 * 2**20, 10 * gib) == 1_000  # a request that fits is kept
+    assert blocks_that_fit(1_000, 2 * 2**20, 0) == 0

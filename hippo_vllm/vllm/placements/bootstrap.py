@@ -76,6 +76,39 @@ def init_one_rank_world(vllm_config: Any) -> None:
         ensure_model_parallel_initialized(1, 1)
 
 
+# Of the draft GPU's memory still free once the draft's weights are loaded, the part its
+# KV cache may take; the rest is for its activations (vision encoding, prefill chunks).
+DRAFT_GPU_KV_FRACTION = 0.8
+
+
+def blocks_that_fit(requested: int, block_bytes: int, free_bytes: int, fraction: float = DRAFT_GPU_KV_FRACTION) -> int:
+    """At most ``requested`` blocks, and no more than ``fraction`` of ``free_bytes`` holds."""
+    return max(0, min(requested, int(free_bytes * fraction) // block_bytes))
+
+
+def allocate_kv_cache_within_device(worker: Any, num_blocks: int) -> int:
+    """Allocate the draft's KV cache in a worker of its own; the blocks allocated.
+
+    The target's side sizes the request from the target's token count; a draft on
+    a GPU of its own (smaller, or shared) may not hold that much, so on a GPU the
+    cache is capped by the memory free there after the weights loaded.
+    """
+    import torch
+
+    device = torch.device(worker.engine.device)
+    if device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        block_bytes = int(worker.kv_bytes_per_token * worker.block_size)
+        num_blocks = blocks_that_fit(num_blocks, block_bytes, free_bytes)
+        if num_blocks == 0:
+            raise RuntimeError(
+                f"no room for the draft's KV cache on {device}: {free_bytes / 2**30:.2f} GiB free after "
+                f"its weights loaded, {block_bytes} bytes per block"
+            )
+    worker.allocate_kv_cache(num_blocks)
+    return num_blocks
+
+
 def start_draft_worker(vllm_config: Any, hippo: Any):
     """Prepare the device, set up a one-rank world, build the DraftWorker (threads already bound)."""
     from hippo_vllm.vllm.draft.worker import DraftWorker

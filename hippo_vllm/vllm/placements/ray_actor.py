@@ -73,8 +73,9 @@ class DraftActor:
         return self.worker.kv_bytes_per_token, self.worker.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
-        self.worker.allocate_kv_cache(num_blocks)
-        return num_blocks
+        from hippo_vllm.vllm.placements.bootstrap import allocate_kv_cache_within_device
+
+        return allocate_kv_cache_within_device(self.worker, num_blocks)
 
     def handle(self, work: StepWork) -> StepResult:
         return result_on_host(self.worker.handle(work))  # its kept rows may be on the draft's GPU
@@ -124,11 +125,11 @@ class RayDraft(SupervisedDraft):
 
     # -- DraftBackend -------------------------------------------------------------------
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int) -> int:
         import ray
 
         self._num_blocks = num_blocks
-        ray.get(self._actor.allocate_kv_cache.remote(num_blocks), timeout=self.settings.start_timeout_s)
+        return ray.get(self._actor.allocate_kv_cache.remote(num_blocks), timeout=self.settings.start_timeout_s)
 
     def submit(self, work: StepWork):
         if not self._ready_to_submit(work.seq):
