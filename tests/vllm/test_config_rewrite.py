@@ -106,3 +106,22 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
 def test_a_custom_worker_class_cannot_be_combined(tiny):
     with pytest.raises(HippoConfigError, match=r"--worker-cls='my.Worker' cannot be combined"):
         engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, worker_cls="my.Worker")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"pipeline_parallel_size": 2}, r"--pipeline-parallel-size=2 cannot be combined with \"method\": \"hippo\""),
+        ({"async_scheduling": True}, r"--async-scheduling cannot be combined with \"method\": \"hippo\".*"
+                                     r"--no-async-scheduling"),
+    ],
+)
+def test_pipeline_parallelism_and_async_scheduling_are_refused_with_a_hippo_message(tiny, flags, message):
+    with pytest.raises(HippoConfigError, match=message):
+        engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, **flags)
+
+
+def test_async_scheduling_left_unset_is_off_and_explicitly_off_is_accepted(tiny):
+    for flags in ({}, {"async_scheduling": False}):
+        config = engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, **flags)
+        assert not config.scheduler_config.async_scheduling

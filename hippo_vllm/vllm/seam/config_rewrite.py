@@ -60,6 +60,7 @@ def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
             f'"method": "{METHOD_NAME}", which runs its draft inside its own worker class; '
             f"leave --worker-cls at its default."
         )
+    check_engine_features(engine_args)
     logger.info(
         "hippo: %s scheduling, %d tokens per draft chunk",
         "parallel (VPSD)" if hippo.parallel else "draft-then-verify",
@@ -76,6 +77,34 @@ def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
     }
     engine_args.worker_cls = _worker_path()
     return hippo
+
+
+def check_engine_features(engine_args: Any) -> None:
+    """Refuse the engine features hippo cannot run with, naming the flag and why.
+
+    - Pipeline parallelism: the draft runs whole on the output rank and s_attn is
+      summed over the tensor-parallel ranks of one stage; with stages, the later
+      stages' ranks never see the video's keys (and vLLM's pipeline runner drives
+      the drafter differently).
+    - Async scheduling: the scheduler then plans step n+1 before step n's tokens are
+      sampled and hands the drafter device tensors; hippo drafts from the tokens each
+      step committed (vLLM's custom_class proposer takes lists of tokens). vLLM turns
+      it off for custom_class proposers when it is left unset.
+    """
+    pipeline = getattr(engine_args, "pipeline_parallel_size", 1) or 1
+    if pipeline > 1:
+        raise HippoConfigError(
+            f'--pipeline-parallel-size={pipeline} cannot be combined with "method": "{METHOD_NAME}": the draft '
+            "runs on the last stage's output rank and the target's attention to the video is summed over one "
+            "stage's tensor-parallel ranks. Use --pipeline-parallel-size 1 (tensor parallelism and a draft "
+            'worker of its own, "draft_worker": {"placement": "process"}, scale the target instead).'
+        )
+    if getattr(engine_args, "async_scheduling", None) is True:
+        raise HippoConfigError(
+            f'--async-scheduling cannot be combined with "method": "{METHOD_NAME}": hippo drafts from the '
+            "tokens each step committed, which async scheduling hands out a step later. Leave it unset "
+            "(vLLM then turns it off for hippo) or pass --no-async-scheduling."
+        )
 
 
 def _text_vocab_size(hf_config: Any) -> int:
