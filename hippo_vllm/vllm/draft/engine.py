@@ -23,6 +23,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from vllm.config import (
@@ -90,6 +91,17 @@ class DraftInput:
     @property
     def num_rows(self) -> int:
         return self.positions.shape[1]
+
+
+def tokenizer_length(model_config: Any) -> int:
+    """Ids the model's tokenizer knows (its vocabulary with added tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
+        revision=model_config.tokenizer_revision,
+    )
+    return len(tokenizer)
 
 
 def make_draft_vllm_config(
@@ -194,6 +206,9 @@ class DraftEngine:
         self.uses_mrope = model_config.uses_mrope  # else the model takes 1-D positions
         self.hidden_size = model_config.get_hidden_size()
         self.vocab_size = model_config.get_vocab_size()
+        # Rows past the tokenizer's ids are embedding padding (Qwen2.5-VL-3B: 151,936 rows
+        # for 151,665 tokens): the draft never proposes them.
+        self.proposable_ids = min(self.vocab_size, tokenizer_length(target_vllm_config.model_config))
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
         cfg = self.draft_vllm_config
@@ -413,6 +428,8 @@ class DraftEngine:
             hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
         last_rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last_rows]).float()
+        if self.proposable_ids < logits.shape[-1]:
+            logits[:, self.proposable_ids :] = float("-inf")
         return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
 
     def _embed_rows(self, inp: DraftInput) -> torch.Tensor:
