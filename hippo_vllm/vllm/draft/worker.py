@@ -151,7 +151,7 @@ class DraftWorker:
             view = self.views.build(req_id, prompt, visual, attention)
             result.views.append(_report(req_id, view))
         token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
-        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds)[view.keep_rows]
+        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
         positions = prompt.positions[:, view.keep_rows]
         self._check_room(req_id, view)
         # In pieces of at most max_num_batched_tokens rows, like the target's own
