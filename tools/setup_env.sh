@@ -25,7 +25,7 @@ DEVICE="$(detect_device)"
 
 inputs_hash() {
   (echo "$DEVICE"; cat "$ROOT/tools/setup_env.sh" "$ROOT/tools/requirements-$DEVICE.txt" \
-      "$ROOT/tools/cpu_env/"*.py "$ROOT/setup.py" "$ROOT/pyproject.toml") | sha256sum | cut -d' ' -f1
+      "$ROOT/tools/cpu_env/"*.py "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/csrc/"*) | sha256sum | cut -d' ' -f1
 }
 HASH="$(inputs_hash)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" && -x "$VENV/bin/python" ]]; then
@@ -87,5 +87,9 @@ fi
 print("[setup] torch", torch.__version__, "torchvision", torchvision.__version__,
       "transformers", transformers.__version__, "vllm", vllm.__version__,
       "hippo_vllm", hippo_vllm.__version__)'
+# The CPU kernel is always built; the CUDA one where a toolkit was found (else s_attn runs in torch).
+"$VENV/bin/python" -c 'import torch, hippo_vllm._C_cpu
+from hippo_vllm.ops import kernel_status
+print("[setup] s_attn kernels: cpu", kernel_status("cpu"), "| cuda", kernel_status("cuda"))'
 echo "$HASH" > "$STAMP"
 echo "[setup] environment ready ($DEVICE): $VENV"

@@ -174,6 +174,18 @@ class AttentionScoreAccumulator:
         total.prob_sum += layer_sum
         total.pair_count += num_rows * num_q_heads
 
+    def add_layer_sums(self, prob_sums: torch.Tensor, pair_count: int, layer: Hashable) -> None:
+        """Add probabilities already summed over ``pair_count`` (query row, head) pairs of
+        ``layer`` (what :meth:`add_layer` sums itself; a fused kernel computes them elsewhere)."""
+        prob_sums = check_tensor("prob_sums", prob_sums)
+        if tuple(prob_sums.shape) != (self._num_video_tokens,):
+            raise ValueError(f"prob_sums must be [{self._num_video_tokens}] (video tokens), got {list(prob_sums.shape)}")
+        pair_count = check_positive_int("pair_count", pair_count)
+        total = self._layer_totals.setdefault(
+            layer, _LayerTotal(torch.zeros(self._num_video_tokens, dtype=torch.float64, device=prob_sums.device)))
+        total.prob_sum += prob_sums.to(torch.float64)
+        total.pair_count += pair_count
+
     def scores(self) -> torch.Tensor:
         """s_attn as float32 ``[N_v]``: per-layer mean over (row, head) pairs, then mean over layers.
 

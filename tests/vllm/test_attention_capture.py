@@ -1,9 +1,11 @@
-"""s_attn is built only from a capture that saw every scheduled row of every layer.
+"""s_attn is built only from a capture that saw every scheduled row of every layer, and
+equals the torch oracle on every chunking of a prompt.
 
-Pure logic with stand-ins for vLLM's attention layers, runner and scheduler output:
-a layer call that never happens (on CUDA, a step replayed from a full CUDA graph
-does not call ``impl.forward``) must make the capture incomplete, never a score
-over a subset of the rows.
+Pure logic with stand-ins for vLLM's attention layers (a paged KV cache,
+tests/vllm/paged_attention_stand_in.py), runner and scheduler output: a layer call
+that never happens (on CUDA, a step replayed from a full CUDA graph does not call
+``impl.forward``) must make the capture incomplete, never a score over a subset of
+the rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import types
 import pytest
 import torch
 
+from paged_attention_stand_in import PagedImpl, run_layer
+
+from hippo_vllm.core import attention_scores
 from hippo_vllm.vllm.target.attention_capture import PATCH_TARGET, TargetAttentionCapture
 from hippo_vllm.vllm.patching import PatchConflict, applied_patches
 from hippo_vllm.vllm.target.step_records import batch_rows, step_start
@@ -23,23 +28,22 @@ PROMPT_LEN, VIDEO = 12, (2, 4)  # a video at rows 2..5, text after it
 REQ = "req-0"
 
 
-class FakeImpl:
-    num_heads, num_kv_heads, head_size, scale = HEADS, KV_HEADS, HEAD_SIZE, 0.5
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata):
-        return query
+def paged_impl(seed: int = 0, num_heads: int = HEADS, num_kv_heads: int = KV_HEADS, prompt_len: int = PROMPT_LEN):
+    return PagedImpl(num_heads, num_kv_heads, HEAD_SIZE, 0.5, prompt_len, torch.Generator().manual_seed(seed))
 
 
 def make_capture(num_layers: int = 2):
-    layers = {i: types.SimpleNamespace(impl=FakeImpl()) for i in range(num_layers)}
+    layers = {i: types.SimpleNamespace(impl=paged_impl(i)) for i in range(num_layers)}
     capture = TargetAttentionCapture(layers, tuple(range(num_layers)))
     capture.track(REQ, PROMPT_LEN, [VIDEO], [VIDEO])
     return capture, layers
 
 
-def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = False) -> None:
-    """One target step scheduling prompt rows [start, start + n) of the request."""
-    new_reqs = [types.SimpleNamespace(req_id=REQ, num_computed_tokens=start, prompt_token_ids=[0] * PROMPT_LEN,
+def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = False, rows=None,
+             prompt_len: int = PROMPT_LEN) -> None:
+    """One target step scheduling prompt rows [start, start + n) of the request (``rows``:
+    per layer the whole prompt's (query, key) rows, else random ones)."""
+    new_reqs = [types.SimpleNamespace(req_id=REQ, num_computed_tokens=start, prompt_token_ids=[0] * prompt_len,
                                       mm_features=[])] if new else []
     cached = types.SimpleNamespace(req_ids=[] if new else [REQ], num_computed_tokens=[] if new else [start],
                                    resumed_req_ids=set())
@@ -51,11 +55,14 @@ def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = Fa
         requests={REQ: types.SimpleNamespace(num_computed_tokens=start)})
     capture.begin_step(step_start(runner, scheduler_output), functools.partial(batch_rows, runner, scheduler_output))
     generator = torch.Generator().manual_seed(start)
-    query = torch.randn(n, HEADS * HEAD_SIZE, generator=generator)
-    key = torch.randn(n, KV_HEADS * HEAD_SIZE, generator=generator)
     for index, layer in layers.items():
+        if rows is None:
+            query = torch.randn(n, layer.impl.num_heads * HEAD_SIZE, generator=generator)
+            key = torch.randn(n, layer.impl.num_kv_heads * HEAD_SIZE, generator=generator)
+        else:
+            query, key = rows[index][0][start : start + n], rows[index][1][start : start + n]
         if index not in skip_layers:
-            layer.impl.forward(None, query, key, None, None, object())
+            run_layer(layer, query, key, start)
     capture.end_step()
 
 
@@ -87,7 +94,7 @@ def test_a_step_no_layer_saw_makes_the_capture_incomplete():
 
 def test_an_error_while_observing_never_reaches_the_target_forward():
     failures = []
-    layers = {0: types.SimpleNamespace(impl=FakeImpl())}
+    layers = {0: types.SimpleNamespace(impl=paged_impl())}
     capture = TargetAttentionCapture(layers, (0,), on_failure=lambda *args: failures.append(args))
     capture.track(REQ, PROMPT_LEN, [VIDEO], [VIDEO])
     capture._observe = lambda *args: 1 / 0
@@ -102,7 +109,49 @@ def test_the_forward_wrap_goes_through_the_patch_helper():
     assert PATCH_TARGET in applied_patches()
     with pytest.raises(PatchConflict, match="already replaced by hippo_vllm"):
         TargetAttentionCapture(layers, (0,))  # two wrappers on one layer would both run
-    foreign = types.SimpleNamespace(impl=FakeImpl())
+    foreign = types.SimpleNamespace(impl=paged_impl())
     foreign.impl.forward = lambda *args: None  # another party's per-instance replacement
     with pytest.raises(PatchConflict, match="already replaced by another party"):
         TargetAttentionCapture({0: foreign}, (0,))
+
+
+def compositions(total: int):
+    """Every way to split a prompt of ``total`` rows into consecutive chunks."""
+    if total == 0:
+        yield ()
+        return
+    for first in range(1, total + 1):
+        for rest in compositions(total - first):
+            yield (first, *rest)
+
+
+def test_every_chunking_of_a_prompt_gives_the_oracles_s_attn():
+    # Two videos with text between and after; GQA 3:1. The keys come back from the paged
+    # cache (random non-contiguous blocks, NaN elsewhere), whichever chunk computed them.
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    generator = torch.Generator().manual_seed(seed)
+    heads, kv_heads, prompt_len, videos = 6, 2, 10, [(1, 3), (5, 2)]
+    text = [p for p in range(prompt_len) if not any(o <= p < o + n for o, n in videos)]
+    rows = {i: (torch.randn(prompt_len, heads * HEAD_SIZE, generator=generator),
+                torch.randn(prompt_len, kv_heads * HEAD_SIZE, generator=generator)) for i in (0, 1)}
+    expected = [
+        attention_scores(
+            [rows[i][0][[p for p in text if p >= o + n]].view(-1, heads, HEAD_SIZE) for i in (0, 1)],
+            [rows[i][1][o : o + n].view(-1, kv_heads, HEAD_SIZE) for i in (0, 1)], scale=0.5)
+        for o, n in videos
+    ]
+    chunkings = list(compositions(prompt_len))
+    assert len(chunkings) == 2 ** (prompt_len - 1)
+    for chunks in chunkings:
+        layers = {i: types.SimpleNamespace(impl=paged_impl(seed + i, heads, kv_heads, prompt_len)) for i in (0, 1)}
+        capture = TargetAttentionCapture(layers, (0, 1))
+        capture.track(REQ, prompt_len, videos, videos)
+        start = 0
+        for n in chunks:
+            run_step(capture, layers, start, n, new=start == 0, rows=rows, prompt_len=prompt_len)
+            start += n
+        scores = capture.finish(REQ)
+        for got, want in zip(scores, expected, strict=True):
+            assert got is not None, (chunks, seed)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{chunks}, seed {seed}: {m}")
+

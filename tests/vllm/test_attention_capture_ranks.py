@@ -1,7 +1,8 @@
 """s_attn captured on tensor-parallel ranks and summed at prefill end equals one rank's capture of every head.
 
-Unit test of the capture's bookkeeping with stand-ins for vLLM's attention impls,
-runner and scheduler output (shapes as vLLM passes them: ``[tokens, heads * d]``);
+Unit test of the capture's bookkeeping with stand-ins for vLLM's attention impls (each
+rank with a paged KV cache of its own heads), runner and scheduler output (shapes as
+vLLM passes them: ``[tokens, heads * d]``);
 the ranks are threads and the sum over ranks is a barrier. The real thing runs in
 tests/vllm/test_tensor_parallel.py.
 """
@@ -15,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from paged_attention_stand_in import PagedImpl, run_layer
+
 from hippo_vllm.vllm.target.attention_capture import TargetAttentionCapture
 from hippo_vllm.vllm.target.step_records import batch_rows, step_start
 
@@ -23,16 +26,10 @@ TEXT_BEFORE, VIDEO, TEXT_AFTER = 3, 6, 4
 PROMPT_LEN = TEXT_BEFORE + VIDEO + TEXT_AFTER
 
 
-class FakeImpl:
-    def __init__(self, num_heads: int, num_kv_heads: int):
-        self.num_heads, self.num_kv_heads, self.head_size, self.scale = num_heads, num_kv_heads, D, D**-0.5
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata):
-        return query
-
-
 def make_capture(num_heads, num_kv_heads, sum_over_ranks=None) -> TargetAttentionCapture:
-    layers = {i: SimpleNamespace(impl=FakeImpl(num_heads, num_kv_heads)) for i in LAYERS}
+    layers = {i: SimpleNamespace(impl=PagedImpl(num_heads, num_kv_heads, D, D**-0.5, PROMPT_LEN,
+                                                torch.Generator().manual_seed(i)))
+              for i in LAYERS}
     capture = TargetAttentionCapture(layers, LAYERS, sum_over_ranks=sum_over_ranks)
     capture.track("req", PROMPT_LEN, [(TEXT_BEFORE, VIDEO)], [(TEXT_BEFORE, VIDEO)])
     return capture
@@ -49,8 +46,7 @@ def prefill(capture, queries, keys, chunks) -> None:
                                            scheduled_cached_reqs=cached, finished_req_ids=set())
         capture.begin_step(step_start(runner, scheduler_output), partial(batch_rows, runner, scheduler_output))
         for i in LAYERS:
-            impl = capture.layers[i].impl
-            impl.forward(None, queries[i][done : done + n], keys[i][done : done + n], None, None, object())
+            run_layer(capture.layers[i], queries[i][done : done + n], keys[i][done : done + n], done)
         capture.sum_ended_prefills()
         capture.end_step()
         done += n

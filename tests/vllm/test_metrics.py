@@ -135,7 +135,8 @@ def test_every_counter_is_exported_under_vllm_names():
     assert {metric_name(field) for field in EXPORTED_STATS} >= {
         "vllm:hippo_video_tokens_total", "vllm:hippo_video_tokens_seen_total",
         "vllm:hippo_pruning_seconds_total", "vllm:hippo_draft_views_total",
-        "vllm:hippo_views_without_target_attention_total", "vllm:hippo_drafting_failures_total"}
+        "vllm:hippo_views_without_target_attention_total", "vllm:hippo_drafting_failures_total",
+        "vllm:hippo_target_attention_seconds_total"}
 
 
 def test_snapshot_round_trip_survives_a_bad_file_and_is_removed_on_close(tmp_path):
@@ -178,6 +179,10 @@ def test_log_line_reads_like_vllms_stats_lines():
     fmt, args = format_log_line({**delta, "draft_views": 0, **rounds})
     assert fmt % tuple(args) == (
         "hippo: MAT (PEARL, +1) 4.12, 2.30 tokens/target forward, rounds 12 optimistic / 8 conservative")
+    fmt, args = format_log_line({**delta, "target_attention_seconds": 0.0123})
+    assert fmt % tuple(args) == (
+        "hippo: draft saw 7/64 video tokens (10.9%), 4 views, pruning 1.2 ms/view, "
+        "1 without target attention, s_attn capture 12.3 ms")
     fmt, args = format_log_line({**delta, "draft_views": 0, "drafting_failures": 2})
     assert fmt % tuple(args) == "hippo: 2 drafting failures"
     fmt, args = format_log_line({**delta, **rounds, "mat_runs": 0, "mat_sum": 0})
@@ -242,7 +247,8 @@ def test_self_draft_counters_match_an_independent_count_and_hippo_figures_reach_
     [line] = [line for line in log.lines if line.startswith("hippo:")]
     assert re.fullmatch(
         rf"hippo: draft saw {videos * VIDEO_TOKENS}/{videos * VIDEO_TOKENS} video tokens \(100\.0%\), "
-        rf"{len(requests)} views, pruning \d+\.\d ms/view", line), line
+        rf"{len(requests)} views, pruning \d+\.\d ms/view, s_attn capture \d+\.\d ms", line), line
+    assert stats.target_attention_seconds > 0  # the prefills' s_attn, from the KV cache
     assert not snapshot.exists()  # the engine's shutdown removed it
 
 
@@ -313,5 +319,6 @@ def test_vllm_serve_multiprocess_exposes_spec_decode_and_hippo_metrics_and_logs_
         assert value["vllm:hippo_draft_views_total"] == 1 and total > 0
         assert seen == -(-total // 10)  # keep_ratio 0.1, rounded up
         assert value["vllm:hippo_pruning_seconds_total"] > 0
+        assert value["vllm:hippo_target_attention_seconds_total"] > 0
         wait_for(lambda: f"hippo: draft saw {int(seen)}/{int(total)} video tokens" in log_path.read_text(),
                  timeout=10, interval=0.5)

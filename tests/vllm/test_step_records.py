@@ -148,7 +148,7 @@ def test_batch_rows_follow_the_persistent_batch_order():
         requests={"x": request(4, [], computed=0), "y": request(4, [], computed=2), "z": request(4, [], computed=3)},
     )
     so = scheduler_output({"z": 1, "x": 4, "y": 2})
-    assert batch_rows(runner, so, {"y", "z"}) == {"y": (4, 2, 2), "z": (6, 3, 1)}
+    assert batch_rows(runner, so, {"y", "z"}) == {"y": (1, 4, 2, 2), "z": (2, 6, 3, 1)}
 
 
 def test_draft_prompt_copies_only_the_prompt_positions():

@@ -65,6 +65,9 @@ def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
         if delta["views_without_target_attention"]:
             parts.append("%d without target attention")
             args.append(int(delta["views_without_target_attention"]))
+    if delta.get("target_attention_seconds"):  # the prefills' s_attn, whether or not their views came yet
+        parts.append("s_attn capture %.1f ms")
+        args.append(1000.0 * delta["target_attention_seconds"])
     forwards = int(delta.get("target_forwards", 0))
     if forwards:
         runs = int(delta["mat_runs"])

@@ -49,6 +49,10 @@ EXPORTED_STATS: dict[str, str] = {
     "target_step_seconds": "Time in the target's steps (forward and sampling, without drafting).",
     "draft_seconds": "Time drafting chunks, including waiting for them.",
     "draft_prefill_seconds": "Time building draft views and prefilling the draft (vision encoder included).",
+    "target_attention_seconds": (
+        "Time computing s_attn inside the target's prefill (text queries against the video's "
+        "keys in the KV cache, every configured layer; on CUDA measured by events)."
+    ),
     # A draft worker of its own ("draft_worker": {"placement": "process" | "ray"}).
     "draft_round_trip_seconds": (
         "Draft worker: time from sending a step's drafting work to reading its answer "
@@ -98,6 +102,7 @@ class HippoStats:
     target_step_seconds: float = 0.0
     draft_seconds: float = 0.0
     draft_prefill_seconds: float = 0.0
+    target_attention_seconds: float = 0.0
     draft_round_trip_seconds: float = 0.0
     draft_round_trips: int = 0
     draft_wait_seconds: float = 0.0

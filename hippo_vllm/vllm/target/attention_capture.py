@@ -1,11 +1,16 @@
-"""s_attn from the target's own prefill: post-RoPE text queries against video keys.
+"""s_attn from the target's own prefill: post-RoPE text queries against the video's cached keys.
 
 No attention backend returns probabilities, so the text→video block is rebuilt
-from the q and k that reach each chosen layer's ``impl.forward`` (Qwen2 applies
-M-RoPE before ``self.attn``, so they are post-RoPE, as the model used them). The
-wrapper is per instance (no class patching; listed in the patch index) and costs
-nothing unless a step carries a request whose prompt prefill includes video or
-the text after it.
+for each chosen layer right after its ``impl.forward``: the text queries of the
+step (post-RoPE, as the model used them; Qwen2 applies M-RoPE before ``self.attn``)
+against the video's keys read straight from vLLM's paged KV cache through the
+request's block table (``hippo_vllm.ops.video_key_colsum``: the compiled kernel,
+or its torch fallback). The keys are in the cache by then, also when the video
+came in an earlier chunk of a chunked prefill, so nothing is kept between steps.
+``kv_cache_keys`` knows the backends' cache layouts (checked once by a probe) and
+dequantises fp8 keys and queries. The wrapper is per instance (no class patching;
+listed in the patch index) and costs nothing unless a step carries a request whose
+prompt prefill includes video or the text after it.
 
 The wrapper only sees the rows of the forwards that actually call
 ``impl.forward``: on CUDA a step replayed from a full CUDA graph does not (a
@@ -14,18 +19,11 @@ compilation pass such as ``fuse_attn_quant`` forces full graphs). So the rows
 each layer saw are counted, per request and video, against the rows scheduled
 for its prefill; a capture with any gap is incomplete and the draft view prunes
 without s_attn (counted in ``views_without_target_attention``). s_attn is never
-computed from a subset of the rows.
-
-Chunked prefill may put a video's keys and the question's queries in different
-steps. Video keys seen in an earlier chunk are kept (for the configured layers
-only) until the request's prefill ends; when the whole prompt fits one chunk they
-are used in place, without a copy. Reading them back from the paged KV cache is
-avoided on purpose: its layout is backend- and ISA-specific (the CPU kernel stores
-K transposed or VNNI-packed).
+computed from a subset of the rows, nor from keys this run did not compute.
 
 A request whose video was not computed in this run (its prompt prefix came from
-vLLM's prefix cache) has no keys to score; it is reported as incomplete and the
-draft view then prunes on the visual signals alone.
+vLLM's prefix cache) is reported as incomplete and the draft view then prunes on
+the visual signals alone.
 
 Under tensor parallelism each rank sees only its own attention heads. s_attn is a
 mean over (query row, head) pairs per layer, so each rank accumulates the sums of
@@ -37,13 +35,15 @@ the same sums in the same order, and the result is what one rank holding every
 head would compute (up to float rounding).
 
 vLLM's step reaches the capture only as ``step_records`` (the scheduled prompt
-rows at ``begin_step``, the batch rows at forward time).
+rows at ``begin_step``, the batch rows at forward time) and as the arguments of
+``impl.forward`` (the layer, the query, the layer's cache and attention metadata).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Callable, Container, Iterable
 from typing import Any
 
@@ -51,15 +51,17 @@ import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
 from hippo_vllm.logs import get_logger
+from hippo_vllm.ops import video_key_colsum
 from hippo_vllm.vllm.patching import patch_instance_attribute
+from hippo_vllm.vllm.target import kv_cache_keys
 from hippo_vllm.vllm.target.step_records import StepStart
 
 logger = get_logger(__name__)
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.attn$")
 PATCH_TARGET = "vllm.model_executor.layers.attention.attention:Attention.impl.forward"
-# Tracked request ids -> {req_id: (first batch row, tokens computed before the step, rows scheduled)}
-BatchRows = Callable[[Container[str]], dict[str, tuple[int, int, int]]]
+# Tracked request ids -> {req_id: (batch index, first batch row, tokens computed before the step, rows scheduled)}
+BatchRows = Callable[[Container[str]], dict[str, tuple[int, int, int, int]]]
 
 
 @dataclasses.dataclass
@@ -68,9 +70,7 @@ class _VideoCapture:
     length: int
     query_positions: torch.Tensor  # prompt positions of the text after this video
     accumulator: AttentionScoreAccumulator
-    keys: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # layer -> [N, Hkv, d]
-    keys_seen: dict[int, int] = dataclasses.field(default_factory=dict)  # layer -> rows stored
-    missing_keys: bool = False
+    missing_keys: bool = False  # text queries came before this run computed every video key
     # Rows of the prompt scheduled while tracked, and the rows each layer saw of them.
     queries_scheduled: int = 0
     keys_scheduled: int = 0
@@ -125,6 +125,10 @@ class TargetAttentionCapture:
         self._step_rows: dict[str, tuple[int, int, int]] | None = None  # req -> (row, start, n)
         self._step_source = None
         self._observing = True  # False after an error, until the next step
+        self._reader: kv_cache_keys.KeyReader | None = None  # checked by a probe on first use
+        self._unsupported: str | None = None  # why the cache cannot be read (then never scored)
+        self.seconds = 0.0  # time computing s_attn (CUDA: measured by events, read next step)
+        self._pending_events: list[tuple[Any, Any]] = []
         for index, layer in self.layers.items():
             self._wrap(index, layer.impl)
 
@@ -143,9 +147,12 @@ class TargetAttentionCapture:
         capture = self
 
         def forward(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs):
+            result = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            # After the layer's forward: its keys of this step are in the cache now (every
+            # backend has written them, before or inside forward).
             if attn_metadata is not None and capture._step_source is not None and capture._observing:
-                capture._observe_safely(index, impl, query, key)
-            return original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+                capture._observe_safely(index, layer, impl, query, key, kv_cache, attn_metadata)
+            return result
 
         patch_instance_attribute(impl, "forward", forward, PATCH_TARGET)
 
@@ -197,6 +204,7 @@ class TargetAttentionCapture:
         self._step_source = batch_rows if self._requests else None
         self._step_rows = None
         self._observing = True
+        self._collect_event_times()
         if self._requests:
             self._count_scheduled(step)
 
@@ -216,6 +224,11 @@ class TargetAttentionCapture:
         self._step_source = None
         self._step_rows = None
 
+    def take_seconds(self) -> float:
+        """Time spent computing s_attn since the last call (CUDA: up to the previous step)."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
     def sum_ended_prefills(self) -> None:
         """Tensor parallelism: sum the partial s_attn of prefills that ended in this step over the ranks.
 
@@ -228,7 +241,7 @@ class TargetAttentionCapture:
             return
         ended = sorted(
             req_id
-            for req_id, (_, start, n) in self._rows().items()
+            for req_id, (_, _, start, n) in self._rows().items()
             if n > 0 and start + n >= self._requests[req_id].prompt_len
         )
         if not ended:
@@ -280,16 +293,20 @@ class TargetAttentionCapture:
                 scores = None
             yield scores
 
-    def _rows(self) -> dict[str, tuple[int, int, int]]:
+    def _rows(self) -> dict[str, tuple[int, int, int, int]]:
         # Resolved at forward time, after vLLM has (re)ordered its persistent batch.
         if self._step_rows is None:
             self._step_rows = self._step_source(self._requests)
         return self._step_rows
 
-    def _observe_safely(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:
-        """``_observe``, with any error kept out of the target's forward."""
+    def _observe_safely(self, layer_index, layer, impl, query, key, kv_cache, attn_metadata) -> None:
+        """``_observe``, with any error kept out of the target's forward, and timed."""
+        started, events = time.perf_counter(), None
+        if query.is_cuda:  # host time would only measure the launches
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         try:
-            self._observe(layer_index, impl, query, key)
+            self._observe(layer_index, layer, impl, query, key, kv_cache, attn_metadata)
         except Exception as exc:  # noqa: BLE001 - the target's forward must go on
             req_ids = [r for r in (self._step_rows or self._requests) if r in self._requests]
             for req_id in req_ids:
@@ -298,46 +315,56 @@ class TargetAttentionCapture:
             self._observing = False  # for the rest of this step (tensor parallelism still sums)
             if self.on_failure is not None:
                 self.on_failure("target attention capture", exc, req_ids)
+        if events is not None:
+            events[1].record()
+            self._pending_events.append(events)
+        else:
+            self.seconds += time.perf_counter() - started
 
-    def _observe(self, layer_index: int, impl: Any, query: torch.Tensor, key: torch.Tensor) -> None:
+    def _collect_event_times(self) -> None:
+        """Add the CUDA time of the last step's observations (its events are done by now)."""
+        for begin, end in self._pending_events:
+            self.seconds += begin.elapsed_time(end) / 1000.0
+        self._pending_events.clear()
+
+    def _key_reader(self, layer, impl, kv_cache, key_dtype) -> kv_cache_keys.KeyReader | None:
+        """The cache's layout, probed on first use; None (logged once) when it cannot be read."""
+        if self._reader is None and self._unsupported is None:
+            try:
+                reader = kv_cache_keys.guess_reader(layer, impl)
+                kv_cache_keys.probe(reader, layer, impl, kv_cache, key_dtype)
+                self._reader = reader
+            except kv_cache_keys.UnsupportedCache as exc:
+                self._unsupported = str(exc)
+                logger.warning("hippo: s_attn cannot read this KV cache (%s); draft views are built "
+                               "without the target's attention", exc)
+        return self._reader
+
+    def _observe(self, layer_index, layer, impl, query, key, kv_cache, attn_metadata) -> None:
         num_heads, num_kv_heads, head_size = impl.num_heads, impl.num_kv_heads, impl.head_size
-        for req_id, (row, start, n) in self._rows().items():
+        for req_id, (batch_index, row, start, n) in self._rows().items():
             state = self._requests[req_id]
             if all(video.failed for video in state.videos):
                 continue  # an earlier error: incomplete for good
             end = min(start + n, state.prompt_len)
             if end <= start:
                 continue
-            q = query[row : row + end - start].view(-1, num_heads, head_size)
-            k = key[row : row + end - start].view(-1, num_kv_heads, head_size)
             for video in state.videos:
                 key_rows = max(0, min(video.offset + video.length, end) - max(video.offset, start))
                 video.keys_observed[layer_index] = video.keys_observed.get(layer_index, 0) + key_rows
-                keys = self._video_keys(video, layer_index, k, start, end, state.prompt_len)
                 wanted = video.query_positions
                 wanted = wanted[(wanted >= start) & (wanted < end)]
                 if len(wanted) == 0:
                     continue
-                if keys is None:
-                    video.missing_keys = True
+                reader = self._key_reader(layer, impl, kv_cache, key.dtype)
+                if reader is None or video.keys_observed[layer_index] < video.length:
+                    video.missing_keys = True  # keys this run did not compute, or an unreadable cache
                     continue
-                video.accumulator.add_layer(q[wanted - start], keys, scale=impl.scale, layer=layer_index)
+                q = query[row : row + end - start].view(-1, num_heads, head_size)[wanted.to(query.device) - start]
+                sums = torch.zeros(video.length, dtype=torch.float32, device=query.device)
+                video_key_colsum(
+                    kv_cache_keys.model_query(layer, q, num_kv_heads), reader.key_view(kv_cache, head_size),
+                    reader.layout, attn_metadata.block_table[batch_index], video.offset, video.length,
+                    impl.scale, sums, k_scale=reader.k_scale, fp8_format=reader.fp8_format)
+                video.accumulator.add_layer_sums(sums, len(wanted) * num_heads, layer=layer_index)
                 video.queries_observed[layer_index] = video.queries_observed.get(layer_index, 0) + len(wanted)
-
-    @staticmethod
-    def _video_keys(video, layer_index, k, start, end, prompt_len) -> torch.Tensor | None:
-        """The video's complete keys for this layer, or None if some were never seen."""
-        lo, hi = max(video.offset, start), min(video.offset + video.length, end)
-        whole_here = lo == video.offset and hi == video.offset + video.length
-        if whole_here and end >= prompt_len:
-            return k[lo - start : hi - start]  # everything in this chunk: no copy
-        if hi > lo:
-            stash = video.keys.get(layer_index)
-            if stash is None:
-                stash = k.new_empty((video.length, *k.shape[1:]))
-                video.keys[layer_index] = stash
-            stash[lo - video.offset : hi - video.offset] = k[lo - start : hi - start]
-            video.keys_seen[layer_index] = video.keys_seen.get(layer_index, 0) + hi - lo
-        if video.keys_seen.get(layer_index, 0) < video.length:
-            return None
-        return video.keys[layer_index]

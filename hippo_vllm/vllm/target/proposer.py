@@ -226,6 +226,7 @@ class HippoProposer:
     def end_step(self) -> None:
         if self.capture is not None:
             self.capture.end_step()
+            self.stats.target_attention_seconds += self.capture.take_seconds()
 
     def _maybe_track(self, prompt: StartingPrompt) -> None:
         # Under tensor parallelism every rank must track the same requests (their

@@ -187,17 +187,19 @@ def after_sampling(
     return records
 
 
-def batch_rows(runner: Any, scheduler_output: Any, req_ids: Container[str]) -> dict[str, tuple[int, int, int]]:
-    """``req_id -> (first batch row, tokens computed before this step, rows scheduled)`` for ``req_ids``.
+def batch_rows(runner: Any, scheduler_output: Any, req_ids: Container[str]) -> dict[str, tuple[int, int, int, int]]:
+    """``req_id -> (batch index, first batch row, tokens computed before this step, rows scheduled)``
+    for ``req_ids``.
 
     Only right at forward time, after vLLM has (re)ordered its persistent batch:
-    the flattened tokens follow ``input_batch.req_ids``.
+    the flattened tokens and the attention metadata's block-table rows follow
+    ``input_batch.req_ids``.
     """
     rows, row = {}, 0
-    for req_id in runner.input_batch.req_ids:
+    for index, req_id in enumerate(runner.input_batch.req_ids):
         n = scheduler_output.num_scheduled_tokens.get(req_id, 0)
         if req_id in req_ids:
-            rows[req_id] = (row, runner.requests[req_id].num_computed_tokens, n)
+            rows[req_id] = (index, row, runner.requests[req_id].num_computed_tokens, n)
         row += n
     return rows
 
