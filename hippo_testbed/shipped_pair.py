@@ -58,7 +58,9 @@ def _strip_padding(src: Path, dst: Path) -> None:
         text["layer_types"] = text["layer_types"][:trained]
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(_WEIGHTS, "config.json"))
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    padded = tuple(f"model.language_model.layers.{i}." for i in range(trained, trained + padding["zero_output_layers"]))
+    # Saved checkpoints name decoder layers `model.layers.N` (transformers' published layout).
+    padded = tuple(f"{prefix}.{i}." for i in range(trained, trained + padding["zero_output_layers"])
+                   for prefix in ("model.layers", "model.language_model.layers"))
     with safe_open(str(src / _WEIGHTS), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(padded)}
         metadata = f.metadata()
@@ -88,5 +90,7 @@ def materialize(shipped: Path, out: Path, padding_layers: int) -> None:
 
     shutil.copytree(shipped / "draft", out / "draft")
     target = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(shipped / "target"), dtype=torch.float32)
-    shutil.copytree(shipped / "target", out / "target", ignore=shutil.ignore_patterns(_WEIGHTS, "config.json"))
     models.save_model(cost_padded(target.eval(), padding_layers), out / "target")
+    # After saving: save_model drops the generation config transformers writes, not the processor's.
+    shutil.copytree(shipped / "target", out / "target", ignore=shutil.ignore_patterns(_WEIGHTS, "config.json"),
+                    dirs_exist_ok=True)
