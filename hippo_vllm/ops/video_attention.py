@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import enum
 import importlib
-import logging
 
 import torch
 
 from hippo_vllm.core import AttentionScoreAccumulator
+from hippo_vllm.logs import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class KeyLayout(enum.IntEnum):
