@@ -163,6 +163,10 @@ def make_draft_vllm_config(
             target_vllm_config.compilation_config,
             mode=CompilationMode.NONE,
             cudagraph_mode=CUDAGraphMode.NONE,
+            # A compiled target runs without vLLM's custom ops (custom_ops ["none"]: Inductor
+            # fuses their torch versions); the eager draft would inherit that and run M-RoPE,
+            # RMSNorm and SiLU as plain PyTorch. Its own kernels instead.
+            custom_ops=["all"],
         ),
         cache_config=copy.copy(target_vllm_config.cache_config),
         scheduler_config=copy.copy(target_vllm_config.scheduler_config),
