@@ -1,4 +1,4 @@
-"""The transport benchmark runs both wires end to end with a peer process and reports its figures.
+"""The transport and step-shape benchmarks run end to end and report their figures.
 
 No timing assertions: wall times on a shared CI machine say nothing about the code.
 """
@@ -30,3 +30,15 @@ def test_bad_arguments_are_refused_with_the_value():
     run = subprocess.run([sys.executable, str(BENCH), "--video-tokens", "0"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode != 0 and "--video-tokens=0: must be >= 1" in run.stderr
+
+
+def test_the_step_shape_benchmark_counts_uniform_steps_per_schedule(tmp_path):
+    out = tmp_path / "shapes.json"
+    bench = BENCH.with_name("bench_step_shapes.py")
+    run = subprocess.run([sys.executable, str(bench), "--requests", "2", "--max-tokens", "8", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert results["draft-then-verify"]["uniform_tokens"] == 4 and results["VPSD"]["uniform_tokens"] == 3
+    for summary in results.values():
+        assert 0 <= summary["uniform_steps"] <= summary["decode_steps"] > 0
