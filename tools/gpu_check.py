@@ -2,6 +2,9 @@
 
 Runs, on the tiny offline fixtures:
 
+0. the s_attn kernel's tests on CUDA (tests/ops/, against the torch oracle: shapes, GQA,
+   bf16/fp16/fp32, fp8 keys, every cache layout, poisoned caches and outputs), which
+   also fail when the CUDA kernel was not built;
 1. the lossless matrix (both schedules; text, video, several videos, images, mixed
    batches, chunked prefill, prefix caching, preemption, stop strings, aborts,
    ablations, sampling statistics, top-k, metrics, the OpenAI server) under the test
@@ -19,6 +22,8 @@ Runs, on the tiny offline fixtures:
    (tests/vllm/test_draft_worker_gpu.py);
 4. a short end-to-end benchmark at the same settings (benchmarks/bench_e2e.py
    --quick --production), which aborts unless every output equals the target's;
+5. the s_attn benchmark (benchmarks/bench_target_attention.py --device cuda): kernel,
+   torch path and floor per layer for the 7B and 72B geometries at 2k-64k video tokens;
 
 then prints one verdict: PASS, or FAIL with the steps and tests that failed.
 Without a CUDA device it prints why it skipped and exits 0.
@@ -55,6 +60,7 @@ DRAFT_WORKER_TESTS = ("tests/vllm/test_draft_worker_gpu.py",)
 # Production sizes, fp8 KV, a long chunked video, a FULL-graph prefill chunk: its own
 # process, since the production-size engine takes 0.9 of the GPU memory.
 DEPLOYMENT_TESTS = ("tests/vllm/test_gpu_deployment.py",)
+KERNEL_TESTS = ("tests/ops/",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +98,16 @@ def plan(num_gpus: int, out: Path) -> list[Step]:
         junit = out / f"{name}.xml"
         return Step(name, [python, "-m", "pytest", "-q", "-rfE", f"--junitxml={junit}", *paths], env, junit)
 
-    steps = [pytest_step("lossless-matrix", LOSSLESS_MATRIX, profile),
+    steps = [pytest_step("kernels", KERNEL_TESTS, {"HIPPO_KERNEL_TEST_DEVICE": "cuda"}),
+             pytest_step("lossless-matrix", LOSSLESS_MATRIX, profile),
              pytest_step("deployment", DEPLOYMENT_TESTS, profile)]
     if num_gpus >= 2:
         steps.append(pytest_step("tensor-parallel-2", TENSOR_PARALLEL_TESTS, {**profile, "HIPPO_TEST_TP": "2"}))
         steps.append(pytest_step("draft-worker-gpu", DRAFT_WORKER_TESTS, profile))
     steps.append(Step("benchmark", [python, "benchmarks/bench_e2e.py", "--quick", "--production",
                                     "--out", str(out / "bench_e2e.json")], {}))
+    steps.append(Step("target-attention-benchmark", [python, "benchmarks/bench_target_attention.py", "--device",
+                                                     "cuda", "--out", str(out / "target_attention.json")], {}))
     return steps
 
 

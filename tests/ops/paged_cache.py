@@ -46,6 +46,7 @@ def make_paged_keys(
     fp8_format: str | None = None,
     k_scale: float = 1.0,
     as_bytes: bool = True,
+    device: str = "cpu",
 ) -> PagedKeys:
     """Write ``keys`` [positions, H_kv, d] (positions 0..P-1 of one request) into a fresh cache."""
     positions, num_kv_heads, head_dim = keys.shape
@@ -76,6 +77,10 @@ def make_paged_keys(
         blocks = block_ids[pos // block_size].long()
         for head in range(num_kv_heads):
             region[blocks[:, None], head, inner] = stored[:, head, :]
+    if device != "cpu":  # the same view of the whole cache, moved
+        whole = whole.to(device)
+        key_cache = whole.as_strided(key_cache.shape, key_cache.stride(), key_cache.storage_offset())
+        block_ids = block_ids.to(device)
     if fp8_format is not None and not as_bytes:
         key_cache = key_cache.view(FP8_DTYPES[fp8_format])
     return PagedKeys(key_cache, block_ids, dequantised, k_scale, fp8_format)

@@ -41,8 +41,9 @@ class PagedImpl:
         return query
 
 
-def run_layer(impl_owner, query: torch.Tensor, key: torch.Tensor, start: int) -> None:
-    """One layer's forward of the rows [start, start + len(query)) through the (wrapped) impl."""
+def run_layer(impl_owner, query: torch.Tensor, key: torch.Tensor, start: int, vllm_layer=None) -> None:
+    """One layer's forward of the rows [start, start + len(query)) through the (wrapped) impl
+    (``vllm_layer``: what vLLM passes as the attention layer, with its scales)."""
     impl = impl_owner.impl
     n = query.shape[0]
-    impl.forward(None, query, key, None, impl.kv_cache, impl.metadata(start, n))
+    impl.forward(vllm_layer, query, key, None, impl.kv_cache, impl.metadata(start, n))

@@ -40,9 +40,10 @@ def make_capture(num_layers: int = 2):
 
 
 def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = False, rows=None,
-             prompt_len: int = PROMPT_LEN) -> None:
+             prompt_len: int = PROMPT_LEN, vllm_layer=None) -> None:
     """One target step scheduling prompt rows [start, start + n) of the request (``rows``:
-    per layer the whole prompt's (query, key) rows, else random ones)."""
+    per layer the whole prompt's (query, key) rows, else random ones; ``vllm_layer``: the
+    attention layer impl.forward gets, with its scales)."""
     new_reqs = [types.SimpleNamespace(req_id=REQ, num_computed_tokens=start, prompt_token_ids=[0] * prompt_len,
                                       mm_features=[])] if new else []
     cached = types.SimpleNamespace(req_ids=[] if new else [REQ], num_computed_tokens=[] if new else [start],
@@ -62,7 +63,7 @@ def run_step(capture, layers, start: int, n: int, skip_layers=(), new: bool = Fa
         else:
             query, key = rows[index][0][start : start + n], rows[index][1][start : start + n]
         if index not in skip_layers:
-            run_layer(layer, query, key, start)
+            run_layer(layer, query, key, start, vllm_layer)
     capture.end_step()
 
 
@@ -155,3 +156,26 @@ def test_every_chunking_of_a_prompt_gives_the_oracles_s_attn():
             assert got is not None, (chunks, seed)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{chunks}, seed {seed}: {m}")
 
+
+
+def test_an_fp8_query_is_scored_at_the_models_temperature():
+    # With an fp8 KV cache vLLM 0.33 hands impl.forward the query as fp8(query / q_scale);
+    # s_attn must come from query itself, not from the quantised values.
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    q_scale = 0.05
+    layers = {0: types.SimpleNamespace(impl=paged_impl())}
+    capture = TargetAttentionCapture(layers, (0,))
+    capture.track(REQ, PROMPT_LEN, [VIDEO], [VIDEO])
+    query = torch.randn(PROMPT_LEN, HEADS, HEAD_SIZE, generator=generator)
+    key = torch.randn(PROMPT_LEN, KV_HEADS, HEAD_SIZE, generator=generator)
+    quantised = (query / q_scale).to(torch.float8_e4m3fn)
+    layer = types.SimpleNamespace(_q_scale=torch.tensor(q_scale), _q_scale_float=q_scale)
+    run_step(capture, layers, 0, PROMPT_LEN, new=True, rows={0: (quantised.view(PROMPT_LEN, -1),
+                                                                key.view(PROMPT_LEN, -1))}, vllm_layer=layer)
+    (scores,) = capture.finish(REQ)
+    text = slice(VIDEO[0] + VIDEO[1], PROMPT_LEN)
+    video = slice(VIDEO[0], VIDEO[0] + VIDEO[1])
+    model = attention_scores(quantised[text].float() * q_scale, key[video], scale=0.5)
+    torch.testing.assert_close(scores, model, rtol=1e-5, atol=1e-6)
+    raw = attention_scores(quantised[text].float(), key[video], scale=0.5)  # the wrong temperature
+    assert not torch.allclose(scores, raw, rtol=1e-2, atol=1e-3)
