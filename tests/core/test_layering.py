@@ -37,3 +37,13 @@ def test_importing_core_loads_neither_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_kernels_package_imports_neither_vllm_nor_transformers():
+    # hippo_vllm.ops (the s_attn kernel's dispatch and torch fallback) sits beside the core.
+    code = (
+        "import sys, hippo_vllm.ops; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'vllm', 'transformers'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

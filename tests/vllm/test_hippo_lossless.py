@@ -199,6 +199,18 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny,
             assert whole == chunked
 
 
+def test_fp8_kv_cache_with_chunked_prefill_is_lossless_and_scores_every_video(tiny, requests, baselines):
+    # s_attn reads fp8 keys from the cache (dequantised with each layer's key scale) and,
+    # where vLLM quantises the query for an fp8 cache (CUDA backends), the query at its scale.
+    overrides = {"kv_cache_dtype": "fp8", "max_num_batched_tokens": 40, "enable_chunked_prefill": True}
+    expected = baselines(overrides)["single"]
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft), **overrides) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == expected
+        assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+        assert proposer_of(llm).stats.views_without_target_attention == 0
+        assert proposer_of(llm).stats.target_attention_seconds > 0
+
+
 @SCHEDULES
 def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests, baseline):
     # Three 128-token blocks for up to four running requests of ~200 tokens each:
