@@ -2,7 +2,7 @@
 # tools/setup_env.sh, which builds .venv once and is a no-op afterwards.
 PY := .venv/bin/python
 
-.PHONY: setup demo scoring-demo test test-quick test-trained bench bench-e2e bench-pruning gpu-check
+.PHONY: setup demo scoring-demo test test-quick test-trained test-trained-rebuild bench bench-e2e bench-pruning gpu-check
 setup:
 	@tools/setup_env.sh
 
@@ -19,9 +19,13 @@ test: setup
 test-quick: setup
 	@$(PY) -m pytest -m "not engine"
 
-# The trained pair's quality gates through vLLM; the first run trains the pair (minutes).
+# The trained pair's quality gates through vLLM (also in `make test`), with their figures.
 test-trained: setup
-	@HIPPO_TEST_TRAINED_PAIR=1 $(PY) -m pytest tests/testbed/test_trained_pair.py -s
+	@$(PY) -m pytest tests/testbed/test_trained_pair.py -s
+
+# Train the pair from its recipe and compare with the shipped weights (a quarter of an hour).
+test-trained-rebuild: setup
+	@HIPPO_TEST_REBUILD_TRAINED_PAIR=1 $(PY) -m pytest tests/testbed/test_trained_pair_rebuild.py -s
 
 bench: setup
 	@$(PY) benchmarks/bench_scoring.py

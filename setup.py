@@ -70,7 +70,8 @@ setup(
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     # torch comes with vLLM; listing it unpinned keeps whatever build vLLM brought.
-    install_requires=["torch", "numpy"],
+    # pyzmq and msgspec: the draft worker's wire imports them directly (vLLM uses both).
+    install_requires=["torch", "numpy", "pyzmq", "msgspec"],
     extras_require={
         **{extra: [VERSION_INFO["vllm_requirement"](extra)] for extra in VERSION_INFO["SUPPORTED_VLLM"]},
         "test": ["pytest", "opencv-python-headless"],

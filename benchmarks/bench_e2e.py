@@ -44,14 +44,27 @@ clock of the generation only (engine start excluded): the median of ``--repeats`
 batches after one warm-up batch, every figure of a row taken from that same batch.
 
 ``--models trained`` runs the same rows on the target and draft trained on the synthetic
-video task (``hippo_testbed/trained_pair.py``, built on first use) instead of the
+video task (``hippo_testbed/trained_pair.py``, shipped with the repository) instead of the
 random-weight fixtures: the prompts are held-out task questions on task videos, and the
 text-only draft of row 2 is the trained draft's own language model without its vision
 encoder (`text_only_checkpoint`), so row 2 is that same draft never seeing the video.
+Every row then runs, in the same engine, each workload of ``--questions`` (the
+description question, whose 20-40-token answer is the video's facts, and the template
+questions, whose few-token answers the question largely predicts) at each of
+``--batch-sizes``; answers end where the model ends them (no ``ignore_eos``), at most
+``DESCRIBE_MAX_TOKENS`` or ``TEMPLATE_MAX_TOKENS``, so every row generates the same tokens.
+
+Host time: the model forwards (target and draft, vision encoders included; for
+``draft_model`` and in-process hippo every forward of the draft too) are timed
+around the models' own ``forward`` and ``embed_multimodal``; what remains of the
+wall time (minus, with a draft worker, the time the target waited for it), per
+target engine step, is the host work outside the forwards: scheduling, input
+preparation, sampling and verification, and the proposer's own bookkeeping.
 
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
        [--production] [--models tiny|trained] [--family NAME]
+       [--questions describe,template] [--batch-sizes 1,8]
 """
 
 from __future__ import annotations
@@ -80,6 +93,8 @@ MAX_FRAMES = 16  # hippo_testbed.processor.MAX_FRAMES; engine_settings sizes pro
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
              "Tell me everything about the objects and their motion.")
 KEEP_RATIO = 0.1
+# --models trained: the longest answers plus <|im_end|> (the trained pair's tokenizer).
+DESCRIBE_MAX_TOKENS, TEMPLATE_MAX_TOKENS = 44, 12
 # name -> (the draft: the family's "target" or its "draft", keep_ratio)
 PAIRS = {"self": ("target", KEEP_RATIO), "self-keep-all": ("target", 1.0), "tiny": ("draft", KEEP_RATIO)}
 DEFAULT_FAMILY = "Qwen2.5-VL"
@@ -181,8 +196,20 @@ def text_only_checkpoint(vl_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Pat
     return out
 
 
-def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path) -> list[dict]:
-    """Held-out questions of the synthetic video task, each sample's focus questions first."""
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One batch of prompts every row generates, with its sampling limits."""
+
+    name: str
+    requests: list
+    max_tokens: int
+    ignore_eos: bool = True
+
+
+def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path,
+                  questions: str = "template") -> list[dict]:
+    """Held-out questions of the synthetic video task: ``describe``, each video's
+    description; ``template``, each sample's two focus questions."""
     from hippo_testbed import load_video, video_chat_prompt
     from hippo_testbed.video_task import HELD_OUT_SEEDS, make_sample
 
@@ -190,10 +217,19 @@ def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib
     while len(requests) < num_prompts:
         sample = make_sample(seed)
         video = load_video(sample.write_mp4(scratch / f"task_{seed}.mp4"), num_frames)
+        asked = [qa for qa in sample.qa if qa.topic == "describe"] if questions == "describe" else sample.qa[:2]
         requests += [{"prompt": video_chat_prompt(tokenizer, qa.question), "multi_modal_data": {"video": video}}
-                     for qa in sample.qa[:2]]
+                     for qa in asked]
         seed += 1
     return requests[:num_prompts]
+
+
+def task_workloads(tokenizer, args, scratch: pathlib.Path) -> list[Workload]:
+    """Per question kind and batch size, held-out task prompts (answers end at <|im_end|>)."""
+    limits = {"describe": DESCRIBE_MAX_TOKENS, "template": TEMPLATE_MAX_TOKENS}
+    return [Workload(f"{questions} b{batch}", task_requests(tokenizer, batch, args.num_frames, scratch, questions),
+                     min(limits[questions], args.max_tokens), ignore_eos=False)
+            for questions in args.questions for batch in args.batch_sizes]
 
 
 def engine_settings(args) -> dict:
@@ -234,6 +270,9 @@ def build_requests(fx, tokenizer, num_prompts: int, num_frames: int) -> list[dic
     ]
 
 
+_NOT_OWN = object()
+
+
 class StepTracker:
     """Per-step counts and times of one engine, taken the same way for every row.
 
@@ -243,36 +282,65 @@ class StepTracker:
     worker. Both are wrapped on the instances, so vLLM itself is unchanged.
     """
 
-    def __init__(self, llm, max_tokens: int, worker: bool):
+    def __init__(self, llm, max_tokens: int, worker: bool, stop_ids: frozenset[int] = frozenset()):
         self.max_tokens = max_tokens
+        self.stop_ids = stop_ids  # a request's output ends at the first of these (none with ignore_eos)
         self.worker = worker
         engine = llm.llm_engine
         self.runner = engine.model_executor.driver_worker.worker.model_runner
         drafter = getattr(self.runner, "drafter", None)
         self.hippo = getattr(drafter, "stats", None)  # HippoStats, on hippo engines only
+        self._wrapped: list[tuple[object, str, object]] = []
         self._wrap(engine.engine_core.engine_core.scheduler, "update_from_output", before=self._count)
         self._wrap(self.runner, "execute_model", before=lambda *_: self._next_step(), timer="runner_seconds")
         self._wrap(self.runner, "sample_tokens", timer="runner_seconds")
         if drafter is not None and self.hippo is None:
             self._wrap(drafter, "propose", timer="drafter_seconds")
+        # The models' own forwards and vision encoders, wherever they run in this process:
+        # the target's, draft_model's draft, hippo's in-process draft.
+        models = [self.runner.model, getattr(drafter, "model", None),
+                  getattr(getattr(getattr(getattr(drafter, "draft", None), "worker", None), "engine", None),
+                          "model", None)]
+        for model in (m for m in models if m is not None):
+            for name in ("forward", "embed_multimodal"):
+                if hasattr(model, name):
+                    self._wrap(model, name, timer="forward_seconds", outermost=True)
+        self._in_forward = False
         self._step_mark: tuple[float, float] | None = None
         self.counts: dict[str, float] = {}
         self.reset()
 
-    def _wrap(self, owner, name: str, before=None, timer: str | None = None) -> None:
+    def _wrap(self, owner, name: str, before=None, timer: str | None = None, outermost: bool = False) -> None:
+        """``outermost``: time only calls not already inside another wrapped call of the kind."""
         method = getattr(owner, name)
 
         def wrapper(*args, **kwargs):
             if before is not None:
                 before(*args)
+            if outermost and self._in_forward:
+                return method(*args, **kwargs)
             start = time.perf_counter()
+            self._in_forward = self._in_forward or outermost
             try:
                 return method(*args, **kwargs)
             finally:
+                if outermost:
+                    self._in_forward = False
                 if timer is not None:
                     self.counts[timer] += time.perf_counter() - start
 
+        own = vars(owner).get(name, _NOT_OWN)  # an instance attribute to put back, if there was one
         setattr(owner, name, wrapper)
+        self._wrapped.append((owner, name, own))
+
+    def unwrap(self) -> None:
+        """Back to the engine's own methods (the next workload wraps them afresh)."""
+        for owner, name, own in reversed(self._wrapped):
+            if own is _NOT_OWN:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+        self._wrapped.clear()
 
     def reset(self) -> None:
         self._step_mark = None  # the previous batch's last step is not this batch's
@@ -280,7 +348,7 @@ class StepTracker:
         self._hippo_start = self.hippo.as_dict() if self.hippo is not None else {}
         self.counts = dict.fromkeys(
             ("batched_steps", "target_forwards", "generated_tokens", "spec_rounds", "spec_round_tokens",
-             "spec_drafted", "spec_accepted", "runner_seconds", "drafter_seconds",
+             "spec_drafted", "spec_accepted", "runner_seconds", "drafter_seconds", "forward_seconds",
              "overlap_busy_seconds", "overlap_step_seconds"), 0)
 
     def _count(self, scheduler_output, runner_output) -> None:
@@ -296,6 +364,8 @@ class StepTracker:
                 continue
             produced = self._produced.get(req_id, 0)
             kept = sampled[: self.max_tokens - produced]
+            stop = next((i for i, token in enumerate(kept) if token in self.stop_ids), None)
+            kept = kept if stop is None else kept[: stop + 1]
             self._produced[req_id] = produced + len(kept)
             counts["target_forwards"] += 1
             counts["generated_tokens"] += len(kept)
@@ -356,36 +426,43 @@ def threads_bound_to(cores: frozenset[int] | None):
         _torch_set_num_threads(threads)
 
 
-def run_config(config: Config, requests: list[dict], args, reference: list | None) -> tuple[dict, list]:
+def run_config(config: Config, workloads: list[Workload], args, references: dict) -> list[dict]:
+    """One engine for ``config``; per workload a row. ``references``: each workload's
+    target outputs (filled by the first config, the target alone)."""
     with threads_bound_to(config.cores):
-        return _run_config(config, requests, args, reference)
+        return _run_config(config, workloads, args, references)
 
 
-def _run_config(config: Config, requests: list[dict], args, reference: list | None) -> tuple[dict, list]:
+def _run_config(config: Config, workloads: list[Workload], args, references: dict) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     extra = {"speculative_config": config.speculative_config} if config.speculative_config else {}
     llm = LLM(model=args.target, **engine_settings(args), **extra)
+    rows = []
     try:
-        tracker = StepTracker(llm, args.max_tokens, config.worker)
-        batches = []
-        for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
-            tracker.reset()
-            start, cpu_start = time.perf_counter(), time.process_time()
-            outputs = llm.generate(requests, params, use_tqdm=False)
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            ids = [list(o.outputs[0].token_ids) for o in outputs]
-            reference = reference if reference is not None else ids
-            check_lossless(config.name, repeat, ids, reference)
-            if repeat:
-                batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
-        video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
+        for workload in workloads:
+            params = SamplingParams(temperature=0.0, max_tokens=workload.max_tokens, ignore_eos=workload.ignore_eos)
+            stops = frozenset() if workload.ignore_eos else frozenset({args.eos_id})
+            tracker = StepTracker(llm, workload.max_tokens, config.worker, stops)
+            batches = []
+            for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
+                tracker.reset()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                outputs = llm.generate(workload.requests, params, use_tqdm=False)
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                ids = [list(o.outputs[0].token_ids) for o in outputs]
+                references.setdefault(workload.name, ids)
+                check_lossless(f"{config.name} ({workload.name})", repeat, ids, references[workload.name])
+                if repeat:
+                    batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
+            tracker.unwrap()
+            video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
+            rows.append({"workload": workload.name, **summarize(config, batches, video_total, len(workload.requests))})
     finally:
         llm.llm_engine.engine_core.shutdown()  # now, not at garbage collection
         del llm
         gc.collect()
-    return summarize(config, batches, video_total, args), reference
+    return rows
 
 
 def check_lossless(name: str, repeat: int, ids: list, reference: list) -> None:
@@ -398,7 +475,7 @@ def check_lossless(name: str, repeat: int, ids: list, reference: list) -> None:
             )
 
 
-def summarize(config: Config, batches: list[dict], video_total: int, args) -> dict:
+def summarize(config: Config, batches: list[dict], video_total: int, num_prompts: int) -> dict:
     ordered = sorted(batches, key=lambda b: b["wall_seconds"])
     batch = ordered[(len(ordered) - 1) // 2]  # the median batch itself (lower median for even counts)
     wall, tokens, forwards = batch["wall_seconds"], batch["generated_tokens"], batch["target_forwards"]
@@ -415,6 +492,10 @@ def summarize(config: Config, batches: list[dict], video_total: int, args) -> di
                  "draft_prefill": None if drafting else 0.0, "scoring": None if drafting else 0.0}
         seen = (0, video_total) if drafting else None
     times["overhead"] = wall - times["target"] - times["draft"] - (times["draft_prefill"] or 0.0)
+    # Outside the forwards: with a worker, the target's wait for it is the draft's time, not host work.
+    waited = hippo["draft_wait_seconds"] if config.worker else 0.0
+    times["forwards"] = batch["forward_seconds"]
+    times["host"] = wall - batch["forward_seconds"] - waited
     if config.parallel:
         mat, mat_source = _ratio(hippo["mat_sum"], hippo["mat_runs"]), "HippoStats mat_sum / mat_runs (PEARL runs)"
     elif config.method == "target":
@@ -430,11 +511,12 @@ def summarize(config: Config, batches: list[dict], video_total: int, args) -> di
         "generated_tokens": tokens, "tokens_per_second": tokens / wall,
         "target_forwards": forwards, "batched_target_steps": batch["batched_steps"],
         "tokens_per_target_forward": _ratio(tokens, forwards),
+        "host_ms_per_target_step": _ratio(1e3 * times["host"], batch["batched_steps"]),
         "mat": mat, "mat_source": mat_source,
         "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
         "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
         "seconds": times, "runner_seconds": batch["runner_seconds"], "tracker": batch,
-        "lossless": {"checked_batches": len(batches) + 1, "checked_outputs": (len(batches) + 1) * args.num_prompts,
+        "lossless": {"checked_batches": len(batches) + 1, "checked_outputs": (len(batches) + 1) * num_prompts,
                      "equal_to_target": True},
     }
     if config.worker:
@@ -457,11 +539,32 @@ def _fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _workloads(rows: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["workload"], []).append(row)
+    return grouped
+
+
 def print_table(rows: list[dict]) -> None:
+    for workload, group in _workloads(rows).items():
+        print(f"\n== {workload} ({group[0]['lossless']['checked_outputs'] // group[0]['lossless']['checked_batches']}"
+              f" prompts, {group[0]['generated_tokens']} tokens generated)")
+        _print_workload_table(group)
+    print("wall: generation of the batch (median of repeats, engine start excluded); x tgt: target wall / wall;\n"
+          "fwd: target forwards (one request in one step that produced tokens); tok/fwd: generated / fwd;\n"
+          "MAT: tokens per accepted run incl. the correction (PEARL +1; serial: per round with spec tokens);\n"
+          "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
+          "included, shown apart; draft_model prefills inside its draft time); overhead: the rest;\n"
+          "host/step: wall minus every model forward in this process (and, with a worker, the wait for it),\n"
+          "per target engine step, in ms.")
+
+
+def _print_workload_table(rows: list[dict]) -> None:
     base = rows[0]["wall_seconds"]
     header = (f"{'configuration':<28} {'wall s':>7} {'x tgt':>6} {'tok/s':>7} {'fwd':>5} {'tok/fwd':>7} "
               f"{'MAT':>5} {'video seen':>10} {'target s':>8} {'draft s':>7} {'d.prefill s':>11} "
-              f"{'(scoring)':>9} {'overhead':>8}")
+              f"{'(scoring)':>9} {'overhead':>8} {'host/step':>9}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -472,20 +575,24 @@ def print_table(rows: list[dict]) -> None:
               f"{row['tokens_per_second']:>7.1f} {row['target_forwards']:>5} "
               f"{_fmt(row['tokens_per_target_forward'], '.2f'):>7} {_fmt(row['mat'], '.2f'):>5} {seen:>10} "
               f"{s['target']:>8.3f} {s['draft']:>7.3f} {_fmt(s['draft_prefill'], '.3f', 'in draft'):>11} "
-              f"{_fmt(s['scoring'], '.4f'):>9} {s['overhead']:>8.3f}")
-    print("wall: generation of the batch (median of repeats, engine start excluded); x tgt: target wall / wall;\n"
-          "fwd: target forwards (one request in one step that produced tokens); tok/fwd: generated / fwd;\n"
-          "MAT: tokens per accepted run incl. the correction (PEARL +1; serial: per round with spec tokens);\n"
-          "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
-          "included, shown apart; draft_model prefills inside its draft time); overhead: the rest.")
+              f"{_fmt(s['scoring'], '.4f'):>9} {s['overhead']:>8.3f} {_fmt(row['host_ms_per_target_step'], '.2f'):>9}")
 
 
 def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
+    print(f"\nNote: {cpu_count} CPU cores, torch with {threads} threads; in the rows without a worker the draft\n"
+          f"runs in the target's process, so its time adds to the target's.")
+    for workload, group in _workloads(rows).items():
+        print(f"\n== {workload}")
+        _print_workload_note(group)
+    print("Even the tiny draft (one or two layers of width 128 vs three of 192) costs a large share of the\n"
+          "target's time: at this size per-call overhead rather than FLOPs sets most of the cost\n"
+          "(Qwen2.5-VL-7B has ~1/10 of 72B's parameters).")
+
+
+def _print_workload_note(rows: list[dict]) -> None:
     base = rows[0]["wall_seconds"]
     fastest = max(rows, key=lambda r: r["tokens_per_second"])
-    print(f"\nNote: {cpu_count} CPU cores, torch with {threads} threads; in the rows without a worker the draft\n"
-          f"runs in the target's process, so its time adds to the target's. Measured fastest: '{fastest['name']}', {base / fastest['wall_seconds']:.2f}x the target "
-          f"alone.")
+    print(f"Measured fastest: '{fastest['name']}', {base / fastest['wall_seconds']:.2f}x the target alone.")
     top = max(row["cores_busy"] for row in rows)
     for row in rows:
         walls = row["wall_seconds_all"]
@@ -496,7 +603,7 @@ def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
     workers = [row for row in rows if "worker" in row]
     if workers:
         bound = next(row for row in rows if row["name"] == "target core0")
-        print(f"\nMeasured, draft in a worker process of its own (target on core {TARGET_CORE}, draft on core "
+        print(f"Measured, draft in a worker process of its own (target on core {TARGET_CORE}, draft on core "
               f"{DRAFT_CORE}):")
         for row in workers:
             w = row["worker"]
@@ -512,9 +619,12 @@ def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
     # Spec tokens lengthen each target step; on a CPU that eats much of what fewer steps save.
     per_step = [(r, 1e3 * r["seconds"]["target"] / r["batched_target_steps"], "ms") for r in rows]
     _print_list("Target time per engine step:", per_step)
-    print("Even the tiny draft (one or two layers of width 128 vs three of 192) costs a large share of the\n"
-          "target's time: at this size per-call overhead rather than FLOPs sets most of the cost\n"
-          "(Qwen2.5-VL-7B has ~1/10 of 72B's parameters).")
+    host = [(r, r["host_ms_per_target_step"], "ms") for r in rows if r["host_ms_per_target_step"] is not None]
+    _print_list("Host time outside the model forwards per target step:", host)
+    reference = next((r for r in rows if r["method"] == "draft_model"), None)
+    if reference is not None and reference["host_ms_per_target_step"]:
+        _print_list("  ... relative to draft_model's:", [(r, r["host_ms_per_target_step"] / reference[
+            "host_ms_per_target_step"], "x") for r in rows if r["method"] == "hippo"])
 
 
 def _print_list(title: str, items: list[tuple[dict, float, str]]) -> None:
@@ -547,7 +657,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--models", choices=("tiny", "trained"), default="tiny",
                         help="tiny: the random-weight fixtures; trained: the pair trained on the video task "
-                             "(default 16 tokens of 8 frames: its answers are a few tokens long)")
+                             "(8 frames; answers end at <|im_end|>, --max-tokens caps them)")
+    parser.add_argument("--questions", default="describe,template",
+                        help="--models trained: comma-separated workloads, 'describe' (the description "
+                             "question) and/or 'template' (each video's two focus questions)")
+    parser.add_argument("--batch-sizes", default=None,
+                        help="--models trained: comma-separated batch sizes, each a workload (default 1,8; "
+                             "quick 1)")
     parser.add_argument("--family", default=DEFAULT_FAMILY,
                         help="model family of the tiny target and draft (hippo_testbed/families.py; "
                              f"default {DEFAULT_FAMILY}; --models trained is {DEFAULT_FAMILY})")
@@ -558,11 +674,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = {"max_tokens": (64, 16), "num_prompts": (4, 2), "num_frames": (16, 8), "repeats": (3, 1),
                 "pairs": (",".join(PAIRS), "tiny")}
-    if args.models == "trained":  # trained on 8 frames per clip, to answer in a few tokens
-        defaults.update(max_tokens=(16, 8), num_frames=(8, 8))
+    if args.models == "trained":  # trained on 8 frames per clip; its answers end by themselves
+        defaults.update(max_tokens=(DESCRIBE_MAX_TOKENS, DESCRIBE_MAX_TOKENS), num_frames=(8, 8),
+                        batch_sizes=("1,8", "1"))
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
+    args.questions = [q.strip() for q in args.questions.split(",") if q.strip()]
+    if not args.questions or set(args.questions) - {"describe", "template"}:
+        parser.error(f"--questions must list 'describe' and/or 'template', got {args.questions}")
+    if args.models == "trained":
+        try:
+            args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            parser.error(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}")
+        if not args.batch_sizes or min(args.batch_sizes) < 1:
+            parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+        args.num_prompts = max(args.batch_sizes)  # the engine runs the largest batch at once
+    elif args.batch_sizes is not None:
+        parser.error("--batch-sizes is for --models trained; --num-prompts sets the tiny models' batch")
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in args.pairs if p not in PAIRS]
     if unknown or not args.pairs:
@@ -601,11 +731,13 @@ def main(argv: list[str] | None = None) -> dict:
     target_config = json.loads((pathlib.Path(target) / "config.json").read_text())
     # The token a video's rows hold in the prompt (LLaVA-OneVision names it video_token_index).
     args.video_pad_id = target_config.get("video_token_id", target_config.get("video_token_index"))
+    args.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if args.models == "tiny":
-        requests = build_requests(fx, tokenizer, args.num_prompts, args.num_frames)
+        workloads = [Workload("tiny", build_requests(fx, tokenizer, args.num_prompts, args.num_frames),
+                              args.max_tokens)]
     else:
-        requests = task_requests(tokenizer, args.num_prompts, args.num_frames, pathlib.Path(scratch.name))
-    rows, reference = [], None
+        workloads = task_workloads(tokenizer, args, pathlib.Path(scratch.name))
+    rows, references = [], {}
     on_gpu = torch.cuda.is_available()
     worker = not args.no_worker and not on_gpu and len(os.sched_getaffinity(0)) >= 2
     if not args.no_worker and on_gpu:
@@ -618,12 +750,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Skipping the draft_model row: vLLM's draft_model cannot serve a {args.family} target.")
     for config in build_configs(models, args.pairs, args.k, worker, draft_model):
         started = time.perf_counter()
-        row, reference = run_config(config, requests, args, reference)
-        row["engine_and_batches_seconds"] = time.perf_counter() - started
-        rows.append(row)
-        print(f"  {config.name}: {row['wall_seconds']:.3f} s, outputs equal the target's", flush=True)
-    for row in rows:
-        row["speedup_vs_target"] = rows[0]["wall_seconds"] / row["wall_seconds"]
+        config_rows = run_config(config, workloads, args, references)
+        for row in config_rows:
+            row["engine_and_batches_seconds"] = time.perf_counter() - started  # every workload's together
+            print(f"  {config.name} ({row['workload']}): {row['wall_seconds']:.3f} s, outputs equal the target's",
+                  flush=True)
+        rows += config_rows
+    for group in _workloads(rows).values():
+        for row in group:
+            row["speedup_vs_target"] = group[0]["wall_seconds"] / row["wall_seconds"]
     print()
     print_table(rows)
     print_note(rows, os.cpu_count(), torch.get_num_threads())
@@ -631,9 +766,11 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
+                     "workloads": [{"name": w.name, "prompts": len(w.requests), "max_tokens": w.max_tokens,
+                                    "ignore_eos": w.ignore_eos} for w in workloads],
                      "production": args.production, "models": args.models, "family": args.family,
                      "target": args.target, "worker_rows": worker,
-                     "greedy": True, "ignore_eos": True},
+                     "greedy": True},
         "lossless_checked": True,
         "environment": environment(args, fx),
         "rows": rows,

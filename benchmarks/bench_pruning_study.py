@@ -37,8 +37,12 @@ row must have drafted, or the benchmark aborts. Outputs: a JSON file and three P
 (``--plots``): MAT and accuracy against keep ratio, boundary ratio per method, and one
 video's frames with each method's kept tokens.
 
+``--questions describe`` asks each sample's description instead of its focus questions:
+every object's colour, shape, position and motion, so the draft needs the tokens of
+every object, and the correct-answer column compares whole descriptions.
+
 Usage: python benchmarks/bench_pruning_study.py [--quick] [--pair NAME] [--out PATH]
-       [--plots DIR] [--samples-per-kind N] [--max-tokens N] [--k K]
+       [--plots DIR] [--samples-per-kind N] [--max-tokens N] [--k K] [--questions focus|describe]
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ ABLATIONS = {
 QUICK = {"methods": ("holistic", "attention"), "ratios": (0.1,), "ablations": ("holistic no attn",),
          "references": ("none", "no video"), "samples_per_kind": 1, "max_tokens": 12}
 SCHEDULES = {"serial": False, "parallel": True}
+DESCRIBE_MAX_TOKENS = 44  # the longest description (38 tokens) plus <|im_end|>, with room
 PICTURE_RATIO = 0.1  # the keep ratio whose kept tokens the frame picture shows
 
 
@@ -151,8 +156,9 @@ class Question:
     object_labels: tuple[int, ...]  # mask labels of the objects the question is about
 
 
-def build_questions(samples_per_kind: int, video_dir: pathlib.Path) -> list[Question]:
-    """The focus questions of held-out samples, the scene kinds taking turns."""
+def build_questions(samples_per_kind: int, video_dir: pathlib.Path, asked: str = "focus") -> list[Question]:
+    """Questions on held-out samples, the scene kinds taking turns: ``focus``, each
+    sample's focus questions; ``describe``, each sample's description (about every object)."""
     from hippo_testbed import load_video
     from hippo_testbed.video_task import HELD_OUT_SEEDS, SCENE_KINDS, make_sample
 
@@ -166,17 +172,22 @@ def build_questions(samples_per_kind: int, video_dir: pathlib.Path) -> list[Ques
             frames, metadata = load_video(path, NUM_FRAMES)
             masks = sample.masks[list(metadata["frames_indices"])]  # the decoded frames' masks
             for qa in sample.qa:
-                if qa.topic not in sample.focus:
+                if qa.topic not in (("describe",) if asked == "describe" else sample.focus):
                     continue
-                # mover: objects[0]; position question: objects[1]; count: every object.
-                labels = {"position": (2,), "count": tuple(range(1, len(sample.objects) + 1))}.get(qa.topic, (1,))
+                # mover: objects[0]; position question: objects[1]; count and description: every object.
+                every = tuple(range(1, len(sample.objects) + 1))
+                labels = {"position": (2,), "count": every, "describe": every}.get(qa.topic, (1,))
                 questions.append(Question(seed, kind, qa.topic, qa.question, qa.answer, str(path),
                                           (frames, metadata), masks, labels))
     return questions
 
 
 def is_correct(text: str, answer: str) -> bool:
-    """The answer's first sentence, case and spacing aside, is the expected sentence."""
+    """The answer's first sentence, case and spacing aside, is the expected sentence (for a
+    description, whose first sentence is only the count: the whole answer)."""
+    if answer.startswith("There are") and answer.count(".") > 1:
+        return " ".join(text.split()) == " ".join(answer.split())
+
     def first_sentence(s: str) -> str:
         s = " ".join(s.lower().split())
         return s[: s.index(".") + 1] if "." in s else s
@@ -549,12 +560,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--video-dir", type=pathlib.Path, default=None,
                         help="keep the task's mp4s there (default: a temporary folder)")
     parser.add_argument("--samples-per-kind", type=int, help="held-out samples per scene kind (default 8)")
-    parser.add_argument("--max-tokens", type=int, help="answer length cap (default 24)")
+    parser.add_argument("--max-tokens", type=int, help="answer length cap (default 24; 44 with --questions "
+                                                        "describe)")
+    parser.add_argument("--questions", choices=("focus", "describe"), default="focus",
+                        help="focus: each sample's focus questions (default); describe: each sample's "
+                             "description, which needs every object")
     parser.add_argument("--k", type=int, default=5, help="num_speculative_tokens (γ, >= 2)")
     args = parser.parse_args(argv)
-    for key, full in (("samples_per_kind", 8), ("max_tokens", 24)):
+    defaults = {"samples_per_kind": (8, QUICK["samples_per_kind"]), "max_tokens": (24, QUICK["max_tokens"])}
+    if args.questions == "describe":
+        defaults["max_tokens"] = (DESCRIBE_MAX_TOKENS, DESCRIBE_MAX_TOKENS)  # a whole description, even quick
+    for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
-            setattr(args, key, QUICK[key] if args.quick else full)
+            setattr(args, key, quick if args.quick else full)
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     methods = QUICK["methods"] if args.quick else METHODS
@@ -563,7 +581,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not args.methods:
         parser.error(f"--methods must list names from {METHODS}, got {unknown or args.methods}")
     if args.out is None:
-        args.out = pathlib.Path(f"benchmarks/results/pruning_study_{args.pair}/study.json")
+        suffix = "_describe" if args.questions == "describe" else ""
+        args.out = pathlib.Path(f"benchmarks/results/pruning_study_{args.pair}{suffix}/study.json")
     if args.k < 2:
         parser.error(f"--k must be >= 2 (the parallel schedule needs two), got {args.k}")
     return args
@@ -579,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     pair = load_pair(args.pair)
     tokenizer = AutoTokenizer.from_pretrained(pair.target)
     with tempfile.TemporaryDirectory() as scratch:  # the engine gets decoded frames, not the files
-        questions = build_questions(args.samples_per_kind, args.video_dir or pathlib.Path(scratch))
+        questions = build_questions(args.samples_per_kind, args.video_dir or pathlib.Path(scratch), args.questions)
     requests = make_requests(questions, tokenizer)
     if args.quick:
         variants = build_variants(args.methods, QUICK["ratios"], QUICK["ablations"], QUICK["references"])
@@ -605,6 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
             "random-weight checkpoints: answers, acceptance and MAT do not test the pruning claim; "
             "the selection figures (boundary ratio, object-token recall) come from random models too"),
         "settings": {"quick": args.quick, "k": args.k, "max_tokens": args.max_tokens, "greedy": True,
+                     "questions": args.questions,
                      "samples_per_kind": args.samples_per_kind, "num_questions": len(questions),
                      "keep_ratios": sorted({v.keep_ratio for v in variants if v.group == "grid"}),
                      "ablation_keep_ratio": ABLATION_RATIO, "engine": engine_settings(len(questions))},
@@ -640,7 +660,8 @@ def replot(path: pathlib.Path, folder: pathlib.Path | None) -> dict:
 
     result = json.loads(path.read_text())
     with tempfile.TemporaryDirectory() as scratch:
-        questions = build_questions(result["settings"]["samples_per_kind"], pathlib.Path(scratch))
+        questions = build_questions(result["settings"]["samples_per_kind"], pathlib.Path(scratch),
+                                    result["settings"].get("questions", "focus"))
     written = write_plots(result, questions, folder or path.parent)
     print("wrote " + ", ".join(str(p) for p in written))
     return result

@@ -33,18 +33,19 @@ def test_without_cuda_it_says_why_it_skipped_and_exits_0(tmp_path):
 
 def test_plan_runs_the_matrix_under_the_gpu_profile_and_tp2_and_the_draft_worker_only_with_two_gpus(gpu_check, tmp_path):
     one = gpu_check.plan(1, tmp_path)
-    assert [step.name for step in one] == ["kernels", "lossless-matrix", "benchmark", "target-attention-benchmark"]
+    assert [step.name for step in one] == ["kernels", "lossless-matrix", "deployment", "benchmark",
+                                           "target-attention-benchmark"]
     assert one[0].env == {"HIPPO_KERNEL_TEST_DEVICE": "cuda"}
-    assert one[1].env == {"HIPPO_TEST_PROFILE": "gpu", "HIPPO_TEST_TP": "1"}
-    assert "--production" in one[2].command
-    assert one[3].command[1:4] == ["benchmarks/bench_target_attention.py", "--device", "cuda"]
+    assert one[1].env == one[2].env == {"HIPPO_TEST_PROFILE": "gpu", "HIPPO_TEST_TP": "1"}
+    assert "--production" in one[3].command
+    assert one[4].command[1:4] == ["benchmarks/bench_target_attention.py", "--device", "cuda"]
     two = gpu_check.plan(2, tmp_path)
-    assert [step.name for step in two] == ["kernels", "lossless-matrix", "tensor-parallel-2", "draft-worker-gpu",
-                                           "benchmark", "target-attention-benchmark"]
-    assert two[2].env["HIPPO_TEST_TP"] == "2"
-    assert two[3].env == {"HIPPO_TEST_PROFILE": "gpu", "HIPPO_TEST_TP": "1"}
-    for selection in (*gpu_check.LOSSLESS_MATRIX, *gpu_check.TENSOR_PARALLEL_TESTS, *gpu_check.DRAFT_WORKER_TESTS,
-                      *gpu_check.KERNEL_TESTS):
+    assert [step.name for step in two] == ["kernels", "lossless-matrix", "deployment", "tensor-parallel-2",
+                                           "draft-worker-gpu", "benchmark", "target-attention-benchmark"]
+    assert two[3].env["HIPPO_TEST_TP"] == "2"
+    assert two[4].env == {"HIPPO_TEST_PROFILE": "gpu", "HIPPO_TEST_TP": "1"}
+    for selection in (*gpu_check.LOSSLESS_MATRIX, *gpu_check.DEPLOYMENT_TESTS, *gpu_check.TENSOR_PARALLEL_TESTS,
+                      *gpu_check.DRAFT_WORKER_TESTS, *gpu_check.KERNEL_TESTS):
         path, _, test = selection.partition("::")
         assert (ROOT / path).exists(), path
         assert not test or f"def {test}(" in (ROOT / path).read_text(), selection
@@ -58,7 +59,7 @@ def test_verdict_names_every_failed_step_and_test(gpu_check, tmp_path):
         '<testcase classname="tests.vllm.test_hippo_lossless" name="test_b[vpsd-gpu]"><failure message="x"/></testcase>'
         '<testcase classname="tests.server.test_openai_server" name="test_c"><error message="y"/></testcase>'
         "</testsuite></testsuites>")
-    _, matrix, bench, _ = gpu_check.plan(1, tmp_path)
+    _, matrix, _, bench, _ = gpu_check.plan(1, tmp_path)
     failed = gpu_check.failed_tests(report)
     assert failed == ("tests.vllm.test_hippo_lossless::test_b[vpsd-gpu]", "tests.server.test_openai_server::test_c")
 

@@ -10,13 +10,19 @@ Runs, on the tiny offline fixtures:
    ablations, sampling statistics, top-k, metrics, the OpenAI server) under the test
    profile ``gpu`` (tests/engine_utils.py): bfloat16, torch.compile and CUDA graphs,
    vLLM's default attention backend and KV-cache sizing;
-2. with two or more GPUs, the same engine at tensor-parallel size 2 against the
-   target alone at that size (tests/vllm/test_tensor_parallel_gpu.py), and the draft
+2. what deployments add (tests/vllm/test_gpu_deployment.py): an engine at production
+   sizes (0.9 of the memory, vLLM's default batch sizes and model length), an fp8 KV
+   cache, a long video whose prefill is chunked, and a last prefill chunk of 1+K tokens
+   that vLLM replays as a FULL CUDA graph (its view comes without the target's
+   attention, counted, and the output stays lossless);
+3. with two or more GPUs, the same engine at tensor-parallel size 2 against the
+   target alone at that size, also after a fault switched drafting off on the output
+   rank (tests/vllm/test_tensor_parallel_gpu.py), and the draft
    in a worker process on GPU 1 beside the target on GPU 0, both schedules
    (tests/vllm/test_draft_worker_gpu.py);
-3. a short end-to-end benchmark at the same settings (benchmarks/bench_e2e.py
+4. a short end-to-end benchmark at the same settings (benchmarks/bench_e2e.py
    --quick --production), which aborts unless every output equals the target's;
-4. the s_attn benchmark (benchmarks/bench_target_attention.py --device cuda): kernel,
+5. the s_attn benchmark (benchmarks/bench_target_attention.py --device cuda): kernel,
    torch path and floor per layer for the 7B and 72B geometries at 2k-64k video tokens;
 
 then prints one verdict: PASS, or FAIL with the steps and tests that failed.
@@ -51,6 +57,9 @@ LOSSLESS_MATRIX = (
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel_gpu.py",)
 DRAFT_WORKER_TESTS = ("tests/vllm/test_draft_worker_gpu.py",)
+# Production sizes, fp8 KV, a long chunked video, a FULL-graph prefill chunk: its own
+# process, since the production-size engine takes 0.9 of the GPU memory.
+DEPLOYMENT_TESTS = ("tests/vllm/test_gpu_deployment.py",)
 KERNEL_TESTS = ("tests/ops/",)
 
 
@@ -90,7 +99,8 @@ def plan(num_gpus: int, out: Path) -> list[Step]:
         return Step(name, [python, "-m", "pytest", "-q", "-rfE", f"--junitxml={junit}", *paths], env, junit)
 
     steps = [pytest_step("kernels", KERNEL_TESTS, {"HIPPO_KERNEL_TEST_DEVICE": "cuda"}),
-             pytest_step("lossless-matrix", LOSSLESS_MATRIX, profile)]
+             pytest_step("lossless-matrix", LOSSLESS_MATRIX, profile),
+             pytest_step("deployment", DEPLOYMENT_TESTS, profile)]
     if num_gpus >= 2:
         steps.append(pytest_step("tensor-parallel-2", TENSOR_PARALLEL_TESTS, {**profile, "HIPPO_TEST_TP": "2"}))
         steps.append(pytest_step("draft-worker-gpu", DRAFT_WORKER_TESTS, profile))

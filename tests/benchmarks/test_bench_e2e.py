@@ -17,10 +17,11 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
 # With two cores: the target bound to core 0, alone and with the draft in a worker on core 1.
 WORKER_ROWS = ["target core0", "hippo parallel tiny worker"]
-COLUMNS = ("configuration", "wall s", "tok/s", "fwd", "tok/fwd", "MAT", "video seen", "target s", "draft s")
-ROW_KEYS = {"name", "wall_seconds", "tokens_per_second", "generated_tokens", "target_forwards",
+COLUMNS = ("configuration", "wall s", "tok/s", "fwd", "tok/fwd", "MAT", "video seen", "target s", "draft s",
+           "host/step")
+ROW_KEYS = {"name", "workload", "wall_seconds", "tokens_per_second", "generated_tokens", "target_forwards",
             "tokens_per_target_forward", "mat", "spec_acceptance_rate", "video_tokens_seen",
-            "video_tokens_total", "seconds", "lossless", "speedup_vs_target"}
+            "video_tokens_total", "seconds", "lossless", "speedup_vs_target", "host_ms_per_target_step"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,21 @@ def test_a_family_without_tiny_fixtures_or_a_trained_pair_of_another_family_is_r
     errors = capsys.readouterr().err
     assert f"--family must be one of {sorted(FAMILY_FIXTURES)}, got 'Gemma'" in errors
     assert "--models trained is a Qwen2.5-VL pair; --family 'Qwen2-VL' runs on --models tiny" in errors
+
+
+def test_trained_models_run_description_and_template_workloads_at_each_batch_size(bench, capsys):
+    args = bench.parse_args(["--models", "trained"])
+    assert (args.questions, args.batch_sizes, args.num_prompts) == (["describe", "template"], [1, 8], 8)
+    assert args.max_tokens == bench.DESCRIBE_MAX_TOKENS
+    assert bench.parse_args(["--models", "trained", "--quick"]).batch_sizes == [1]
+    for argv in (["--models", "trained", "--questions", "summary"], ["--models", "trained", "--batch-sizes", "0"],
+                 ["--batch-sizes", "1,8"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    errors = capsys.readouterr().err
+    assert "--questions must list 'describe' and/or 'template', got ['summary']" in errors
+    assert "--batch-sizes must be >= 1, got [0]" in errors
+    assert "--batch-sizes is for --models trained" in errors
 
 
 def test_production_settings_are_what_a_gpu_user_runs(bench):
@@ -72,7 +88,8 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tiny, 
     num_prompts, max_tokens = result["settings"]["num_prompts"], result["settings"]["max_tokens"]
 
     # Every batch of every row (warm-up + 1 timed) was compared with the target's own outputs.
-    assert [(name, repeat) for name, repeat, _, _ in checked] == [(row, r) for row in expected for r in (0, 1)]
+    assert [(name, repeat) for name, repeat, _, _ in checked] == [(f"{row} (tiny)", r) for row in expected
+                                                                  for r in (0, 1)]
     target_ids = checked[0][2]
     assert len(target_ids) == num_prompts and all(len(ids) == max_tokens for ids in target_ids)
     assert all(reference == target_ids for *_, reference in checked)
@@ -84,6 +101,8 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tiny, 
         assert row["lossless"] == {"checked_batches": 2, "checked_outputs": 2 * num_prompts, "equal_to_target": True}
         assert row["generated_tokens"] == max_tokens * num_prompts
         assert row["target_forwards"] > 0 and row["wall_seconds"] > 0
+        # The forwards ran inside the timed wrappers; the host time is the rest of the wall time.
+        assert 0 < row["seconds"]["forwards"] < row["wall_seconds"] and row["host_ms_per_target_step"] > 0
     # Drafting happened in every speculative row, counted at vLLM's scheduler and by hippo.
     for name in ROWS[1:]:
         assert rows[name]["tracker"]["spec_drafted"] > 0, name

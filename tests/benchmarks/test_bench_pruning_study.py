@@ -30,6 +30,9 @@ def test_an_answer_is_correct_when_its_first_sentence_is_the_expected_one(bench)
     assert bench.is_correct("It is  Blue. It is blue", "It is blue.")
     assert not bench.is_correct("It is blue", "It is red.")
     assert not bench.is_correct("It is bluegreen.", "It is blue.")
+    description = "There are two objects. The red bar moves left from top left. A blue pole stays at top right."
+    assert bench.is_correct(description.replace(". ", ".  "), description)
+    assert not bench.is_correct("There are two objects. The red bar moves left from top left.", description)
 
 
 def test_the_full_study_runs_both_schedules_except_for_ablations(bench):

@@ -97,12 +97,49 @@ def test_a_text_only_draft_is_refused(tiny):
         engine_config(tiny.target, {"method": "hippo", "model": str(tiny.text_draft)})
 
 
-def test_a_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+def test_a_draft_with_a_larger_vocabulary_is_refused(tiny, tmp_path):
     draft = _draft_with(tmp_path, tiny, **{"text_config.vocab_size": 576, "vocab_size": 576})
-    with pytest.raises(HippoConfigError, match=r"vocabulary size 576, the target 512"):
+    with pytest.raises(HippoConfigError, match=r"vocabulary size 576, larger than the target's 512"):
         engine_config(tiny.target, {"method": "hippo", "model": str(draft)})
 
 
 def test_a_custom_worker_class_cannot_be_combined(tiny):
     with pytest.raises(HippoConfigError, match=r"--worker-cls='my.Worker' cannot be combined"):
         engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, worker_cls="my.Worker")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"pipeline_parallel_size": 2}, r"--pipeline-parallel-size=2 cannot be combined with \"method\": \"hippo\""),
+        ({"async_scheduling": True}, r"--async-scheduling cannot be combined with \"method\": \"hippo\".*"
+                                     r"--no-async-scheduling"),
+    ],
+)
+def test_pipeline_parallelism_and_async_scheduling_are_refused_with_a_hippo_message(tiny, flags, message):
+    with pytest.raises(HippoConfigError, match=message):
+        engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, **flags)
+
+
+def test_async_scheduling_left_unset_is_off_and_explicitly_off_is_accepted(tiny):
+    for flags in ({}, {"async_scheduling": False}):
+        config = engine_config(tiny.target, {"method": "hippo", "model": str(tiny.draft)}, **flags)
+        assert not config.scheduler_config.async_scheduling
+
+
+def test_a_draft_with_the_targets_tokenizer_and_fewer_padding_rows_is_accepted(tiny, tmp_path):
+    # As Qwen2.5-VL-3B (151,936 rows) drafting for 7B (152,064): one tokenizer.
+    draft = _draft_with(tmp_path, tiny, **{"text_config.vocab_size": 508})
+    config = engine_config(tiny.target, {"method": "hippo", "model": str(draft)})
+    assert hippo_settings(config).model == str(draft)
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny, tmp_path):
+    draft = _draft_with(tmp_path, tiny)
+    tokenizer = json.loads((draft / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    token = next(iter(vocab))
+    vocab[token + "_renamed"] = vocab.pop(token)
+    (draft / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(HippoConfigError, match=r"has a tokenizer of \d+ ids that differs from the target's"):
+        engine_config(tiny.target, {"method": "hippo", "model": str(draft)})

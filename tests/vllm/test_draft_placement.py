@@ -7,9 +7,14 @@ import types
 import pytest
 
 from hippo_vllm.config import DraftWorkerConfig, HippoConfigError
-from hippo_vllm.vllm.placements.factory import physical_gpu_ids, target_gpu_indices, worker_device_env
+from hippo_vllm.vllm.placements.factory import (
+    physical_gpu_ids,
+    target_gpu_indices,
+    target_physical_gpus,
+    worker_device_env,
+)
 
-TP4 = {0, 1, 2, 3}
+TP4 = {"0", "1", "2", "3"}  # the machine's ids of a TP-4 target's GPUs, nothing narrowed
 
 
 def process(device=None):
@@ -19,7 +24,9 @@ def process(device=None):
 def test_a_spare_gpu_is_the_only_one_the_worker_sees():
     assert worker_device_env(process("cuda:4"), "cuda", TP4, None, 8) == {"CUDA_VISIBLE_DEVICES": "4"}
     # cuda:N counts among the visible GPUs, as the target's ranks do.
-    assert worker_device_env(process("cuda:4"), "cuda", TP4, "2,3,5,7,6", 5) == {"CUDA_VISIBLE_DEVICES": "6"}
+    visible = "2,3,5,7,6"
+    target = physical_gpu_ids({0, 1, 2, 3}, visible)
+    assert worker_device_env(process("cuda:4"), "cuda", target, visible, 5) == {"CUDA_VISIBLE_DEVICES": "6"}
 
 
 @pytest.mark.parametrize(
@@ -33,7 +40,21 @@ def test_a_spare_gpu_is_the_only_one_the_worker_sees():
 )
 def test_a_target_gpu_a_missing_one_or_none_is_refused_on_a_gpu_machine(device, visible, num_gpus, needle):
     with pytest.raises(HippoConfigError, match=needle):
-        worker_device_env(process(device), "cuda", TP4, visible, num_gpus)
+        worker_device_env(process(device), "cuda", physical_gpu_ids({0, 1, 2, 3}, visible), visible, num_gpus)
+
+
+def test_device_ids_map_the_target_to_the_gpus_it_was_given():
+    # vllm serve --device-ids 4,5,6,7 -tp 4: every GPU stays visible, the ranks' logical
+    # indices 0-3 are physical GPUs 4-7 (vLLM 0.33's assigned_physical_gpu_ids).
+    config = types.SimpleNamespace(world_size=4, data_parallel_rank_local=0, assigned_physical_gpu_ids=[4, 5, 6, 7])
+    target = target_physical_gpus(config, None)
+    assert target == {"4", "5", "6", "7"}
+    assert worker_device_env(process("cuda:0"), "cuda", target, None, 8) == {"CUDA_VISIBLE_DEVICES": "0"}
+    with pytest.raises(HippoConfigError, match=r"one of \[0, 1, 2, 3\] \(the target uses \[4, 5, 6, 7\]"):
+        worker_device_env(process("cuda:4"), "cuda", target, None, 8)
+    # Without --device-ids the logical indices are the visible ones.
+    plain = types.SimpleNamespace(world_size=4, data_parallel_rank_local=0, assigned_physical_gpu_ids=None)
+    assert target_physical_gpus(plain, "3,2,1,0,7") == {"3", "2", "1", "0"}
 
 
 def test_on_a_cpu_machine_the_worker_runs_on_the_cpu():
@@ -52,3 +73,14 @@ def test_the_target_gpus_follow_vllms_local_rank_mapping():
     assert target_gpu_indices(older) == {2, 3}
     assert physical_gpu_ids({0, 2}, "5,6,7") == {"5", "7"}
     assert physical_gpu_ids({1}, None) == {"1"}
+
+
+def test_a_draft_of_its_own_gets_no_more_kv_blocks_than_its_device_holds():
+    from hippo_vllm.vllm.placements.bootstrap import DRAFT_GPU_KV_FRACTION, blocks_that_fit
+
+    gib = 2**30
+    # 10 GiB free after the weights, 2 MiB blocks: the requested 100k blocks become what fits.
+    fitting = int(10 * gib * DRAFT_GPU_KV_FRACTION) // (2 * 2**20)
+    assert blocks_that_fit(100_000, 2 * 2**20, 10 * gib) == fitting < 100_000
+    assert blocks_that_fit(1_000, 2 * 2**20, 10 * gib) == 1_000  # a request that fits is kept
+    assert blocks_that_fit(1_000, 2 * 2**20, 0) == 0

@@ -160,3 +160,13 @@ def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkey
     result = draft.handle(StepWork(7, releases=[Release("t", finished=False)], chunks=[ChunkOrder("t", 0, [1], K)]))
     assert result.seq == 7 and result.step_failure is not None
     assert result.step_failure.where == "draft step" and "injected allocator failure" in result.step_failure.traceback
+
+
+def test_the_draft_warms_up_when_its_cache_is_allocated_and_keeps_nothing(target, tiny):
+    llm, _ = target
+    warm = DraftWorker(llm.llm_engine.vllm_config, HippoConfig(model=str(tiny.draft), num_speculative_tokens=K))
+    forwards, run = [], warm.engine.run
+    warm.engine.run = lambda inputs: (forwards.append([i.num_rows for i in inputs]), run(inputs))[1]
+    warm.allocate_kv_cache(8)
+    assert forwards == [[DraftWorker.WARM_UP_TOKENS], [1]]  # a prefill and a decode step, before any request
+    assert warm.engine.num_requests == 0 and warm.engine.num_free_blocks == 8

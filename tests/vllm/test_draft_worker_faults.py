@@ -159,18 +159,73 @@ def test_round_trips_are_timed_within_a_step_and_malformed_messages_cost_one_ste
         draft.close()
 
 
-def test_a_ray_actor_on_a_target_gpu_is_refused(target_config, tiny):
+def test_ray_started_by_hippo_sees_only_spare_gpus_refuses_a_target_gpu_and_gives_up_fast(target_config, tiny):
     import ray
 
     from hippo_vllm.vllm.metrics.stats import HippoStats
+    from hippo_vllm.vllm.placements.ray_actor import RayDraft, start_ray
+    from hippo_vllm.vllm.placements.supervised import DraftWorkerError
+
+    with pytest.raises(DraftWorkerError, match="no spare GPU for the draft's Ray actor"):
+        start_ray(use_gpu=True, spare_gpus=set())
+    # A machine whose GPUs 5 and 7 are spare (the target holds the others): the local
+    # Ray hippo starts knows only those, so the actor lands on one of them.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    start_ray(use_gpu=True, spare_gpus={"5", "7"})
+    try:
+        assert os.environ.get("CUDA_VISIBLE_DEVICES") == visible  # restored for the engine
+        draft = RayDraft(target_config, hippo(tiny, placement="ray"), HippoStats(), use_gpu=True,
+                         target_physical_gpus={"0", "1", "2", "3"})
+        _, gpus, _ = ray.get(draft._placed_ref)
+        assert gpus in (["5"], ["7"])
+        draft.close()
+        # Ray placing the actor on a GPU the target uses on this node is refused.
+        with pytest.raises(DraftWorkerError, match=r"GPU \['[57]'\], which the target uses on this node"):
+            RayDraft(target_config, hippo(tiny, placement="ray"), HippoStats(), use_gpu=True,
+                     target_physical_gpus={"5", "7"})
+    finally:
+        ray.shutdown()
+    # No GPU free for the actor at all (vLLM's Ray executor holding them): a clear error,
+    # after the placement wait rather than the whole start_timeout_s.
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
+    try:
+        with pytest.raises(DraftWorkerError, match=r"Ray did not place the draft's actor within 5 s: no node has a GPU"):
+            bounded(lambda: RayDraft(target_config, hippo(tiny, placement="ray", start_timeout_s=5), HippoStats(),
+                                     use_gpu=True, target_physical_gpus={"0"}))
+    finally:
+        ray.shutdown()
+
+
+def test_a_target_gpu_id_on_another_node_is_not_the_targets():
+    import types
+
     from hippo_vllm.vllm.placements.ray_actor import RayDraft
     from hippo_vllm.vllm.placements.supervised import DraftWorkerError
 
-    # A local Ray that believes this machine has one GPU, and a target on GPU 0.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    draft = types.SimpleNamespace(target_node="node-a", target_physical_gpus={"0", "1"})
+    RayDraft._check_gpus(draft, "node-b", ["0"])  # GPU 0 of another node is free for the draft
+    with pytest.raises(DraftWorkerError, match=r"GPU \['1'\]"):
+        RayDraft._check_gpus(draft, "node-a", ["1"])
+
+
+def test_a_target_with_data_parallelism_gives_the_worker_a_one_rank_world(tiny):
+    """Under the target's DP-2 config vLLM would make the worker rank 0 of a 2-rank world
+    and rendezvous at the target's DP master: it would never start."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_utils import CPU_DEFAULTS
+    from hippo_vllm.vllm.placements.bootstrap import one_rank_config
+
+    args = {k: v for k, v in CPU_DEFAULTS.items() if k != "disable_log_stats"}
+    dp2 = EngineArgs(model=str(tiny.target), data_parallel_size=2, **args).create_engine_config()
+    assert dp2.parallel_config.world_size_across_dp == 2
+    one_rank = one_rank_config(dp2).parallel_config
+    assert (one_rank.data_parallel_size, one_rank.nnodes, one_rank.world_size) == (1, 1, 1)
+    assert dp2.parallel_config.data_parallel_size == 2  # the target's config is untouched
+
+    draft = bounded(remote_draft, dp2, hippo(tiny, placement="process", cpu_cores=[1], start_timeout_s=90))
     try:
-        with pytest.raises(DraftWorkerError, match=r"GPU \['0'\], which the target uses"):
-            RayDraft(target_config, hippo(tiny, placement="ray"), HippoStats(), use_gpu=True,
-                     target_physical_gpus={"0"})
+        assert draft.allocate_kv_cache(32) == 32  # the blocks allocated (capped only on a GPU)
+        assert draft.submit(first_step()).result(30).chunks["a"]
     finally:
-        ray.shutdown()
+        draft.close()

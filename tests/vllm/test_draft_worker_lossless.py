@@ -177,3 +177,79 @@ def test_tp2_output_rank_starts_the_worker_and_stays_lossless(tiny, requests, ba
     ((pid, trips),) = [(pid, trips) for has_draft, pid, trips in reports if has_draft]
     assert trips > 0
     assert wait_gone(pid), "the draft worker outlived the engine"
+
+
+def test_draft_then_verify_takes_in_late_answers(tiny, requests, baseline):
+    """Steps whose answers miss their deadline, among them the prefill step of every
+    request: their views, failures and lack of room are read when the answers come,
+    the list of late steps stays short, and every request drafts again afterwards."""
+    from hippo_vllm.vllm.placements.supervised import MAX_STEPS_BEHIND
+    from hippo_vllm.vllm.target.draft_messages import SentStep
+
+    config = worker_config(tiny.draft, False, "process", timeout_ms=200)
+    with engine(tiny.target, speculative_config=config) as llm:
+        proposer = proposer_of(llm)
+        draft, stats = proposer.draft, proposer.stats
+        late_lengths, drafted_after, step = [], {}, {"n": 0}
+        last_stall = 6
+        propose_batch = proposer.propose_batch
+
+        def watched(runner, scheduler_output, sampled):
+            drafts = propose_batch(runner, scheduler_output, sampled)
+            late_lengths.append(len(proposer._late))
+            assert all(isinstance(sent, SentStep) for sent, _ in proposer._late)  # no video data kept
+            if step["n"] > last_stall:
+                for req_id, d in zip(runner.input_batch.req_ids, drafts):
+                    drafted_after[req_id] = drafted_after.get(req_id, 0) + len(d)
+            return drafts
+
+        proposer.propose_batch = watched
+
+        def stall_then_count(n):
+            def at_step():
+                step["n"] = n
+                draft.stall(0.5)  # the worker sleeps past this step's 200 ms deadline
+            return at_step
+
+        at_step = {n: stall_then_count(n) for n in range(0, last_stall + 1, 2)}
+        for n in range(last_stall + 1, 60):
+            at_step[n] = (lambda n=n: step.__setitem__("n", n))
+        assert _generate_stepwise(llm, requests, 24, at_step) == baseline["single"]
+        assert stats.draft_dropped_steps >= 4
+        # Every video request's view was read, though its prefill step answered late.
+        num_videos = sum("multi_modal_data" in r for r in requests)
+        assert stats.video_tokens_total == 64 * num_videos and stats.draft_views >= num_videos
+        # Bounded while the stalls pile up (a worker 16 steps behind is restarted), drained after.
+        assert max(late_lengths) <= MAX_STEPS_BEHIND and late_lengths[-1] <= 1, late_lengths
+        # Every request was still running after the last stall, and drafted again.
+        assert len(drafted_after) == len(requests) and all(drafted_after.values()), drafted_after
+        assert stats.draft_worker_restarts == 0 and stats.drafting_failures == 0
+
+
+def test_tp2_a_fault_that_switches_drafting_off_keeps_every_rank_summing_s_attn(tiny, requests, baseline):
+    """Under tensor parallelism the ranks sum s_attn (a collective); drafting switched off
+    on the output rank must not stop it from joining, or the other rank waits forever."""
+    from test_tensor_parallel import cpu_threads_bound_per_rank
+
+    def break_drafting(worker):
+        drafter = worker.model_runner.drafter
+        if drafter.draft is not None:
+            def submit(work):
+                raise RuntimeError("injected draft fault")
+            drafter.draft.submit = submit
+        return drafter.capture is not None and drafter.capture.sums_over_ranks
+
+    def report(worker):
+        drafter = worker.model_runner.drafter
+        return drafter.draft is not None, drafter.disabled
+
+    config = hippo_config(tiny.draft, K, False, draft_kv_tokens=1024)
+    with cpu_threads_bound_per_rank("0|1"):
+        with engine(tiny.target, speculative_config=config, tensor_parallel_size=2) as llm:
+            assert generate_ids(llm, requests[:2], max_tokens=24) == baseline["single"][:2]
+            assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+            assert all(llm.collective_rpc(break_drafting))  # every rank sums s_attn
+            assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+            assert sorted(llm.collective_rpc(report)) == [(False, False), (True, True)]
+            # New video prefills after drafting stopped: every rank still joins the sum.
+            assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]

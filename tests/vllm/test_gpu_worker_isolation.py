@@ -51,6 +51,11 @@ def gpu_side_modules() -> list[str]:
 def replaced_after(imports: list[str]) -> list[str]:
     """The guarded attributes whose identity changes when ``imports`` are imported
     and the plugin is registered, in a fresh interpreter."""
+    return _import_and_register(imports)[0]
+
+
+def _import_and_register(imports: list[str]) -> tuple[list[str], bool]:
+    """(the guarded attributes replaced, whether CUDA got initialised), in a fresh interpreter."""
     script = textwrap.dedent(
         f"""
         import importlib, operator, torch, vllm.utils.torch_utils
@@ -66,6 +71,7 @@ def replaced_after(imports: list[str]) -> list[str]:
         plugin.register()
         after = current()
         print("REPLACED:" + ",".join(k for k in before if before[k] is not after[k]))
+        print("CUDA_INITIALIZED:" + str(torch.cuda.is_initialized()))
         """
     )
     env = {**os.environ, "PYTHONPATH": str(pathlib.Path(integration.__file__).parents[2])}
@@ -73,14 +79,20 @@ def replaced_after(imports: list[str]) -> list[str]:
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    line = [l for l in done.stdout.splitlines() if l.startswith("REPLACED:")][-1]
-    return [name for name in line.removeprefix("REPLACED:").split(",") if name]
+    lines = done.stdout.splitlines()
+    replaced = [l for l in lines if l.startswith("REPLACED:")][-1].removeprefix("REPLACED:")
+    initialized = [l for l in lines if l.startswith("CUDA_INITIALIZED:")][-1].removeprefix("CUDA_INITIALIZED:")
+    return [name for name in replaced.split(",") if name], initialized == "True"
 
 
 def test_gpu_worker_and_plugin_modules_leave_cuda_and_torch_untouched():
     modules = gpu_side_modules()
     assert "hippo_vllm.vllm.seam.worker_gpu" in modules and "hippo_vllm.vllm.target.proposer" in modules
-    assert replaced_after(["hippo_vllm.vllm.seam.worker_gpu", *modules]) == []
+    replaced, cuda_initialized = _import_and_register(["hippo_vllm.vllm.seam.worker_gpu", *modules])
+    assert replaced == []
+    # The plugin registers in every vLLM process, the API server's and the engine
+    # core's too: initialising CUDA there would break the forked workers.
+    assert not cuda_initialized
 
 
 def test_the_check_detects_the_cpu_worker_import():

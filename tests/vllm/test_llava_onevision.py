@@ -119,7 +119,8 @@ def test_the_newline_row_after_a_video_is_always_kept_and_never_scored():
 
 
 def _check(target, draft) -> None:
-    target_model_config = SimpleNamespace(model=str(target), hf_config=_hf_config(target), trust_remote_code=False)
+    target_model_config = SimpleNamespace(model=str(target), hf_config=_hf_config(target), trust_remote_code=False,
+                                          tokenizer=str(target), tokenizer_revision=None)
     check_draft_against_target(HippoConfig(model=str(draft)), target_model_config)
 
 

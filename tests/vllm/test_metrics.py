@@ -192,11 +192,12 @@ def test_log_line_reads_like_vllms_stats_lines():
     fmt, args = format_log_line({**delta, "draft_views": 0, "draft_kv_full": 3})
     assert fmt % tuple(args) == "hippo: 3 request steps without drafts (draft KV cache full)"
     worker = {"draft_round_trips": 4, "draft_round_trip_seconds": 0.1, "draft_wait_seconds": 0.02,
-              "draft_dropped_steps": 2, "draft_worker_restarts": 1}
+              "draft_dropped_steps": 2, "draft_worker_restarts": 1, "draft_worker_down_seconds": 12.34}
     fmt, args = format_log_line({**delta, "draft_views": 0, **worker})
     assert fmt % tuple(args) == (
         "hippo: draft worker 25.0 ms/round trip, target waited 5.0 ms/step, "
-        "2 steps without drafts (draft worker late or down), 1 draft worker restarts")
+        "2 steps without drafts (draft worker late or down), 1 draft worker restarts, "
+        "drafting off 12.3 s (draft worker down)")
 
 
 # -- in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by conftest) ----------------

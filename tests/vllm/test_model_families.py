@@ -62,7 +62,8 @@ def test_a_family_reads_the_targets_prompt_positions_for_the_draft():
 
 def _check(tiny, target: str, draft) -> None:
     target_model_config = SimpleNamespace(
-        model=str(getattr(tiny, target)), hf_config=_config(tiny, target), trust_remote_code=False
+        model=str(getattr(tiny, target)), hf_config=_config(tiny, target), trust_remote_code=False,
+        tokenizer=str(getattr(tiny, target)), tokenizer_revision=None,
     )
     check_draft_against_target(HippoConfig(model=str(draft)), target_model_config)
 
@@ -113,13 +114,13 @@ def test_a_draft_of_another_family_or_an_unsupported_model_is_refused(tiny, targ
         _check(tiny, target, getattr(tiny, draft))
 
 
-def test_a_qwen2_vl_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
+def test_a_qwen2_vl_draft_with_a_larger_vocabulary_is_refused(tiny, tmp_path):
     draft = tmp_path / "draft"
     shutil.copytree(tiny.qwen2_vl_draft, draft)
     cfg = json.loads((draft / "config.json").read_text())
     cfg["text_config"]["vocab_size"] = cfg["vocab_size"] = 576
     (draft / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vocabulary size 576, the target 512"):
+    with pytest.raises(HippoConfigError, match=r"'.*/draft' has vocabulary size 576, larger than the target's 512"):
         _check(tiny, "qwen2_vl_target", draft)
 
 

@@ -36,3 +36,27 @@ def test_tensor_parallel_hippo_is_lossless_and_drafts(parallel, tiny, requests, 
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel=parallel)) as llm:
         assert generate_ids(llm, requests, max_tokens=24) == baseline
         assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+
+
+def test_tensor_parallel_a_fault_that_switches_drafting_off_keeps_every_rank_summing(tiny, requests, baseline):
+    """The output rank stops drafting after repeated failures; the other ranks still sum
+    s_attn with it (a collective), so new video prefills neither hang nor change outputs."""
+
+    def break_drafting(worker):
+        drafter = worker.model_runner.drafter
+        if drafter.draft is not None:
+            def submit(work):
+                raise RuntimeError("injected draft fault")
+            drafter.draft.submit = submit
+
+    def disabled(worker):
+        drafter = worker.model_runner.drafter
+        return drafter.draft is not None and drafter.disabled
+
+    with engine(tiny.target, speculative_config=hippo_config(tiny.draft, parallel=False)) as llm:
+        assert generate_ids(llm, requests, max_tokens=24) == baseline
+        llm.collective_rpc(break_drafting)
+        assert generate_ids(llm, requests, max_tokens=24) == baseline
+        assert any(llm.collective_rpc(disabled))
+        assert generate_ids(llm, requests, max_tokens=24) == baseline  # new prefills, drafting off
+

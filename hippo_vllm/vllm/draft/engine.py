@@ -23,6 +23,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from vllm.config import (
@@ -92,6 +93,17 @@ class DraftInput:
         return self.positions.shape[1]
 
 
+def tokenizer_length(model_config: Any) -> int:
+    """Ids the model's tokenizer knows (its vocabulary with added tokens)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
+        revision=model_config.tokenizer_revision,
+    )
+    return len(tokenizer)
+
+
 def make_draft_vllm_config(
     target_vllm_config: VllmConfig, draft_model: str | Path, dtype: torch.dtype | str | None = None
 ) -> VllmConfig:
@@ -151,6 +163,10 @@ def make_draft_vllm_config(
             target_vllm_config.compilation_config,
             mode=CompilationMode.NONE,
             cudagraph_mode=CUDAGraphMode.NONE,
+            # A compiled target runs without vLLM's custom ops (custom_ops ["none"]: Inductor
+            # fuses their torch versions); the eager draft would inherit that and run M-RoPE,
+            # RMSNorm and SiLU as plain PyTorch. Its own kernels instead.
+            custom_ops=["all"],
         ),
         cache_config=copy.copy(target_vllm_config.cache_config),
         scheduler_config=copy.copy(target_vllm_config.scheduler_config),
@@ -194,6 +210,9 @@ class DraftEngine:
         self.uses_mrope = model_config.uses_mrope  # else the model takes 1-D positions
         self.hidden_size = model_config.get_hidden_size()
         self.vocab_size = model_config.get_vocab_size()
+        # Rows past the tokenizer's ids are embedding padding (Qwen2.5-VL-3B: 151,936 rows
+        # for 151,665 tokens): the draft never proposes them.
+        self.proposable_ids = min(self.vocab_size, tokenizer_length(target_vllm_config.model_config))
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
         cfg = self.draft_vllm_config
@@ -265,7 +284,9 @@ class DraftEngine:
         """The draft's own vision encoder on a request's items: one ``[n_i, hidden]`` per item.
 
         ``mm_features`` are vLLM ``MultiModalFeatureSpec`` (``runner.requests[rid].mm_features``);
-        consecutive items of one modality are encoded as one batch, output order is input order.
+        output order is input order. Items are encoded one at a time: a prompt's videos
+        together would hold all their vision activations at once, memory vLLM's
+        profiling never counted for the draft.
         """
         items = []
         for f in mm_features:
@@ -277,26 +298,33 @@ class DraftEngine:
             items.append((f.modality, f.data))
         embeds: list[torch.Tensor] = []
         with self._as_draft():
-            for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
-                out = self.model.embed_multimodal(**batch)
-                if len(out) != num_items:
-                    raise RuntimeError(f"draft encoder gave {len(out)} {modality} embeddings for {num_items} items")
-                embeds.extend(out)
+            for item in items:
+                for modality, num_items, batch in group_and_batch_mm_kwargs([item], device=self.device):
+                    out = self.model.embed_multimodal(**batch)
+                    if len(out) != num_items:
+                        raise RuntimeError(
+                            f"draft encoder gave {len(out)} {modality} embeddings for {num_items} items")
+                    embeds.extend(out)
         return embeds
 
     @torch.inference_mode()
     def embed_prompt(
-        self, token_ids: torch.Tensor, mm_features, item_embeds: list[torch.Tensor] | None = None
+        self, token_ids: torch.Tensor, mm_features, item_embeds: list[torch.Tensor] | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[P, row_width]`` draft input rows of a full prompt of ``P`` token ids.
+        """``[P, row_width]`` draft input rows of a prompt of ``P`` token ids (or of its ``rows``).
 
         Token embeddings, with each item's embeddings placed at its placeholder rows
         (``mm_position``; only rows with ``is_embed`` when it is set).
         ``item_embeds`` (in ``mm_features`` order) defaults to ``embed_multimodal(mm_features)``.
         A DeepStack draft (Qwen3-VL) gives each row its DeepStack features after its
         embedding (zeros on text rows), so that a subset of rows keeps exactly its own.
+        ``rows`` (ascending prompt rows, e.g. a view's kept rows) embeds only those: a
+        pruned view of a long video never materialises the whole prompt's rows.
         """
         ids = token_ids.to(self.device, torch.int64)
+        if rows is not None and not mm_features:
+            ids = ids[rows.to(self.device)]
         mm_features = list(mm_features or ())
         if not mm_features:
             with self._as_draft():
@@ -319,10 +347,16 @@ class DraftEngine:
             if bool((span & mask).any()):
                 raise ValueError(f"{name}: placeholder {pos} overlaps another item")
             span |= mask
+        item_rows = [e.to(self.device) for _, e in ordered]
+        if rows is not None:
+            # The kept rows only: their ids, and of the items' rows (in prompt order, as
+            # the merge fills them) the ones at kept positions.
+            kept = torch.zeros(ids.shape[0], dtype=torch.bool)
+            kept[rows.cpu()] = True
+            item_rows = [torch.cat(item_rows)[kept[is_mm].to(self.device)]]
+            ids, is_mm = ids[rows.to(self.device)], is_mm[rows.cpu()]
         with self._as_draft():
-            embeds = self.model.embed_input_ids(
-                ids, [e.to(self.device) for _, e in ordered], is_multimodal=is_mm.to(self.device)
-            )
+            embeds = self.model.embed_input_ids(ids, item_rows, is_multimodal=is_mm.to(self.device))
             return self._with_deepstack(embeds, self._take_deepstack(ids.shape[0]))
 
     def _take_deepstack(self, num_rows: int) -> torch.Tensor | None:
@@ -413,6 +447,9 @@ class DraftEngine:
             hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
         last_rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
         logits = self.model.compute_logits(hidden[last_rows]).float()
+        if self.proposable_ids < logits.shape[-1]:
+            # The lowest finite value, not -inf: never the argmax, and differences stay finite.
+            logits[:, self.proposable_ids :] = torch.finfo(logits.dtype).min
         return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
 
     def _embed_rows(self, inp: DraftInput) -> torch.Tensor:

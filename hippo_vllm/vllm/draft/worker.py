@@ -93,6 +93,30 @@ class DraftWorker:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.engine.allocate_kv_cache(num_blocks)
+        self._warm_up()
+
+    WARM_UP_TOKENS = 8
+
+    def _warm_up(self) -> None:
+        """A tiny prefill and one decode step through the draft, before any request.
+
+        The first forward of a model pays one-off costs (kernel compilation and
+        autotuning, lazy allocations) that would otherwise land on the first
+        request's step. Text rows only: the vision encoder warms on the first video.
+        """
+        engine, n = self.engine, self.WARM_UP_TOKENS
+        if not engine.has_room_for(n + 1):
+            return  # a cache too small to spare even this: the first request warms it
+        req_id = "hippo-warm-up"
+        ids = torch.arange(n, dtype=torch.long) % engine.proposable_ids
+        positions = torch.arange(n + 1, dtype=torch.long).expand(3, -1)
+        start = time.perf_counter()
+        try:
+            engine.run([DraftInput(req_id, positions[:, :n].clone(), token_ids=ids)])
+            engine.run([DraftInput(req_id, positions[:, n:].clone(), token_ids=ids[:1])])
+        finally:
+            engine.free(req_id)
+        logger.info("hippo: draft warmed up in %.2f s", time.perf_counter() - start)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -151,7 +175,7 @@ class DraftWorker:
             view = self.views.build(req_id, prompt, visual, attention)
             result.views.append(_report(req_id, view))
         token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
-        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds)[view.keep_rows]
+        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
         positions = prompt.positions[:, view.keep_rows]
         self._check_room(req_id, view)
         # In pieces of at most max_num_batched_tokens rows, like the target's own

@@ -94,6 +94,9 @@ def format_log_line(delta: dict[str, float]) -> tuple[str, list[Any]]:
     if delta.get("draft_worker_restarts"):
         parts.append("%d draft worker restarts")
         args.append(int(delta["draft_worker_restarts"]))
+    if delta.get("draft_worker_down_seconds"):
+        parts.append("drafting off %.1f s (draft worker down)")
+        args.append(delta["draft_worker_down_seconds"])
     return "hippo: " + ", ".join(parts), args
 
 

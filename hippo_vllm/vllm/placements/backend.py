@@ -35,7 +35,9 @@ class DraftBackend(Protocol):
     # Whether the draft's KV cache comes out of the target's KV memory (same device).
     shares_target_memory: bool
 
-    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate the draft's KV cache; the blocks allocated (a draft on a GPU of its
+        own caps them by the memory free there)."""
 
     def submit(self, work: StepWork) -> PendingStep:
         """Hand over one step's work; a placement of its own never blocks on drafting here."""

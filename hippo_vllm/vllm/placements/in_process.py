@@ -39,8 +39,9 @@ class InProcessDraft:
     def block_size(self) -> int:
         return self.worker.block_size
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.worker.allocate_kv_cache(num_blocks)
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        self.worker.allocate_kv_cache(num_blocks)  # sized from the target's KV memory already
+        return num_blocks
 
     def submit(self, work: StepWork) -> DoneStep:
         return DoneStep(self.worker.handle(work))

@@ -93,10 +93,10 @@ class RemoteDraft(SupervisedDraft):
         """The live worker's process id (None while none is started)."""
         return None if self._proc is None else self._proc.pid
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int) -> int:
         self._num_blocks = num_blocks
         self._send_at_start("alloc", num_blocks)
-        self._wait_for("allocated", self.settings.start_timeout_s)
+        return self._wait_for("allocated", self.settings.start_timeout_s)
 
     def submit(self, work: StepWork):
         if not self._ready_to_submit(work.seq):

@@ -49,7 +49,7 @@ def serve(endpoint: str) -> None:
     import torch
     import zmq
 
-    from hippo_vllm.vllm.placements.bootstrap import start_draft_worker
+    from hippo_vllm.vllm.placements.bootstrap import allocate_kv_cache_within_device, start_draft_worker
     from hippo_vllm.vllm.placements.wire import Channel, MalformedMessage
     from hippo_vllm.vllm.protocol import DraftFailure, StepResult, result_on_host
 
@@ -83,8 +83,7 @@ def serve(endpoint: str) -> None:
                     return
             elif kind == "alloc":
                 try:
-                    worker.allocate_kv_cache(payload)
-                    channel.send("allocated", payload)
+                    channel.send("allocated", allocate_kv_cache_within_device(worker, payload))
                 except Exception as exc:  # noqa: BLE001
                     channel.send("error", DraftFailure.from_exception("", "draft KV cache allocation", exc))
                     return

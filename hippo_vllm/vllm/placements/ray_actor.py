@@ -11,7 +11,12 @@ deadline. Late steps, a dead or stalled actor and restarts are supervised as a
 worker process's are (:mod:`hippo_vllm.vllm.placements.supervised`).
 
 The engine's process connects to the Ray cluster named by ``RAY_ADDRESS``, or
-starts a local one.
+starts a local one. A local Ray started here sees only the GPUs the target does
+not use (vLLM does not narrow ``CUDA_VISIBLE_DEVICES`` per rank, so Ray would
+otherwise hand the actor GPU 0, the target's). Wherever Ray places the actor, a
+(node, GPU) pair of the target's is refused, and an actor Ray cannot place (no
+free GPU: vLLM's Ray executor may hold them all) is given up after
+``SCHEDULE_TIMEOUT_S`` with a message, not after the whole ``start_timeout_s``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from typing import Any
 
 from hippo_vllm.config import HippoConfig
+from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.protocol import StepResult, StepWork, result_on_host, work_on_host
 from hippo_vllm.vllm.metrics.stats import HippoStats
 from hippo_vllm.vllm.placements.supervised import (
@@ -34,27 +40,42 @@ from hippo_vllm.vllm.placements.supervised import (
 )
 
 
+logger = get_logger(__name__)
+
+SCHEDULE_TIMEOUT_S = 60.0  # for Ray to place the actor (its process up), before the draft loads
+
+
 class DraftActor:
-    """Runs in the actor's process: a one-rank vLLM world and the draft worker."""
+    """Runs in the actor's process: a one-rank vLLM world and the draft worker.
 
-    def __init__(self, vllm_config: Any, hippo: HippoConfig):
-        from hippo_vllm.vllm.placements.bootstrap import bind_threads, start_draft_worker
+    Built light (threads bound), so ``placed`` answers as soon as Ray has placed
+    it; ``load`` then loads the draft.
+    """
 
-        cores = hippo.draft_worker.cpu_cores
-        if cores:
-            bind_threads(list(cores))
-        # On a GPU: the one Ray assigned, cuda:0 in this process.
-        self.worker = start_draft_worker(vllm_config, hippo)
+    def __init__(self, cpu_cores: tuple[int, ...] | None):
+        from hippo_vllm.vllm.placements.bootstrap import bind_threads
 
-    def info(self) -> tuple[float, int, int, list[str]]:
+        if cpu_cores:
+            bind_threads(list(cpu_cores))
+        self.worker = None
+
+    def placed(self) -> tuple[str, list[str], int]:
+        """Where Ray placed this actor: its node id, its GPU ids, its pid."""
         import ray
 
-        gpus = [str(g) for g in ray.get_gpu_ids()]
-        return self.worker.kv_bytes_per_token, self.worker.block_size, os.getpid(), gpus
+        return ray.get_runtime_context().get_node_id(), [str(g) for g in ray.get_gpu_ids()], os.getpid()
+
+    def load(self, vllm_config: Any, hippo: HippoConfig) -> tuple[float, int]:
+        from hippo_vllm.vllm.placements.bootstrap import start_draft_worker
+
+        # On a GPU: the one Ray assigned, cuda:0 in this process.
+        self.worker = start_draft_worker(vllm_config, hippo)
+        return self.worker.kv_bytes_per_token, self.worker.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
-        self.worker.allocate_kv_cache(num_blocks)
-        return num_blocks
+        from hippo_vllm.vllm.placements.bootstrap import allocate_kv_cache_within_device
+
+        return allocate_kv_cache_within_device(self.worker, num_blocks)
 
     def handle(self, work: StepWork) -> StepResult:
         return result_on_host(self.worker.handle(work))  # its kept rows may be on the draft's GPU
@@ -76,6 +97,7 @@ class RayDraft(SupervisedDraft):
         *,
         use_gpu: bool,
         target_physical_gpus: set[str] = frozenset(),
+        spare_physical_gpus: set[str] = frozenset(),
     ):
         import ray
 
@@ -84,27 +106,30 @@ class RayDraft(SupervisedDraft):
         self.use_gpu = use_gpu
         self.target_physical_gpus = set(target_physical_gpus)
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, include_dashboard=False)
+            start_ray(use_gpu, set(spare_physical_gpus))
+        # The target's GPUs are this node's: the engine's process runs here.
+        self.target_node = ray.get_runtime_context().get_node_id()
         self._actor_class = ray.remote(DraftActor)
         self._actor = None
         self._restart()
         try:
-            self.kv_bytes_per_token, self.block_size, self.worker_pid, gpus = ray.get(
-                self._ready_ref, timeout=self.settings.start_timeout_s
-            )
+            self._wait_placed(min(SCHEDULE_TIMEOUT_S, self.settings.start_timeout_s))
+            self.kv_bytes_per_token, self.block_size = ray.get(self._ready_ref, timeout=self.settings.start_timeout_s)
+        except DraftWorkerError:
+            self._stop(graceful=False)
+            raise
         except Exception as exc:
             self._stop(graceful=False)
             raise DraftWorkerError(f"the draft's Ray actor did not start: {type(exc).__name__}: {exc}") from exc
-        self._check_gpus(gpus)
         self._state = UP
 
     # -- DraftBackend -------------------------------------------------------------------
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int) -> int:
         import ray
 
         self._num_blocks = num_blocks
-        ray.get(self._actor.allocate_kv_cache.remote(num_blocks), timeout=self.settings.start_timeout_s)
+        return ray.get(self._actor.allocate_kv_cache.remote(num_blocks), timeout=self.settings.start_timeout_s)
 
     def submit(self, work: StepWork):
         if not self._ready_to_submit(work.seq):
@@ -175,17 +200,31 @@ class RayDraft(SupervisedDraft):
         cores = self.settings.cpu_cores
         options = {"num_gpus": 1, "num_cpus": 1} if self.use_gpu else {"num_cpus": len(cores) if cores else 1}
         self._outstanding: dict[int, tuple[float, Any]] = {}
-        self._actor = self._actor_class.options(**options).remote(self.vllm_config, self.hippo)
-        self._ready_ref = self._actor.info.remote()
+        self._actor = self._actor_class.options(**options).remote(cores)
+        self._placed_ref = self._actor.placed.remote()
+        self._ready_ref = self._actor.load.remote(self.vllm_config, self.hippo)
         self._alloc_ref = None
 
-    def _check_gpus(self, gpus: list[str]) -> None:
-        shared = sorted(set(gpus) & self.target_physical_gpus)
-        if shared:
-            self._stop(graceful=False)
+    def _wait_placed(self, timeout_s: float) -> None:
+        """Wait for Ray to place the actor; refuse a GPU of the target's."""
+        import ray
+
+        if not ray.wait([self._placed_ref], timeout=timeout_s)[0]:
+            wanted = "a GPU" if self.use_gpu else f"{len(self.settings.cpu_cores or (0,))} CPU(s)"
             raise DraftWorkerError(
-                f"Ray placed the draft on GPU {shared}, which the target uses; make only spare GPUs "
-                'available to Ray, or use "placement": "process" with "device": "cuda:N"'
+                f"Ray did not place the draft's actor within {timeout_s:.0f} s: no node has {wanted} free "
+                f"(available: {ray.available_resources()}). vLLM's Ray executor or other actors may "
+                'hold them; make a spare GPU available to Ray, or use "placement": "process"'
+            )
+        node, gpus, self.worker_pid = ray.get(self._placed_ref)
+        self._check_gpus(node, gpus)
+
+    def _check_gpus(self, node: str, gpus: list[str]) -> None:
+        shared = sorted(set(gpus) & self.target_physical_gpus) if node == self.target_node else []
+        if shared:
+            raise DraftWorkerError(
+                f"Ray placed the draft on GPU {shared}, which the target uses on this node; make only spare "
+                'GPUs available to Ray, or use "placement": "process" with "device": "cuda:N"'
             )
 
     def _advance_start(self) -> None:
@@ -194,8 +233,8 @@ class RayDraft(SupervisedDraft):
         try:
             if self._alloc_ref is None:
                 if ray.wait([self._ready_ref], timeout=0)[0]:
-                    _, _, self.worker_pid, gpus = ray.get(self._ready_ref)
-                    self._check_gpus(gpus)
+                    ray.get(self._ready_ref)
+                    self._wait_placed(0)  # placed before it loaded
                     self._alloc_ref = self._actor.allocate_kv_cache.remote(self._num_blocks)
             elif ray.wait([self._alloc_ref], timeout=0)[0]:
                 ray.get(self._alloc_ref)
@@ -217,3 +256,32 @@ class RayDraft(SupervisedDraft):
                 pass
             self._actor = None
         self._state = OFF
+
+
+def start_ray(use_gpu: bool, spare_gpus: set[str]) -> None:
+    """Join the cluster in ``RAY_ADDRESS``, or start a local Ray that sees only ``spare_gpus``.
+
+    Ray's raylet takes its GPU ids from CUDA_VISIBLE_DEVICES when it starts, and
+    hands each GPU actor one of them.
+    """
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address or not use_gpu:
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False)
+        return
+    if not spare_gpus:
+        raise DraftWorkerError(
+            "no spare GPU for the draft's Ray actor: the target uses every GPU this engine sees; "
+            "free one, or point RAY_ADDRESS at a cluster with a GPU for the draft"
+        )
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(sorted(spare_gpus))
+    try:
+        ray.init(num_gpus=len(spare_gpus), ignore_reinit_error=True, include_dashboard=False)
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    logger.info("hippo: started a local Ray with the spare GPUs %s for the draft's actor", sorted(spare_gpus))

@@ -60,6 +60,7 @@ def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
             f'"method": "{METHOD_NAME}", which runs its draft inside its own worker class; '
             f"leave --worker-cls at its default."
         )
+    check_engine_features(engine_args)
     logger.info(
         "hippo: %s scheduling, %d tokens per draft chunk",
         "parallel (VPSD)" if hippo.parallel else "draft-then-verify",
@@ -76,6 +77,34 @@ def rewrite_hippo_engine_args(engine_args: Any) -> HippoConfig | None:
     }
     engine_args.worker_cls = _worker_path()
     return hippo
+
+
+def check_engine_features(engine_args: Any) -> None:
+    """Refuse the engine features hippo cannot run with, naming the flag and why.
+
+    - Pipeline parallelism: the draft runs whole on the output rank and s_attn is
+      summed over the tensor-parallel ranks of one stage; with stages, the later
+      stages' ranks never see the video's keys (and vLLM's pipeline runner drives
+      the drafter differently).
+    - Async scheduling: the scheduler then plans step n+1 before step n's tokens are
+      sampled and hands the drafter device tensors; hippo drafts from the tokens each
+      step committed (vLLM's custom_class proposer takes lists of tokens). vLLM turns
+      it off for custom_class proposers when it is left unset.
+    """
+    pipeline = getattr(engine_args, "pipeline_parallel_size", 1) or 1
+    if pipeline > 1:
+        raise HippoConfigError(
+            f'--pipeline-parallel-size={pipeline} cannot be combined with "method": "{METHOD_NAME}": the draft '
+            "runs on the last stage's output rank and the target's attention to the video is summed over one "
+            "stage's tensor-parallel ranks. Use --pipeline-parallel-size 1 (tensor parallelism and a draft "
+            'worker of its own, "draft_worker": {"placement": "process"}, scale the target instead).'
+        )
+    if getattr(engine_args, "async_scheduling", None) is True:
+        raise HippoConfigError(
+            f'--async-scheduling cannot be combined with "method": "{METHOD_NAME}": hippo drafts from the '
+            "tokens each step committed, which async scheduling hands out a step later. Leave it unset "
+            "(vLLM then turns it off for hippo) or pass --no-async-scheduling."
+        )
 
 
 def _text_vocab_size(hf_config: Any) -> int:
@@ -162,14 +191,43 @@ def check_draft_against_target(hippo: HippoConfig, target_model_config: Any) -> 
                 f"target's processor outputs, so for the {family.name} family "
                 f"{', '.join(family.vision_input_keys)} must be the target's."
             )
-    target_vocab, draft_vocab = _text_vocab_size(target_hf), _text_vocab_size(draft_config)
-    if target_vocab != draft_vocab:
-        raise HippoConfigError(
-            f'speculative_config["model"]={hippo.model!r} has vocabulary size {draft_vocab}, '
-            f"the target {target_vocab}; draft and target must share one vocabulary."
-        )
+    check_vocabulary(hippo, draft_config, target_model_config)
     hippo.resolve_attn_layers(_text_num_layers(target_hf))
     return draft_config
+
+
+def check_vocabulary(hippo: HippoConfig, draft_config: Any, target_model_config: Any) -> None:
+    """The draft's tokenizer must be the target's, and its vocabulary no larger.
+
+    Checkpoints of one family pad their embeddings differently (Qwen2.5-VL-3B has
+    151,936 rows, 7B and 72B 152,064, for the same 151,665 tokens), so the rows
+    may differ; the ids are the tokenizer's. The draft never proposes a row past
+    them (``DraftEngine.proposable_ids``).
+    """
+    from transformers import AutoTokenizer
+
+    target_vocab, draft_vocab = _text_vocab_size(target_model_config.hf_config), _text_vocab_size(draft_config)
+    trust = target_model_config.trust_remote_code
+    target_tok = AutoTokenizer.from_pretrained(target_model_config.tokenizer, trust_remote_code=trust,
+                                               revision=target_model_config.tokenizer_revision)
+    try:
+        draft_tok = AutoTokenizer.from_pretrained(hippo.model, trust_remote_code=trust)
+    except Exception as exc:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r}: its tokenizer could not be loaded ({exc}); '
+            "the draft must come with the target's tokenizer."
+        ) from exc
+    if draft_tok.get_vocab() != target_tok.get_vocab():
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} has a tokenizer of {len(draft_tok)} ids that differs '
+            f"from the target's ({len(target_tok)} ids); draft and target must share one tokenizer."
+        )
+    if draft_vocab > target_vocab:
+        raise HippoConfigError(
+            f'speculative_config["model"]={hippo.model!r} has vocabulary size {draft_vocab}, larger than the '
+            f"target's {target_vocab}; the draft's vocabulary (tokenizer ids plus padding rows) must not be "
+            "larger than the target's."
+        )
 
 
 def check_draft_parallelism(hippo: HippoConfig, draft_config: Any, parallel_config: Any) -> None:

@@ -93,6 +93,10 @@ class HippoRunnerMixin:
         proposer = self._hippo()
         if proposer is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        # vLLM asserts this before calling a custom_class proposer: the tokens each
+        # request committed, as lists (async scheduling, refused with hippo, would
+        # hand over device tensors).
+        assert isinstance(sampled_token_ids, list), type(sampled_token_ids)
         start = time.perf_counter()
         try:
             ensure_exporting(proposer)  # hippo figures to process 0's logs and /metrics

@@ -177,13 +177,15 @@ class HippoProposer:
         """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
         if self.draft is None:
             return
-        num_blocks = self.kv_budget.num_blocks(target_tokens)
-        self.draft.allocate_kv_cache(num_blocks)
+        wanted = self.kv_budget.num_blocks(target_tokens)
+        num_blocks = self.draft.allocate_kv_cache(wanted)
         tokens = num_blocks * self.draft.block_size
         logger.info(
             "hippo: draft KV cache of %d tokens (%.3f GiB, draft_kv_tokens=%s) next to the "
-            "target's %d tokens",
+            "target's %d tokens%s",
             tokens, tokens * self.draft.kv_bytes_per_token / 2**30, self.hippo.draft_kv_tokens, target_tokens,
+            "" if num_blocks == wanted else
+            f"; capped from {wanted * self.draft.block_size} by the memory free on the draft's device",
         )
 
     def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
