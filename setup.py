@@ -2,9 +2,12 @@
 
 The CPU kernel (``hippo_vllm._C_cpu``) is always built; the CUDA kernel
 (``hippo_vllm._C_cuda``) where torch is a CUDA build and a CUDA toolkit (nvcc) is
-found. Both need torch at build time, so install with ``--no-build-isolation`` into
-an environment that has it (``make setup`` does); without torch, or with
-``HIPPO_BUILD_KERNELS=0``, the package installs without kernels and s_attn runs in torch.
+found. Both are optional extensions: a failed compile (no compiler) leaves the
+package without that kernel (``make setup`` then stops on a missing CPU one). Both
+need torch at build time, so install with ``--no-build-isolation`` into an
+environment that has it (``make setup`` does); without torch, or with
+``HIPPO_BUILD_KERNELS=0``, the package installs without kernels and s_attn runs in
+torch.
 """
 
 import os
@@ -39,6 +42,7 @@ def kernel_extensions():
             include_dirs=[str(csrc)],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
+            optional=True,  # no compiler: install without it (s_attn runs in torch)
         )
     ]
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
@@ -48,12 +52,24 @@ def kernel_extensions():
                 ["csrc/video_attention_cuda.cu"],
                 include_dirs=[str(csrc)],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                optional=True,
             )
         )
     else:
         print(f"hippo-vllm: no CUDA kernel (torch CUDA build: {torch.version.cuda}, "
               f"CUDA toolkit: {cpp_extension.CUDA_HOME})")
-    return extensions, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        """torch's builder, but a machine that cannot compile (no compiler: torch's own
+        compiler check fails before any extension's ``optional`` applies) gets no kernels."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - the kernels are optional
+                print(f"hippo-vllm: kernels not built ({type(exc).__name__}: {exc}); s_attn runs in torch")
+
+    return extensions, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 EXT_MODULES, CMDCLASS = kernel_extensions()
