@@ -54,7 +54,7 @@ def _extension(device_type: str):
             try:
                 module = importlib.import_module(name)
             except ImportError as exc:
-                _why_not[device_type] = f"{name} is not built ({exc}); see the README's 'Kernels' section"
+                _why_not[device_type] = f"{name} is not built ({exc}); see docs/kernels.md"
                 logger.warning("hippo: %s; s_attn runs in torch", _why_not[device_type])
         _loaded[device_type] = module
     return _loaded[device_type]
