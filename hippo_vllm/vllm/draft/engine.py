@@ -40,6 +40,7 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
+from vllm.utils.math_utils import cdiv
 
 from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 from hippo_vllm.vllm.model_families import MROPE, family_of, supported_architectures
@@ -240,6 +241,46 @@ class DraftEngine:
             self.kv = DraftKVCache(
                 cfg, self._kv_layers, num_blocks=num_blocks, block_size=self.block_size, device=self.device
             )
+
+    HEADROOM_REQUEST = "hippo-headroom"
+
+    @torch.inference_mode()
+    def measure_headroom(self, num_tokens: int, mm_batch: dict[str, Any] | None = None) -> int:
+        """Device bytes a draft step takes beyond its weights and KV cache, measured.
+
+        Runs what the draft's largest step runs: one multimodal item through the
+        vision encoder (``mm_batch``: batched kwargs of one item, e.g. the target
+        runner's profiling dummy; items are encoded one at a time) and a prefill
+        of ``num_tokens`` rows (the draft's prefill piece), in a throwaway KV cache
+        of just those rows, and returns the peak allocation above what was
+        allocated before. vLLM's profile run measured the target's activations
+        only, so without this the draft's would come out of the target's KV
+        memory at the first long video. 0 on a device without allocator
+        statistics (CPU: vLLM's KV space there is a fixed setting, not what
+        profiling left free); the forward runs all the same.
+        """
+        if self.kv is not None:
+            raise RuntimeError("measure_headroom runs before the draft's KV cache is allocated")
+        stats = torch.cuda if self.device.type == "cuda" else None
+        self.allocate_kv_cache(cdiv(num_tokens, self.block_size))
+        try:
+            if stats is not None:
+                stats.synchronize(self.device)
+                stats.reset_peak_memory_stats(self.device)
+                before = stats.memory_allocated(self.device)
+            if mm_batch:
+                with self._as_draft():
+                    self.model.embed_multimodal(**mm_batch)
+            ids = torch.arange(num_tokens, dtype=torch.long) % self.proposable_ids
+            positions = torch.arange(num_tokens, dtype=torch.long).expand(3, -1).clone()
+            self.run([DraftInput(self.HEADROOM_REQUEST, positions, token_ids=ids)])
+            if stats is None:
+                return 0
+            stats.synchronize(self.device)
+            return max(0, stats.max_memory_allocated(self.device) - before)
+        finally:
+            # The next allocate_kv_cache binds the real cache to the layers (and drops this one).
+            self.kv = None
 
     @contextlib.contextmanager
     def _as_draft(self) -> Iterator[None]:

@@ -91,6 +91,16 @@ class DraftWorker:
     def block_size(self) -> int:
         return self.engine.block_size
 
+    def measure_headroom(self, mm_batch: dict[str, Any] | None = None) -> int:
+        """Device bytes the draft's largest step needs beyond weights and KV cache:
+        one item's encode and one prefill piece (see ``DraftEngine.measure_headroom``)."""
+        return self.engine.measure_headroom(self.headroom_tokens, mm_batch)
+
+    @property
+    def headroom_tokens(self) -> int:
+        """Rows of the draft's largest prefill piece: no prompt is longer than max_model_len."""
+        return min(self.prefill_chunk_tokens, self.engine.draft_vllm_config.model_config.max_model_len)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.engine.allocate_kv_cache(num_blocks)
         self._warm_up()

@@ -162,8 +162,11 @@ class HippoProposer:
             except Exception:  # noqa: BLE001 - shutting down; the worker also exits with this process
                 logger.exception("hippo: closing the draft worker failed")
 
-    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
-        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest).
+    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float,
+                               mm_batch: dict[str, Any] | None = None) -> int:
+        """Bytes of vLLM's KV memory the draft needs (the target's cache gets the rest):
+        its KV cache and its measured working memory (``mm_batch``: one dummy item to
+        encode, see ``DraftEngine.measure_headroom``).
 
         0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
         cache by the smallest figure, the output rank's. 0 too for a draft in a
@@ -171,7 +174,11 @@ class HippoProposer:
         """
         if self.draft is None or not self.draft.shares_target_memory:
             return 0
-        return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
+        headroom = self.draft.measure_headroom(mm_batch)
+        reserved = self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
+        logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
+                    "memory: one item's encode and one prefill piece)", reserved / 2**30, headroom / 2**30)
+        return reserved
 
     def allocate_draft_kv_cache(self, target_tokens: int) -> None:
         """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
