@@ -103,6 +103,14 @@ class HippoProposer:
             ParallelSchedule(self.num_speculative_tokens, self.stats) if hippo.parallel else SerialSchedule()
         )
         self.messages = DraftMessages()
+        # Draft-then-verify drafts k tokens near max_tokens too when the target replays FULL
+        # CUDA graphs, which serve only steps whose every request verifies 1+k tokens; the
+        # rows this adds are few (docs/benchmarks.md, step shapes). VPSD's conservative
+        # steps (no spec tokens after a rejection) are uneven by design: padding them would
+        # add most of a step's rows, so VPSD does not pad.
+        cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+        self.pad_drafts_to_k = (not hippo.parallel and cudagraph_mode is not None
+                                and cudagraph_mode.has_full_cudagraphs())
         # How long propose_batch waits for the work sent before the forward (None: until it is back).
         self.result_timeout: float | None = None
         self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
@@ -276,7 +284,7 @@ class HippoProposer:
         self._collect_late()  # before this step's chunks are planned: a late "no room" re-prefills
         records = after_sampling(
             runner, scheduler_output, sampled_token_ids, self.num_speculative_tokens, self.max_model_len,
-            with_outputs=self.schedule.needs_outputs_after_sampling,
+            with_outputs=self.schedule.needs_outputs_after_sampling, pad_to_k=self.pad_drafts_to_k,
         )
         planned: list[tuple[int, ChunkPlan]] = []
         for record in records:
