@@ -14,6 +14,10 @@ fixtures in both schedules and counts, per step of decode-only batches:
   spec tokens were padded to K (with tokens the rejection sampler then rejects);
 - the padded tokens that would cost (extra verify rows, per step).
 
+Three runs: draft-then-verify, draft-then-verify with the proposer's
+``pad_drafts_to_k`` on (drafts of k tokens near max_tokens too, what hippo does
+when the target replays FULL CUDA graphs), and VPSD (never padded).
+
 It measures shapes only, on the CPU. Whether padding wins is a GPU timing
 question: a FULL replay saves the piecewise launch overhead of a step, padding
 adds rows to every layer's verify; at small batches the launch overhead dominates.
@@ -39,8 +43,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 K = 3
 
 
-def step_shapes(parallel: bool, num_requests: int, max_tokens: int) -> list[list[int]]:
-    """Scheduled tokens per request for every decode-only step of one run."""
+def step_shapes(parallel: bool, num_requests: int, max_tokens: int, pad: bool = False) -> list[list[int]]:
+    """Scheduled tokens per request for every decode-only step of one run; ``pad``: the
+    proposer's ``pad_drafts_to_k`` (on by itself only under FULL CUDA graphs) switched on."""
     from engine_utils import engine, greedy, hippo_config, text_request, video_request
 
     from hippo_testbed import build_fixtures
@@ -56,6 +61,7 @@ def step_shapes(parallel: bool, num_requests: int, max_tokens: int) -> list[list
     with engine(tiny.target, speculative_config=hippo_config(tiny.draft, K, parallel),
                 max_num_seqs=num_requests) as llm:
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.drafter.pad_drafts_to_k = pad
         execute_model = runner.execute_model
 
         def recording(scheduler_output, *args, **kwargs):
@@ -101,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     from hippo_vllm.config import HippoConfig
 
-    for schedule, parallel in (("draft-then-verify", False), ("VPSD", True)):
+    for schedule, parallel, pad in (("draft-then-verify", False, False), ("draft-then-verify padded", False, True),
+                                    ("VPSD", True, False)):
         spec_tokens = HippoConfig(model="draft", num_speculative_tokens=K, parallel=parallel).vllm_num_speculative_tokens
-        results[schedule] = summary = summarise(step_shapes(parallel, args.requests, args.max_tokens), spec_tokens)
-        print(f"{schedule:18s} {summary['decode_steps']:4d} decode steps, {summary['uniform_steps']:4d} uniform "
+        results[schedule] = summary = summarise(step_shapes(parallel, args.requests, args.max_tokens, pad),
+                                                spec_tokens)
+        print(f"{schedule:24s} {summary['decode_steps']:4d} decode steps, {summary['uniform_steps']:4d} uniform "
               f"({summary['uniform_tokens']} tokens each: FULL graph), all uniform if padded at "
               f"{summary['padding_rows_per_step']:.1f} padding rows/step; tokens per request-step "
               f"{summary['tokens_per_request_step']}", flush=True)

@@ -9,7 +9,9 @@ Runs, on the tiny offline fixtures:
    batches, chunked prefill, prefix caching, preemption, stop strings, aborts,
    ablations, sampling statistics, top-k, metrics, the OpenAI server) under the test
    profile ``gpu`` (tests/engine_utils.py): bfloat16, torch.compile and CUDA graphs,
-   vLLM's default attention backend and KV-cache sizing;
+   vLLM's default attention backend and KV-cache sizing; with it the draft's measured
+   working memory and its decode steps replayed from CUDA graphs against its eager
+   forward (tests/vllm/test_draft_gpu_memory_and_graphs.py, step times printed);
 2. what deployments add (tests/vllm/test_gpu_deployment.py): an engine at production
    sizes (0.9 of the memory, vLLM's default batch sizes and model length), an fp8 KV
    cache, a long video whose prefill is chunked, and a last prefill chunk of 1+K tokens
@@ -54,6 +56,7 @@ LOSSLESS_MATRIX = (
     "tests/vllm/test_draft_kv_budget.py",
     "tests/vllm/test_compiled_target.py",
     "tests/vllm/test_family_matrix.py",
+    "tests/vllm/test_draft_gpu_memory_and_graphs.py",
 )
 TENSOR_PARALLEL_TESTS = ("tests/vllm/test_tensor_parallel_gpu.py",)
 DRAFT_WORKER_TESTS = ("tests/vllm/test_draft_worker_gpu.py",)

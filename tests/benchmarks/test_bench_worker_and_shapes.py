@@ -42,3 +42,5 @@ def test_the_step_shape_benchmark_counts_uniform_steps_per_schedule(tmp_path):
     assert results["draft-then-verify"]["uniform_tokens"] == 4 and results["VPSD"]["uniform_tokens"] == 3
     for summary in results.values():
         assert 0 <= summary["uniform_steps"] <= summary["decode_steps"] > 0
+    padded = results["draft-then-verify padded"]
+    assert padded["uniform_steps"] == padded["decode_steps"]  # drafts of k tokens: every decode step 1+k

@@ -59,6 +59,17 @@ def test_an_explicit_token_count_is_whole_blocks_and_must_fit():
         budget(4096).reserve_bytes(MIB, 1536)
 
 
+def test_the_drafts_measured_working_memory_comes_off_first_and_is_part_of_the_reservation():
+    available, target_per_token, headroom = 64 * MIB, 1536, 8 * MIB
+    reserved = budget().reserve_bytes(available, target_per_token, headroom)
+    # T * 1536 + 0.25 * T * 512 = 56 MiB  ->  T = 35288.6 tokens, draft 8822 -> 275 blocks.
+    assert reserved == 275 * BLOCK * 512 + headroom
+    target_tokens = (available - reserved) // target_per_token
+    assert target_tokens * target_per_token + reserved <= available
+    with pytest.raises(ValueError, match=r"working memory \(0.062 GiB.* leaves nothing of the 0.062 GiB"):
+        budget().reserve_bytes(available, target_per_token, available)
+
+
 # -- real engine (in-process, tiny fixtures) ----------------------------------------------
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[ENGINE_DEFAULTS["dtype"]]

@@ -162,11 +162,23 @@ def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkey
     assert result.step_failure.where == "draft step" and "injected allocator failure" in result.step_failure.traceback
 
 
-def test_the_draft_warms_up_when_its_cache_is_allocated_and_keeps_nothing(target, tiny):
+def test_the_draft_measures_its_working_memory_then_warms_up_when_its_cache_is_allocated(target, tiny):
+    from hippo_vllm.vllm.seam.model_runner import largest_dummy_item
+
     llm, _ = target
     warm = DraftWorker(llm.llm_engine.vllm_config, HippoConfig(model=str(tiny.draft), num_speculative_tokens=K))
     forwards, run = [], warm.engine.run
     warm.engine.run = lambda inputs: (forwards.append([i.num_rows for i in inputs]), run(inputs))[1]
+    encoded, embed = [], warm.engine.model.embed_multimodal
+    warm.engine.model.embed_multimodal = lambda **batch: encoded.append(batch) or embed(**batch)
+    item = largest_dummy_item(llm.llm_engine.model_executor.driver_worker.worker.model_runner)
+    assert item is not None
+    # One dummy item through the vision tower and one prefill piece, in a throwaway cache;
+    # no allocator statistics on the CPU, so nothing measured.
+    assert warm.measure_headroom(item) == 0
+    assert forwards == [[warm.headroom_tokens]] and len(encoded) == 1
+    assert warm.engine.kv is None
+    forwards.clear()
     warm.allocate_kv_cache(8)
     assert forwards == [[DraftWorker.WARM_UP_TOKENS], [1]]  # a prefill and a decode step, before any request
     assert warm.engine.num_requests == 0 and warm.engine.num_free_blocks == 8

@@ -70,6 +70,20 @@ def test_serial_budget(k, num_tokens, num_outputs, max_tokens, expected):
 
 
 @pytest.mark.parametrize(
+    "num_tokens, num_outputs, max_tokens, expected",
+    [
+        (20, 5, 8, 3),  # near max_tokens: k all the same, for a uniform 1+k step
+        (20, 5, 6, 3),
+        (62, 5, None, 2),  # max_model_len still cuts: no KV slots past it
+        (62, 5, 8, 2),
+    ],
+)
+def test_a_padded_serial_budget_ignores_max_tokens_but_not_max_model_len(num_tokens, num_outputs, max_tokens,
+                                                                         expected):
+    assert serial_budget(3, MAX_MODEL_LEN, num_tokens, num_outputs, max_tokens, pad_to_k=True) == expected
+
+
+@pytest.mark.parametrize(
     "gamma, num_tokens, num_outputs, spec_len, max_tokens, expected",
     [
         (4, 20, 5, 3, None, 4),

@@ -40,7 +40,9 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
+from vllm.utils.math_utils import cdiv
 
+from hippo_vllm.vllm.draft.decode_graphs import DecodeGraphs
 from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 from hippo_vllm.vllm.model_families import MROPE, family_of, supported_architectures
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
@@ -109,12 +111,11 @@ def make_draft_vllm_config(
 ) -> VllmConfig:
     """The draft's own VllmConfig: the target's, with the draft's ModelConfig.
 
-    The draft runs eagerly, whatever the target does: no torch.compile and no
-    CUDA graphs (compilation mode NONE, cudagraph mode NONE, enforce_eager). A
-    compiled draft would compile on its first request, in the middle of serving,
-    and would accept only batch sizes up to ``max_num_batched_tokens``. The cost:
-    on a GPU each draft decode step pays the kernel-launch overhead that CUDA
-    graphs would hide.
+    The draft runs without torch.compile, whatever the target does (compilation
+    mode NONE, cudagraph mode NONE, enforce_eager). A compiled draft would compile
+    on its first request, in the middle of serving, and would accept only batch
+    sizes up to ``max_num_batched_tokens``. In a worker of its own its decode steps
+    replay CUDA graphs of its own (``DraftEngine.capture_decode_graphs``).
 
     Sub-configs the draft may change are copies: a fresh compilation config (the
     draft registers its layers in its ``static_forward_context``), and shallow
@@ -215,6 +216,7 @@ class DraftEngine:
         self.proposable_ids = min(self.vocab_size, tokenizer_length(target_vllm_config.model_config))
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
+        self.decode_graphs: DecodeGraphs | None = None  # see capture_decode_graphs
         cfg = self.draft_vllm_config
         with self._as_draft():
             self.model = get_model(vllm_config=cfg)
@@ -240,6 +242,54 @@ class DraftEngine:
             self.kv = DraftKVCache(
                 cfg, self._kv_layers, num_blocks=num_blocks, block_size=self.block_size, device=self.device
             )
+
+    def capture_decode_graphs(self, max_batch: int) -> None:
+        """Replay decode steps of up to ``max_batch`` requests from CUDA graphs (see decode_graphs).
+
+        For a draft in a worker of its own, on CUDA, once its KV cache exists.
+        """
+        with self._as_draft():
+            self.decode_graphs = DecodeGraphs(self, max_batch)
+
+    HEADROOM_REQUEST = "hippo-headroom"
+
+    @torch.inference_mode()
+    def measure_headroom(self, num_tokens: int, mm_batch: dict[str, Any] | None = None) -> int:
+        """Device bytes a draft step takes beyond its weights and KV cache, measured.
+
+        Runs what the draft's largest step runs: one multimodal item through the
+        vision encoder (``mm_batch``: batched kwargs of one item, e.g. the target
+        runner's profiling dummy; items are encoded one at a time) and a prefill
+        of ``num_tokens`` rows (the draft's prefill piece), in a throwaway KV cache
+        of just those rows, and returns the peak allocation above what was
+        allocated before. vLLM's profile run measured the target's activations
+        only, so without this the draft's would come out of the target's KV
+        memory at the first long video. 0 on a device without allocator
+        statistics (CPU: vLLM's KV space there is a fixed setting, not what
+        profiling left free); the forward runs all the same.
+        """
+        if self.kv is not None:
+            raise RuntimeError("measure_headroom runs before the draft's KV cache is allocated")
+        stats = torch.cuda if self.device.type == "cuda" else None
+        self.allocate_kv_cache(cdiv(num_tokens, self.block_size))
+        try:
+            if stats is not None:
+                stats.synchronize(self.device)
+                stats.reset_peak_memory_stats(self.device)
+                before = stats.memory_allocated(self.device)
+            if mm_batch:
+                with self._as_draft():
+                    self.model.embed_multimodal(**mm_batch)
+            ids = torch.arange(num_tokens, dtype=torch.long) % self.proposable_ids
+            positions = torch.arange(num_tokens, dtype=torch.long).expand(3, -1).clone()
+            self.run([DraftInput(self.HEADROOM_REQUEST, positions, token_ids=ids)])
+            if stats is None:
+                return 0
+            stats.synchronize(self.device)
+            return max(0, stats.max_memory_allocated(self.device) - before)
+        finally:
+            # The next allocate_kv_cache binds the real cache to the layers (and drops this one).
+            self.kv = None
 
     @contextlib.contextmanager
     def _as_draft(self) -> Iterator[None]:
@@ -428,13 +478,16 @@ class DraftEngine:
         batch_inputs = [inputs[i] for i in order]
         query_lens = [inp.num_rows for inp in batch_inputs]
         rows = torch.cat([self._embed_rows(inp) for inp in batch_inputs])
+        positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
+        if self.decode_graphs is not None and self.decode_graphs.covers(query_lens):
+            logits = self.decode_graphs.run([inp.req_id for inp in batch_inputs], rows, positions)
+            return self._proposable(logits.clone())[torch.tensor(order).argsort().to(self.device)]
         embeds = rows[:, : self.hidden_size]
         if self.deepstack_levels:
             # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
             # layers' outputs (and clears them): fill it with exactly this batch's rows.
             deepstack = rows[:, self.hidden_size :].reshape(rows.shape[0], self.deepstack_levels, -1)
             self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
-        positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
         if not self.uses_mrope:
             positions = positions[0]  # a 1-D family's three rows are equal
         batch = self.kv.build_batch([inp.req_id for inp in batch_inputs], query_lens)
@@ -446,11 +499,14 @@ class DraftEngine:
         ):
             hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
         last_rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        logits = self.model.compute_logits(hidden[last_rows]).float()
+        logits = self._proposable(self.model.compute_logits(hidden[last_rows]).float())
+        return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
+
+    def _proposable(self, logits: torch.Tensor) -> torch.Tensor:
         if self.proposable_ids < logits.shape[-1]:
             # The lowest finite value, not -inf: never the argmax, and differences stay finite.
             logits[:, self.proposable_ids :] = torch.finfo(logits.dtype).min
-        return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
+        return logits
 
     def _embed_rows(self, inp: DraftInput) -> torch.Tensor:
         if inp.token_ids is not None:

@@ -250,12 +250,9 @@ class DraftKVCache:
 
     # -- attention inputs ------------------------------------------------------------
 
-    def build_batch(self, req_ids: list[str], query_lens: list[int]) -> DraftBatch:
-        """Metadata for appending ``query_lens[r]`` tokens to each (already reserved) request.
-
-        Request ``r``'s new tokens are its last ``query_lens[r]`` KV entries, and
-        attend causally to everything before them in the request's draft KV.
-        """
+    def batch_rows(self, req_ids: list[str], query_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU block-table rows ``[R, table_width]`` (int32), sequence lengths ``[R]`` (int32)
+        and the new tokens' slots ``[sum(query_lens)]`` (int64) of (already reserved) requests."""
         seq_lens = [self._lengths[r] for r in req_ids]
         table = torch.zeros(len(req_ids), self.table_width, dtype=torch.int32)
         slots = []
@@ -264,10 +261,18 @@ class DraftKVCache:
             table[row, : len(blocks)] = blocks.to(torch.int32)
             idx = torch.arange(seq_len - n, seq_len, dtype=torch.int64)
             slots.append(blocks[idx // self.block_size] * self.block_size + idx % self.block_size)
+        return table, torch.tensor(seq_lens, dtype=torch.int32), torch.cat(slots)
+
+    def build_batch(self, req_ids: list[str], query_lens: list[int]) -> DraftBatch:
+        """Metadata for appending ``query_lens[r]`` tokens to each (already reserved) request.
+
+        Request ``r``'s new tokens are its last ``query_lens[r]`` KV entries, and
+        attend causally to everything before them in the request's draft KV.
+        """
+        table, seq_lens_cpu, slots = self.batch_rows(req_ids, query_lens)
         query_start_loc_cpu = torch.zeros(len(req_ids) + 1, dtype=torch.int32)
         query_start_loc_cpu[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
-        seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32)
-        slot_mapping = torch.cat(slots).to(self.device)
+        slot_mapping = slots.to(self.device)
         num_tokens = int(query_start_loc_cpu[-1])
         common = CommonAttentionMetadata(
             query_start_loc=query_start_loc_cpu.to(self.device),
@@ -276,7 +281,7 @@ class DraftKVCache:
             num_reqs=len(req_ids),
             num_actual_tokens=num_tokens,
             max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
+            max_seq_len=int(seq_lens_cpu.max()),
             block_table_tensor=table.to(self.device),
             slot_mapping=slot_mapping,
             causal=True,

@@ -55,8 +55,13 @@ logger = get_logger(__name__)
 class DraftWorker:
     """Drafts for the target's steps; see the module docstring."""
 
-    def __init__(self, target_vllm_config: Any, hippo: HippoConfig, tensor_parallel_group=None):
+    def __init__(self, target_vllm_config: Any, hippo: HippoConfig, tensor_parallel_group=None,
+                 decode_graphs: bool = False):
         self.hippo = hippo
+        # A worker of its own captures its decode steps as CUDA graphs (decode_graphs), for
+        # batches up to the target's: never more requests than the target runs at once.
+        self.decode_graphs = decode_graphs
+        self.max_decode_batch = target_vllm_config.scheduler_config.max_num_seqs
         # The draft's KV cache is allocated later (allocate_kv_cache), once its size is known.
         self.engine = DraftEngine(target_vllm_config, hippo.model, tensor_parallel_group=tensor_parallel_group)
         self.chunks = ChunkDrafter(self.engine)
@@ -91,9 +96,28 @@ class DraftWorker:
     def block_size(self) -> int:
         return self.engine.block_size
 
+    def measure_headroom(self, mm_batch: dict[str, Any] | None = None) -> int:
+        """Device bytes the draft's largest step needs beyond weights and KV cache:
+        one item's encode and one prefill piece (see ``DraftEngine.measure_headroom``)."""
+        return self.engine.measure_headroom(self.headroom_tokens, mm_batch)
+
+    @property
+    def headroom_tokens(self) -> int:
+        """Rows of the draft's largest prefill piece: no prompt is longer than max_model_len."""
+        return min(self.prefill_chunk_tokens, self.engine.draft_vllm_config.model_config.max_model_len)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.engine.allocate_kv_cache(num_blocks)
         self._warm_up()
+        if self.decode_graphs and self.engine.device.type == "cuda":
+            start = time.perf_counter()
+            try:
+                self.engine.capture_decode_graphs(self.max_decode_batch)
+            except Exception:  # noqa: BLE001 - the draft stays usable, eagerly
+                self.engine.decode_graphs = None
+                logger.exception("hippo: capturing the draft's decode CUDA graphs failed; it runs eagerly")
+            else:
+                logger.info("hippo: draft decode graphs captured in %.2f s", time.perf_counter() - start)
 
     WARM_UP_TOKENS = 8
 

@@ -115,4 +115,5 @@ def start_draft_worker(vllm_config: Any, hippo: Any):
 
     prepare_device()
     init_one_rank_world(vllm_config)
-    return DraftWorker(vllm_config, hippo)
+    # A worker of its own: no graph pool or compile range of the target's, so its decode steps replay CUDA graphs.
+    return DraftWorker(vllm_config, hippo, decode_graphs=True)

@@ -39,6 +39,10 @@ class InProcessDraft:
     def block_size(self) -> int:
         return self.worker.block_size
 
+    def measure_headroom(self, mm_batch: dict | None = None) -> int:
+        """Bytes of the target's device the draft's largest step takes (measured once)."""
+        return self.worker.measure_headroom(mm_batch)
+
     def allocate_kv_cache(self, num_blocks: int) -> int:
         self.worker.allocate_kv_cache(num_blocks)  # sized from the target's KV memory already
         return num_blocks

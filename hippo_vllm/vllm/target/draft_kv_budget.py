@@ -12,6 +12,10 @@ not), so "auto" gives it room for ``max(keep_ratio, AUTO_MIN_SHARE)`` of the
 tokens the target's cache holds, never more than every running request at full
 length can use. When it runs out, drafting pauses for the requests that do not
 fit; outputs do not change.
+
+In the target's process the draft's activations (a video item's encode, a prefill
+piece) also live on the target's device, outside vLLM's profile: the worker
+measures them once with a dummy encode and prefill and sets them aside too.
 """
 
 from __future__ import annotations
@@ -41,26 +45,36 @@ class DraftKVBudget:
             return min(self.auto_share * target_tokens, self.max_useful_tokens)
         return self.setting
 
-    def reserve_bytes(self, available_bytes: int, target_bytes_per_token: float) -> int:
-        """Bytes of ``available_bytes`` the draft cache takes; the target keeps the rest.
+    def reserve_bytes(self, available_bytes: int, target_bytes_per_token: float, headroom_bytes: int = 0) -> int:
+        """Bytes of ``available_bytes`` the draft takes; the target's KV cache keeps the rest.
 
-        For "auto" the target's token count T solves
-        ``T * target_bytes_per_token + share * T * draft_bytes_per_token = available``.
+        ``headroom_bytes``: the draft's measured activation peak (one item's encode
+        and one prefill piece), which vLLM's profile run did not see; it comes off
+        first. For "auto" the target's token count T then solves
+        ``T * target_bytes_per_token + share * T * draft_bytes_per_token = available - headroom``.
         """
+        kv_bytes = available_bytes - headroom_bytes
+        if kv_bytes <= 0:
+            raise ValueError(
+                f"the draft's measured working memory ({headroom_bytes / 2**30:.3f} GiB: one video item's "
+                f"encode and one prefill piece) leaves nothing of the {available_bytes / 2**30:.3f} GiB "
+                f"available for KV caches; raise gpu_memory_utilization or kv_cache_memory_bytes, or lower "
+                f"max_num_batched_tokens (the draft's prefill piece)."
+            )
         if self.setting == "auto":
-            target_tokens = available_bytes / (target_bytes_per_token + self.auto_share * self.draft_bytes_per_token)
+            target_tokens = kv_bytes / (target_bytes_per_token + self.auto_share * self.draft_bytes_per_token)
         else:
             target_tokens = 0.0  # unused: an explicit count does not depend on the target
         reserved = self._blocks(self._tokens(target_tokens)) * self.block_size * self.draft_bytes_per_token
-        if reserved >= available_bytes:
+        if reserved >= kv_bytes:
             raise ValueError(
                 f'speculative_config["draft_kv_tokens"]={self.setting!r} needs '
                 f"{reserved / 2**30:.3f} GiB for the draft's KV cache, but only "
-                f"{available_bytes / 2**30:.3f} GiB are available for target and draft KV "
-                f"caches together; lower draft_kv_tokens, or raise gpu_memory_utilization "
-                f"or kv_cache_memory_bytes."
+                f"{kv_bytes / 2**30:.3f} GiB are available for target and draft KV "
+                f"caches together (after {headroom_bytes / 2**30:.3f} GiB of the draft's measured working "
+                f"memory); lower draft_kv_tokens, or raise gpu_memory_utilization or kv_cache_memory_bytes."
             )
-        return reserved
+        return reserved + headroom_bytes
 
     def num_blocks(self, target_tokens: int) -> int:
         """Draft cache blocks once the target's cache holds ``target_tokens`` tokens.

@@ -103,6 +103,14 @@ class HippoProposer:
             ParallelSchedule(self.num_speculative_tokens, self.stats) if hippo.parallel else SerialSchedule()
         )
         self.messages = DraftMessages()
+        # Draft-then-verify drafts k tokens near max_tokens too when the target replays FULL
+        # CUDA graphs, which serve only steps whose every request verifies 1+k tokens; the
+        # rows this adds are few (docs/benchmarks.md, step shapes). VPSD's conservative
+        # steps (no spec tokens after a rejection) are uneven by design: padding them would
+        # add most of a step's rows, so VPSD does not pad.
+        cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+        self.pad_drafts_to_k = (not hippo.parallel and cudagraph_mode is not None
+                                and cudagraph_mode.has_full_cudagraphs())
         # How long propose_batch waits for the work sent before the forward (None: until it is back).
         self.result_timeout: float | None = None
         self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
@@ -162,8 +170,11 @@ class HippoProposer:
             except Exception:  # noqa: BLE001 - shutting down; the worker also exits with this process
                 logger.exception("hippo: closing the draft worker failed")
 
-    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float) -> int:
-        """Bytes of vLLM's KV memory the draft's cache needs (the target gets the rest).
+    def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float,
+                               mm_batch: dict[str, Any] | None = None) -> int:
+        """Bytes of vLLM's KV memory the draft needs (the target's cache gets the rest):
+        its KV cache and its measured working memory (``mm_batch``: one dummy item to
+        encode, see ``DraftEngine.measure_headroom``).
 
         0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
         cache by the smallest figure, the output rank's. 0 too for a draft in a
@@ -171,7 +182,11 @@ class HippoProposer:
         """
         if self.draft is None or not self.draft.shares_target_memory:
             return 0
-        return self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token)
+        headroom = self.draft.measure_headroom(mm_batch)
+        reserved = self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
+        logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
+                    "memory: one item's encode and one prefill piece)", reserved / 2**30, headroom / 2**30)
+        return reserved
 
     def allocate_draft_kv_cache(self, target_tokens: int) -> None:
         """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
@@ -269,7 +284,7 @@ class HippoProposer:
         self._collect_late()  # before this step's chunks are planned: a late "no room" re-prefills
         records = after_sampling(
             runner, scheduler_output, sampled_token_ids, self.num_speculative_tokens, self.max_model_len,
-            with_outputs=self.schedule.needs_outputs_after_sampling,
+            with_outputs=self.schedule.needs_outputs_after_sampling, pad_to_k=self.pad_drafts_to_k,
         )
         planned: list[tuple[int, ChunkPlan]] = []
         for record in records:

@@ -77,14 +77,18 @@ class RequestRecord:
     sampled: list[int] = dataclasses.field(default_factory=list)  # committed in this step (after sampling)
 
 
-def serial_budget(k: int, max_model_len: int, num_tokens: int, num_outputs: int, max_tokens: int | None) -> int:
+def serial_budget(k: int, max_model_len: int, num_tokens: int, num_outputs: int, max_tokens: int | None,
+                  pad_to_k: bool = False) -> int:
     """Tokens worth drafting after sampling: beyond max_tokens or max_model_len they are discarded.
 
     ``num_tokens``/``num_outputs``: committed tokens (prompt and outputs) / outputs,
-    this step's included.
+    this step's included. ``pad_to_k``: draft k tokens up to max_tokens too, so that
+    the step verifies 1+k tokens like its neighbours (a FULL CUDA graph replays only
+    steps whose every request does); vLLM drops what is accepted past max_tokens.
+    Never past max_model_len, whose KV slots do not exist.
     """
     budget = min(k, max_model_len - num_tokens)
-    if max_tokens is not None:
+    if max_tokens is not None and not pad_to_k:
         # A step commits the accepted drafts plus one token of the target's own.
         budget = min(budget, max_tokens - num_outputs - 1)
     return budget
@@ -162,9 +166,10 @@ def before_forward(runner: Any, scheduler_output: Any, gamma: int, max_model_len
 
 def after_sampling(
     runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]], k: int, max_model_len: int,
-    with_outputs: bool,
+    with_outputs: bool, pad_to_k: bool = False,
 ) -> list[RequestRecord]:
-    """Every request of the batch in ``input_batch`` order; ``outputs`` only ``with_outputs``."""
+    """Every request of the batch in ``input_batch`` order; ``outputs`` only ``with_outputs``;
+    ``pad_to_k``: see ``serial_budget``."""
     batch = runner.input_batch
     spec_tokens = scheduler_output.scheduled_spec_decode_tokens
     records = []
@@ -181,7 +186,7 @@ def after_sampling(
             outputs=outputs,
             spec=list(spec_tokens.get(req_id, ())),
             max_tokens=max_tokens,
-            budget=serial_budget(k, max_model_len, num_tokens, len(state.output_token_ids), max_tokens),
+            budget=serial_budget(k, max_model_len, num_tokens, len(state.output_token_ids), max_tokens, pad_to_k),
             sampled=list(sampled_token_ids[i]),
         ))
     return records
