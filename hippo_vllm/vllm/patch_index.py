@@ -111,6 +111,17 @@ PATCHES: tuple[PatchEntry, ...] = (
         platforms=("cpu",),
     ),
     PatchEntry(
+        target="vllm.multimodal.encoder_budget:set_default_torch_num_threads",
+        module="hippo_vllm.vllm.seam.cpu_thread_binding_quiet",
+        why=(
+            "The same no-op thread setting as the renderer's, four warnings per engine start "
+            "(the encoder budget, computed by the runner and the scheduler) with the worker in "
+            "the process; the same replacement, CPU platform only."
+        ),
+        remove_when="As for vllm.renderers.base:set_default_torch_num_threads.",
+        platforms=("cpu",),
+    ),
+    PatchEntry(
         target="vllm.model_executor.layers.attention.attention:Attention.impl.forward",
         module="hippo_vllm.vllm.target.attention_capture",
         why=(

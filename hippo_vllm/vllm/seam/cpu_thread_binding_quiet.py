@@ -7,11 +7,13 @@ every request's multimodal processing (``set_default_torch_num_threads`` in
 ``vllm/renderers/base.py``: once to set, once to restore). With the worker in the
 same process as the renderer (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as the benchmarks
 and tests run it), each request therefore logs the warning twice, hundreds of identical
-lines in a benchmark, while the call changes nothing.
+lines in a benchmark, while the call changes nothing. The multimodal encoder budget does
+the same four times per engine start (``vllm/multimodal/encoder_budget.py``).
 
 The replacement skips exactly those calls: when the CPU worker's stand-in is in place,
 the thread count is already fixed by the binding, so the context sets nothing; otherwise
-it is vLLM's own. Applied on the CPU platform only, to the renderer's reference.
+it is vLLM's own. Applied on the CPU platform only, to the renderer's and the encoder
+budget's references. (The worker's own one-time call at start still warns once.)
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ def install() -> None:
 
     if not current_platform.is_cpu():
         return
+    from vllm.multimodal import encoder_budget
     from vllm.renderers import base
 
     from hippo_vllm.vllm.patching import patch_attribute
 
-    current = base.set_default_torch_num_threads
-    original = getattr(current, "__wrapped_original__", current)
-    replacement = quiet_set_default_torch_num_threads(original)
-    replacement.__wrapped_original__ = original
-    patch_attribute(base, "set_default_torch_num_threads", replacement)
+    for module in (base, encoder_budget):
+        current = module.set_default_torch_num_threads
+        original = getattr(current, "__wrapped_original__", current)
+        replacement = quiet_set_default_torch_num_threads(original)
+        replacement.__wrapped_original__ = original
+        patch_attribute(module, "set_default_torch_num_threads", replacement)
