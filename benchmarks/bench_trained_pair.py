@@ -118,7 +118,14 @@ def main() -> None:
 
     pair = build_trained_pair()
     load_before = os.getloadavg()
-    target, draft = (_measure_in_child(model, args) for model in (pair.target, pair.draft))
+    measured = {}
+    for role, model in (("target", pair.target), ("draft", pair.draft)):
+        # Each engine runs in a child process and answers only when done: say what runs.
+        print(f"measuring the {role} (batch sizes {args.batch_sizes}, {args.repeats} repeats) ...", flush=True)
+        started = time.perf_counter()
+        measured[role] = _measure_in_child(model, args)
+        print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+    target, draft = measured["target"], measured["draft"]
     report = {"target": str(pair.target), "draft": str(pair.draft),
               "load_average_before_after": [load_before, os.getloadavg()], "batches": {}}
     ok = True

@@ -1,22 +1,21 @@
 """Serving demo: `vllm serve` with "method": "hippo", asked about a video over the OpenAI API.
 
-Builds the tiny offline Qwen2.5-VL target/draft pair and its sample mp4s, starts
+Serves the target/draft pair trained on the synthetic video task (its weights ship with
+the repository) with
 
     vllm serve TARGET --speculative-config \\
         '{"method":"hippo","model":DRAFT,"num_speculative_tokens":3}'
 
-on 127.0.0.1 (a free port), sends one chat request with a `video_url` through the
-`openai` client, prints the answer and the acceptance figures from the server's
-`/metrics`, and stops the server. Drafting runs in the default draft-then-verify
-mode; pass `--parallel` for VPSD's schedule. The models have random weights, so the answer
-is gibberish; what matters is that it is exactly the target's own answer (the
-tests in tests/server/ check that against a server without speculation) and how
-many drafted tokens the target accepted.
+on 127.0.0.1 (a free port, vLLM's default multiprocess layout), asks for the
+description of a held-out task video through the `openai` client, prints the model's
+answer beside the true one and the acceptance figures from the server's `/metrics`,
+and stops the server. Drafting runs in the default draft-then-verify mode; pass
+`--parallel` for VPSD's schedule. The answer is exactly the target's own (the tests in
+tests/server/ check that against a server without speculation); the draft sees the
+video, so most of its tokens are accepted.
 
-`--trained` serves the pair trained on the synthetic video task instead (its weights ship
-with the repository) and asks for the description of a held-out task video: the
-answer states every object's colour, shape, position and motion, the demo prints the
-true one beside it, and the draft, which sees the video, gets most of it accepted.
+`--random` serves the tiny pair with random weights instead (its answer is gibberish)
+and asks about one of its sample mp4s.
 
 Run with `make demo` (or `.venv/bin/python examples/serve_demo.py`).
 """
@@ -120,28 +119,32 @@ def print_acceptance(samples: list[MetricSample]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video", type=Path, help="an mp4 to ask about (default: a generated one)")
-    parser.add_argument("--question", default="Describe this video.")
+    parser.add_argument("--question", help="default: the task's description question ("
+                        "\"Describe this video.\" with --random)")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--parallel", action="store_true", help="VPSD's schedule instead of draft-then-verify")
-    parser.add_argument("--trained", action="store_true",
-                        help="the pair trained on the synthetic video task, asked to describe a held-out task "
-                             "video")
+    parser.add_argument("--random", action="store_true",
+                        help="the tiny pair with random weights instead of the trained pair")
     parser.add_argument("--held-out", type=int, default=0, metavar="N",
-                        help="with --trained: ask about the N-th held-out task video (default 0)")
+                        help="ask about the N-th held-out task video (default 0)")
     args = parser.parse_args()
 
     expected = None
-    if args.trained:
+    if not args.random:
         print("loading the trained target/draft pair (cached after the first run)")
         fixtures = build_trained_pair()
         if args.video is None:
+            if not 0 <= args.held_out < len(video_task.HELD_OUT_SEEDS):
+                parser.error(f"--held-out must be in [0, {len(video_task.HELD_OUT_SEEDS)}), got {args.held_out}")
             sample = video_task.make_sample(video_task.HELD_OUT_SEEDS[args.held_out])
             qa = next(qa for qa in sample.qa if qa.topic == "describe")
-            args.question, expected = qa.question, qa.answer
+            expected = qa.answer if args.question in (None, qa.question) else None
+            args.question = args.question or qa.question
             args.video = sample.write_mp4(Path(tempfile.mkdtemp(prefix="hippo_task_video_")) / "held_out.mp4")
     else:
-        print("building the tiny target/draft pair and sample videos (cached after the first run)")
+        print("building the tiny random target/draft pair and sample videos (cached after the first run)")
         fixtures = build_fixtures()
+    args.question = args.question or "Describe this video."
     video = (args.video or fixtures.synthetic_videos[0]).resolve()
     speculative_config = {"method": "hippo", "model": str(fixtures.draft),
                           "num_speculative_tokens": NUM_SPECULATIVE_TOKENS}
@@ -166,7 +169,8 @@ def main() -> None:
               f"{time.monotonic() - asked:.2f} s; prompt {response.usage.prompt_tokens} tokens):")
         print(f"  {choice.message.content!r}")
         if expected is not None:
-            print(f"  (the true answer: {expected!r})")
+            verdict = "the same" if choice.message.content.strip() == expected else "differs"
+            print(f"the true answer ({verdict}):\n  {expected!r}")
         print()
         time.sleep(METRICS_SETTLE_S)
         print_acceptance(read_metrics(server.base_url))

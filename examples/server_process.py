@@ -34,6 +34,16 @@ HOST = "127.0.0.1"
 VLLM_EXECUTABLE = Path(sys.executable).with_name("vllm")
 
 
+# How the fixtures' clips are decoded in the chat path: vLLM's generic OpenCV loader,
+# 8 frames spread evenly over the clip, as hippo_testbed.videos.load_video decodes them
+# for training and the engine tests. Without "video_backend", vLLM picks its
+# "qwen2_vl" loader for a checkpoint whose video processor is Qwen2VLVideoProcessor
+# (Qwen2-VL, Qwen2.5-VL); that loader ignores num_frames and samples 2 frames per
+# second, which gives a 2-s, 8-fps fixture clip 4 frames (32 video tokens, not 64).
+FIXTURE_VIDEO_FRAMES = 8
+FIXTURE_VIDEO_IO = {"video": {"video_backend": "opencv", "num_frames": FIXTURE_VIDEO_FRAMES}}
+
+
 def fast_cpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny",
                         speculative_config: dict | None = None) -> list[str]:
     """`vllm serve` flags that start the tiny fixtures quickly on a CPU.
@@ -48,7 +58,8 @@ def fast_cpu_serve_args(media_dir: str | Path, *, served_model_name: str = "tiny
       ties, which bfloat16 rounding can resolve differently in a one-token decode
       step and in a multi-token verification step;
     - `--allowed-local-media-path`: `file://` video URLs are refused outside it;
-    - 8 frames decoded per video: one 2-s fixture clip becomes 32 video tokens.
+    - the fixtures' video decoding (`FIXTURE_VIDEO_IO`): 8 frames of a 16-frame
+      clip, 64 video tokens, the frames the trained pair was trained on.
     """
     settings = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20)]
     return _serve_args(media_dir, served_model_name, speculative_config, settings)
@@ -78,7 +89,7 @@ def _serve_args(media_dir: str | Path, served_model_name: str, speculative_confi
         "--max-num-seqs", "4",
         "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
         "--allowed-local-media-path", str(media_dir),
-        "--media-io-kwargs", json.dumps({"video": {"num_frames": 8}}),
+        "--media-io-kwargs", json.dumps(FIXTURE_VIDEO_IO),
         "--seed", "0",
     ]
     if speculative_config is not None:

@@ -207,6 +207,66 @@ class HippoConfig:
         return self.num_speculative_tokens - 1 if self.parallel else self.num_speculative_tokens
 
 
+# What each key means, for users: the README's configuration tables are rendered from
+# these and the dataclasses' fields and defaults (tools/render_readme_tables.py).
+KEY_MEANINGS: dict[str, str] = {
+    "model": (
+        "draft checkpoint of the same family (the target's tokenizer and a vocabulary no larger than the "
+        "target's, e.g. Qwen2.5-VL-3B's 151,936 rows for 7B's 152,064; and a vision tower that reads the same "
+        "pixels: the family's patch, frame and merge sizes must be the target's)"
+    ),
+    "num_speculative_tokens": "γ, tokens drafted per round (integer ≥ 1; ≥ 2 with `parallel`)",
+    "keep_ratio": (
+        "share of each video's tokens the draft sees, in [0, 1]; 0: none (the draft drafts from the text "
+        "alone, a baseline)"
+    ),
+    "score_weights": "weights of the three signals; 0 disables one",
+    "attn_layers": "target layers whose text→video attention forms s_attn (list of indices)",
+    "crop_size": "M of the M×M neighbourhood for s_spa (odd, ≥ 3)",
+    "selection": "`global` top-k over the whole video, or `per_frame` quota",
+    "pruning": "`holistic`, or a baseline: `attention`, `uniform`, `temporal`, `specvlm`, `none`",
+    "parallel": (
+        "VPSD's schedule (PEARL rounds); it overlaps drafting with verifying only with the draft on a worker "
+        "of its own (`draft_worker`)"
+    ),
+    "draft_kv_tokens": (
+        "tokens the draft's own KV cache holds (integer ≥ 1, in whole blocks of 32), or `\"auto\"`: "
+        "`max(keep_ratio, 0.25)` of the tokens the target's KV cache holds, at most `max_num_seqs` × "
+        "(`max_model_len` + γ + 1). It comes out of the KV cache memory (`gpu_memory_utilization` or "
+        "`kv_cache_memory_bytes` covers target and draft); in process, so does the draft's working memory, "
+        "measured at start with one dummy encode of the largest item and one prefill piece "
+        "(`max_num_batched_tokens` rows); when it is full, drafting pauses for the requests that do not fit"
+    ),
+    "draft_worker": (
+        "where the draft runs: an object of the keys below "
+        "([details](docs/serving.md#the-draft-on-a-worker-of-its-own-draft_worker))"
+    ),
+}
+DRAFT_WORKER_KEY_MEANINGS: dict[str, str] = {
+    "placement": (
+        "`in_process` (the target's output-rank worker, in sequence with the target), `process` (a worker "
+        "process of its own), `ray` (a Ray actor)"
+    ),
+    "device": (
+        "`process`: `\"cpu\"`, or on a GPU machine `\"cuda:N\"`, a GPU the target does not use (required "
+        "there); `ray`: null, `\"cpu\"` or `\"cuda\"` (Ray picks the GPU)"
+    ),
+    "cpu_cores": (
+        "CPU core ids the worker's threads are bound to (its thread count); null leaves them where the "
+        "worker's parent runs"
+    ),
+    "timeout_ms": (
+        "how long the target waits, after sampling, for a step's drafts before that step goes on without them"
+    ),
+    "max_restarts": (
+        "restarts of a worker that died, stalled or fell behind, within any `restart_window_s`; more is a "
+        "crash loop and drafting stays off"
+    ),
+    "restart_window_s": "the window over which `max_restarts` counts restarts",
+    "start_timeout_s": "time allowed to load the draft in a new worker",
+}
+
+
 def hippo_settings(vllm_config: Any) -> HippoConfig | None:
     """The HippoConfig a VllmConfig carries (the config rewrite put it there), or None."""
     extra = getattr(vllm_config, "additional_config", None) or {}

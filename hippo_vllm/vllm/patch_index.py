@@ -94,6 +94,34 @@ PATCHES: tuple[PatchEntry, ...] = (
         platforms=("cpu",),
     ),
     PatchEntry(
+        target="vllm.renderers.base:set_default_torch_num_threads",
+        module="hippo_vllm.vllm.seam.cpu_thread_binding_quiet",
+        why=(
+            "vLLM's CPU worker binds threads and replaces torch.set_num_threads process-wide with a "
+            "stand-in that skips the call and logs a warning; the renderer sets the thread count "
+            "around every request's multimodal processing, so with the worker in the renderer's "
+            "process (VLLM_ENABLE_V1_MULTIPROCESSING=0) each request logs it twice for a no-op. "
+            "The replacement sets nothing while that stand-in is in place, vLLM's own otherwise; "
+            "CPU platform only."
+        ),
+        remove_when=(
+            "vLLM's renderer skips the thread setting after the CPU worker's binding, or the "
+            "stand-in warns once (tests/vllm/test_cpu_thread_binding_quiet.py shows the flood)."
+        ),
+        platforms=("cpu",),
+    ),
+    PatchEntry(
+        target="vllm.multimodal.encoder_budget:set_default_torch_num_threads",
+        module="hippo_vllm.vllm.seam.cpu_thread_binding_quiet",
+        why=(
+            "The same no-op thread setting as the renderer's, four warnings per engine start "
+            "(the encoder budget, computed by the runner and the scheduler) with the worker in "
+            "the process; the same replacement, CPU platform only."
+        ),
+        remove_when="As for vllm.renderers.base:set_default_torch_num_threads.",
+        platforms=("cpu",),
+    ),
+    PatchEntry(
         target="vllm.model_executor.layers.attention.attention:Attention.impl.forward",
         module="hippo_vllm.vllm.target.attention_capture",
         why=(

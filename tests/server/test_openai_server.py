@@ -180,3 +180,26 @@ def test_metrics_count_drafted_and_accepted_tokens(hippo_server, chats):
     # accepts some of its tokens (deterministically); all accepted is impossible
     # with a different random draft.
     assert 0 < accepted < drafted
+
+
+@pytest.mark.parametrize("chat", ["video_file_url", "video_base64_url"])
+def test_served_prompt_has_the_video_tokens_of_training(reference, tiny, chat):
+    """The chat path decodes a clip into the frames training and the engine tests use.
+
+    Expected: the clip decoded as training decodes it (`load_video` with the trained
+    pair's frame count) and expanded by the checkpoint's own processor.
+    """
+    from transformers import AutoProcessor
+
+    from hippo_testbed.trained_pair import NUM_FRAMES, hf_video_metadata
+    from hippo_testbed.videos import load_video
+
+    video = tiny.synthetic_videos[0 if chat == "video_file_url" else 1]
+    processor = AutoProcessor.from_pretrained(str(tiny.target))
+    frames, metadata = load_video(video, NUM_FRAMES)
+    expanded = processor(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[frames],
+                         video_metadata=[hf_video_metadata(metadata)], return_tensors="pt")
+    video_pad = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    trained_count = expanded["input_ids"][0].tolist().count(video_pad)
+    assert len(frames) == NUM_FRAMES and trained_count > 0
+    assert reference[chat].prompt_token_ids.count(video_pad) == trained_count

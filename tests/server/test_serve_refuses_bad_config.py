@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from server_process import VLLM_EXECUTABLE, fast_cpu_serve_args  # noqa: E402
 
+from hippo_vllm.vllm.seam.config_rewrite import REFUSAL  # noqa: E402
+
 pytestmark = pytest.mark.engine
 
 # name: (the change to a good hippo speculative_config, the message start-up must print)
@@ -60,3 +62,7 @@ def test_bad_hippo_config_stops_the_server_with_the_message(refused_servers, nam
     assert returncode != 0
     assert BAD_CONFIGS[name][1] in output, output[-3000:]
     assert "HippoConfigError" in output
+    # One line says it all, before vLLM's traceback.
+    (line,) = [line for line in output.splitlines() if REFUSAL in line]
+    assert BAD_CONFIGS[name][1] in line
+    assert output.index(line) < output.index("Traceback (most recent call last)")

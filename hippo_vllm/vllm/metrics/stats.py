@@ -26,12 +26,13 @@ EXPORTED_STATS: dict[str, str] = {
     "draft_tokens": "Tokens the draft proposed.",
     "draft_kv_full": (
         "Times a request got no draft for a step because the draft's KV cache was full "
-        "(drafting pauses for it; outputs are unaffected)."
+        "(drafting pauses for it; outputs are unaffected; raise draft_kv_tokens if it grows)."
     ),
     "drafting_failures": (
         "Requests hit by an error in drafting (they go on without speculation) or in the "
         "attention capture (their views are built without s_attn); an error not attributable "
-        "to one request counts every request of its step."
+        "to one request counts every request of its step. Outputs are unaffected; each distinct cause "
+        "is logged once with its traceback."
     ),
     # Parallel drafting (VPSD) rounds, counted by hippo_vllm.core.vpsd.RoundStats.
     "target_forwards": "Target steps of requests drafted in parallel mode (one per request and step).",

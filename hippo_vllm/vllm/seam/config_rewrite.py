@@ -29,6 +29,7 @@ from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.model_families import architecture_of, family_of, supported_architectures
 
 logger = get_logger(__name__)
+REFUSAL = "hippo_vllm cannot start with this configuration:"  # starts the one-line error
 
 PROPOSER_CLASS_PATH = "hippo_vllm.vllm.target.proposer.HippoProposer"
 CPU_WORKER_PATH = "hippo_vllm.vllm.seam.worker_cpu.HippoCPUWorker"
@@ -258,11 +259,17 @@ def install() -> None:
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
-        hippo = rewrite_hippo_engine_args(self)
-        vllm_config = original(self, *args, **kwargs)
-        if hippo is not None:
-            draft_config = check_draft_against_target(hippo, vllm_config.model_config)
-            check_draft_parallelism(hippo, draft_config, vllm_config.parallel_config)
+        try:
+            hippo = rewrite_hippo_engine_args(self)
+            vllm_config = original(self, *args, **kwargs)
+            if hippo is not None:
+                draft_config = check_draft_against_target(hippo, vllm_config.model_config)
+                check_draft_parallelism(hippo, draft_config, vllm_config.parallel_config)
+        except HippoConfigError as exc:
+            # One line naming key, value and what is allowed, ahead of the traceback
+            # vLLM's entry points print for a failed start (the message ends it too).
+            logger.error("%s %s", REFUSAL, exc)
+            raise
         return vllm_config
 
     create_engine_config.__doc__ = original.__doc__

@@ -4,7 +4,7 @@ vLLM calls :func:`register` once per process (API server, engine core, workers),
 and again in a fresh process after a fork or spawn, so it must be cheap and
 idempotent. It installs the process-wide patches of the patch index: the rewrite
 of ``"method": "hippo"`` into a configuration vLLM accepts, hippo's stat logger
-next to vLLM's, the CPU sampling fix, and the guard that keeps top-k
+next to vLLM's, the CPU sampling fix, the CPU renderer's quiet thread setting, and the guard that keeps top-k
 sampling alive in steps without draft tokens. The draft itself lives in the hippo
 worker, which vLLM imports by name. vLLM lets an exception from a general plugin abort start-up, so an
 unsupported vLLM must not raise here: it only stands the plugin down with a
@@ -30,7 +30,7 @@ def register() -> bool:
     from hippo_vllm.vllm.seam.version_gate import UnsupportedVllmVersion, check_vllm_version
 
     from hippo_vllm.vllm.metrics import stat_logger
-    from hippo_vllm.vllm.seam import config_rewrite, cpu_sampling_fix, empty_logits_guard
+    from hippo_vllm.vllm.seam import config_rewrite, cpu_sampling_fix, cpu_thread_binding_quiet, empty_logits_guard
 
     try:
         check_vllm_version()
@@ -47,6 +47,7 @@ def register() -> bool:
 
     config_rewrite.install()
     cpu_sampling_fix.install()
+    cpu_thread_binding_quiet.install()
     empty_logits_guard.install()
     stat_logger.install()
     _registered = True
