@@ -175,7 +175,7 @@ def _target_vllm_config(target):
                                                    ("qwen3_vl_target", "qwen3_vl_draft", QWEN3_VL),
                                                    ("qwen3_vl_moe_target", "qwen3_vl_moe_target", QWEN3_VL)])
 def test_the_draft_engine_builds_a_drafts_config_and_refuses_a_text_model(tiny, target, draft, family):
-    from hippo_vllm.vllm.draft.engine import make_draft_vllm_config
+    from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config
 
     target = _target_vllm_config(getattr(tiny, target))
     draft = make_draft_vllm_config(target, getattr(tiny, draft))
