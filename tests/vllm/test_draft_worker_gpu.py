@@ -46,3 +46,24 @@ def test_a_draft_worker_on_its_own_gpu_is_lossless(parallel, tiny, requests, bas
         assert proposer.stats.draft_round_trips > 0
         worker = proposer.draft.worker_pid
     assert wait_gone(worker), "the draft worker outlived the engine"
+
+
+def test_a_draft_worker_caps_its_kv_cache_by_its_gpus_free_memory(tiny):
+    """Asked for far more KV than its GPU holds, the worker allocates what fits and says how much."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from engine_utils import ENGINE_DEFAULTS
+    from hippo_vllm.config import HippoConfig
+    from hippo_vllm.vllm.metrics.stats import HippoStats
+    from hippo_vllm.vllm.placements.process_client import RemoteDraft
+
+    args = {k: v for k, v in ENGINE_DEFAULTS.items() if k != "disable_log_stats"}
+    config = EngineArgs(model=str(tiny.target), **args).create_engine_config()
+    hippo = HippoConfig(model=str(tiny.draft), draft_worker={"placement": "process", "device": "cuda:1"})
+    draft = RemoteDraft(config, hippo, HippoStats(), env={"CUDA_VISIBLE_DEVICES": "1"})
+    try:
+        wanted = 10**9  # blocks: far beyond any GPU
+        allocated = draft.allocate_kv_cache(wanted)
+        assert 0 < allocated < wanted
+    finally:
+        draft.close()
