@@ -23,6 +23,7 @@ reader reports that one message and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -128,7 +129,5 @@ class Channel:
     def close(self) -> None:
         self.socket.close(linger=0)
         if self.bound and self.path.startswith("ipc://"):  # the binding side owns the socket file
-            try:
+            with contextlib.suppress(OSError):  # already gone
                 os.unlink(self.path[len("ipc://"):])
-            except OSError:
-                pass
