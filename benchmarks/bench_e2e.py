@@ -85,6 +85,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 import textwrap  # noqa: E402
 import time  # noqa: E402
@@ -292,6 +293,7 @@ class StepTracker:
         self.hippo = getattr(drafter, "stats", None)  # HippoStats, on hippo engines only
         self._wrapped: list[tuple[object, str, object]] = []
         self._wrap(engine.engine_core.engine_core.scheduler, "update_from_output", before=self._count)
+        self._wrap_engine_step(engine)
         self._wrap(self.runner, "execute_model", before=lambda *_: self._next_step(), timer="runner_seconds")
         self._wrap(self.runner, "sample_tokens", timer="runner_seconds")
         if drafter is not None and self.hippo is None:
@@ -333,6 +335,30 @@ class StepTracker:
         setattr(owner, name, wrapper)
         self._wrapped.append((owner, name, own))
 
+    def _wrap_engine_step(self, engine) -> None:
+        """Each engine step's host time: its wall time minus the forwards in it (and, with a
+        worker, the wait for the draft), kept per step with whether the step prefilled."""
+        step = engine.step
+
+        def timed_step(*args, **kwargs):
+            self._step_prefills = False
+            forwards, waited, start = self.counts["forward_seconds"], self._waited(), time.perf_counter()
+            try:
+                return step(*args, **kwargs)
+            finally:
+                host = (time.perf_counter() - start - (self.counts["forward_seconds"] - forwards)
+                        - (self._waited() - waited))
+                if self._step_ran:
+                    self.step_hosts.append((self._step_prefills, host))
+                self._step_ran = False
+
+        own = vars(engine).get("step", _NOT_OWN)
+        engine.step = timed_step
+        self._wrapped.append((engine, "step", own))
+
+    def _waited(self) -> float:
+        return self.hippo.draft_wait_seconds if self.worker and self.hippo is not None else 0.0
+
     def unwrap(self) -> None:
         """Back to the engine's own methods (the next workload wraps them afresh)."""
         for owner, name, own in reversed(self._wrapped):
@@ -346,6 +372,8 @@ class StepTracker:
         self._step_mark = None  # the previous batch's last step is not this batch's
         self._produced: dict[str, int] = {}
         self._hippo_start = self.hippo.as_dict() if self.hippo is not None else {}
+        self.step_hosts: list[tuple[bool, float]] = []  # per engine step: (prefilled, host seconds)
+        self._step_ran = self._step_prefills = False
         self.counts = dict.fromkeys(
             ("batched_steps", "target_forwards", "generated_tokens", "spec_rounds", "spec_round_tokens",
              "spec_drafted", "spec_accepted", "runner_seconds", "drafter_seconds", "forward_seconds",
@@ -356,6 +384,8 @@ class StepTracker:
         counts = self.counts
         if scheduler_output.total_num_scheduled_tokens > 0:
             counts["batched_steps"] += 1
+            self._step_ran = True
+            self._step_prefills = self._step_prefills or bool(scheduler_output.scheduled_new_reqs)
         sampled_all = runner_output.sampled_token_ids
         for req_id in scheduler_output.num_scheduled_tokens:
             index = runner_output.req_id_to_index.get(req_id)
@@ -392,6 +422,9 @@ class StepTracker:
     def collect(self) -> dict:
         self._next_step()
         result = dict(self.counts)
+        decode = sorted(host for prefilled, host in self.step_hosts if not prefilled)
+        result["host_decode_step_median_seconds"] = decode[len(decode) // 2] if decode else None
+        result["host_prefill_steps_seconds"] = sum(host for prefilled, host in self.step_hosts if prefilled)
         if self.hippo is not None:
             end = self.hippo.as_dict()
             result["hippo"] = {key: end[key] - self._hippo_start[key] for key in end}
@@ -445,7 +478,11 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
             stops = frozenset() if workload.ignore_eos else frozenset({args.eos_id})
             tracker = StepTracker(llm, workload.max_tokens, config.worker, stops)
             batches = []
+            recorder = None
             for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
+                if repeat == 1 and args.profile is not None:  # the timed batches only
+                    recorder = _host_profile().Recorder(args.profile / _slug(f"{config.name}__{workload.name}.txt"))
+                    recorder.start()
                 tracker.reset()
                 start, cpu_start = time.perf_counter(), time.process_time()
                 outputs = llm.generate(workload.requests, params, use_tqdm=False)
@@ -455,6 +492,9 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
                 check_lossless(f"{config.name} ({workload.name})", repeat, ids, references[workload.name])
                 if repeat:
                     batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
+            if recorder is not None:
+                recorder.stop()
+                _host_profile().print_summary(recorder.path)
             tracker.unwrap()
             video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
             rows.append({"workload": workload.name, **summarize(config, batches, video_total, len(workload.requests))})
@@ -463,6 +503,20 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
         del llm
         gc.collect()
     return rows
+
+
+def _host_profile():
+    """benchmarks/host_profile.py, beside this script (a folder of scripts, not a package)."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import host_profile
+
+    return host_profile
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 def check_lossless(name: str, repeat: int, ids: list, reference: list) -> None:
@@ -512,6 +566,11 @@ def summarize(config: Config, batches: list[dict], video_total: int, num_prompts
         "target_forwards": forwards, "batched_target_steps": batch["batched_steps"],
         "tokens_per_target_forward": _ratio(tokens, forwards),
         "host_ms_per_target_step": _ratio(1e3 * times["host"], batch["batched_steps"]),
+        # The same split: the steps that prefill a request (its video's processing, hippo's
+        # scoring and view) apart from the decode steps, whose host work is per step.
+        "host_ms_per_decode_step": (None if batch["host_decode_step_median_seconds"] is None
+                                    else 1e3 * batch["host_decode_step_median_seconds"]),
+        "host_ms_prefill_per_request": 1e3 * batch["host_prefill_steps_seconds"] / num_prompts,
         "mat": mat, "mat_source": mat_source,
         "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
         "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
@@ -557,7 +616,7 @@ def print_table(rows: list[dict]) -> None:
           "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
           "included, shown apart; draft_model prefills inside its draft time); overhead: the rest;\n"
           "host/step: wall minus every model forward in this process (and, with a worker, the wait for it),\n"
-          "per target engine step, in ms.")
+          "per target engine step, in ms (split below: decode steps and the steps that prefill).")
 
 
 def _print_workload_table(rows: list[dict]) -> None:
@@ -619,12 +678,14 @@ def _print_workload_note(rows: list[dict]) -> None:
     # Spec tokens lengthen each target step; on a CPU that eats much of what fewer steps save.
     per_step = [(r, 1e3 * r["seconds"]["target"] / r["batched_target_steps"], "ms") for r in rows]
     _print_list("Target time per engine step:", per_step)
-    host = [(r, r["host_ms_per_target_step"], "ms") for r in rows if r["host_ms_per_target_step"] is not None]
-    _print_list("Host time outside the model forwards per target step:", host)
     reference = next((r for r in rows if r["method"] == "draft_model"), None)
-    if reference is not None and reference["host_ms_per_target_step"]:
-        _print_list("  ... relative to draft_model's:", [(r, r["host_ms_per_target_step"] / reference[
-            "host_ms_per_target_step"], "x") for r in rows if r["method"] == "hippo"])
+    for key, title in (("host_ms_per_target_step", "Host time outside the model forwards per target step:"),
+                       ("host_ms_per_decode_step", "  ... the median decode step's:"),
+                       ("host_ms_prefill_per_request", "  ... the prefill steps', per request:")):
+        _print_list(title, [(r, r[key], "ms") for r in rows if r[key] is not None])
+        if reference is not None and reference[key]:
+            _print_list("    relative to draft_model's:", [(r, r[key] / reference[key], "x")
+                                                           for r in rows if r["method"] == "hippo" and r[key]])
 
 
 def _print_list(title: str, items: list[tuple[dict, float, str]]) -> None:
@@ -669,6 +730,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"default {DEFAULT_FAMILY}; --models trained is {DEFAULT_FAMILY})")
     parser.add_argument("--no-worker", action="store_true",
                         help="skip the rows with the draft in a worker process of its own")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row names to run (default all); the target row always runs "
+                             "first, as every row's reference output")
+    parser.add_argument("--profile", type=pathlib.Path, default=None,
+                        help="folder for py-spy samples of each row's timed batches, summarized after each "
+                             "(benchmarks/host_profile.py; needs py-spy)")
     parser.add_argument("--production", action="store_true",
                         help="bfloat16, torch.compile and CUDA graphs, default KV-cache sizing (GPU settings)")
     args = parser.parse_args(argv)
@@ -748,7 +815,14 @@ def main(argv: list[str] | None = None) -> dict:
     draft_model = args.family not in NO_DRAFT_MODEL_ROW
     if not draft_model:
         print(f"Skipping the draft_model row: vLLM's draft_model cannot serve a {args.family} target.")
-    for config in build_configs(models, args.pairs, args.k, worker, draft_model):
+    configs = build_configs(models, args.pairs, args.k, worker, draft_model)
+    if args.rows is not None:
+        wanted = {name.strip() for name in args.rows.split(",") if name.strip()}
+        unknown = wanted - {c.name for c in configs}
+        if unknown:
+            raise SystemExit(f"--rows: no row named {sorted(unknown)}; the rows are {[c.name for c in configs]}")
+        configs = [c for c in configs if c.name == "target" or c.name in wanted]
+    for config in configs:
         started = time.perf_counter()
         config_rows = run_config(config, workloads, args, references)
         for row in config_rows:

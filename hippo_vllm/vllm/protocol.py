@@ -31,6 +31,20 @@ class DraftPrompt:
 
 
 @dataclasses.dataclass
+class Encode:
+    """Encode a request's multimodal items now, as it arrives (a draft of its own only).
+
+    Sent in the step that starts the target's prefill, so the draft's vision encoder
+    runs while the target prefills; the request's ``Prefill`` then finds the items
+    encoded. Its ``DraftPrompt`` still comes with that ``Prefill`` (the positions are
+    known only once the target's runner has taken the request in).
+    """
+
+    req_id: str
+    mm_features: list[MultiModalFeatureSpec]  # with data
+
+
+@dataclasses.dataclass
 class Prefill:
     """Build the request's view (once) and prefill it into the draft's KV cache."""
 
@@ -63,10 +77,11 @@ class ChunkOrder:
 
 @dataclasses.dataclass
 class StepWork:
-    """One target step's drafting work, applied in this order: releases, prefills, chunks."""
+    """One target step's drafting work, applied in this order: releases, encodes, prefills, chunks."""
 
     seq: int
     releases: list[Release] = dataclasses.field(default_factory=list)
+    encodes: list[Encode] = dataclasses.field(default_factory=list)
     prefills: list[Prefill] = dataclasses.field(default_factory=list)
     chunks: list[ChunkOrder] = dataclasses.field(default_factory=list)
 
@@ -123,6 +138,7 @@ class StepResult:
     # step's requests lose drafting for this step (their state is rebuilt next step).
     step_failure: DraftFailure | None = None
     prefill_seconds: float = 0.0  # on the draft's side
+    encodes: int = 0  # multimodal items the draft's vision encoder ran on
     draft_seconds: float = 0.0
 
 

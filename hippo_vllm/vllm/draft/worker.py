@@ -39,6 +39,7 @@ from hippo_vllm.vllm.protocol import (
     ChunkOrder,
     DraftFailure,
     DraftPrompt,
+    Encode,
     Prefill,
     Release,
     StepResult,
@@ -81,6 +82,7 @@ class DraftWorker:
         self._prompts: dict[str, DraftPrompt] = {}  # until a finished Release
         self._states: dict[str, DraftState] = {}  # requests with a prefilled draft KV
         self._orders: dict[str, list[int]] = {}  # each request's last chunk order's outputs
+        self._encoded: dict[str, list[torch.Tensor]] = {}  # items encoded on arrival, until the prefill
         logger.info(
             "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
             hippo.model, hippo.keep_ratio, hippo.pruning, hippo.num_speculative_tokens,
@@ -145,12 +147,14 @@ class DraftWorker:
     # -- one step ------------------------------------------------------------------------
 
     def handle(self, work: StepWork) -> StepResult:
-        """Releases, then prefills, then chunks; never raises (see the module docstring)."""
+        """Releases, then early encodes, prefills and chunks; never raises (see the module docstring)."""
         result = StepResult(work.seq)
         try:
             for release in work.releases:
                 self._release(release)
             start = time.perf_counter()
+            for encode in work.encodes:
+                self._encode_early(encode, result)
             for prefill in work.prefills:
                 self._prefill_one(prefill, result)
             result.prefill_seconds = time.perf_counter() - start
@@ -165,6 +169,7 @@ class DraftWorker:
         self.engine.free(release.req_id)
         self._states.pop(release.req_id, None)
         self._orders.pop(release.req_id, None)
+        self._encoded.pop(release.req_id, None)
         if release.finished:
             self._prompts.pop(release.req_id, None)
             self.views.drop(release.req_id)
@@ -187,19 +192,22 @@ class DraftWorker:
         if prompt is None:
             raise RuntimeError(f"request {req_id!r} has no draft prompt on the draft's side to prefill")
         engine = self.engine
-        view = self.views.get(req_id)
         engine.free(req_id)
+        item_embeds = self._encoded.pop(req_id, None)  # encoded when the request arrived
+        view = self.views.get(req_id)  # a resumed request keeps its view
+        if view is None and self.views.reusable(prompt, attention) is not None:
+            view = self._new_view(req_id, prompt, None, attention, result)  # a prefix-cache hit
         if view is not None:
-            self._check_room(req_id, view)  # before encoding the video again
-        item_embeds = engine.embed_multimodal(prompt.mm_features) if prompt.mm_features else []
-        if view is None:
-            # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
-            # encoder appends to it.
-            visual = [e[:, : engine.hidden_size] for e in item_embeds]
-            view = self.views.build(req_id, prompt, visual, attention)
-            result.views.append(_report(req_id, view))
-        token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
-        embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
+            self._check_room(req_id, view)  # before embedding anything
+        embeds = self.views.rows(req_id, engine.device) if view is not None else None
+        if embeds is None:
+            if item_embeds is None:
+                item_embeds = self._encode(prompt.mm_features, result) if prompt.mm_features else []
+            if view is None:
+                view = self._new_view(req_id, prompt, item_embeds, attention, result)
+            token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
+            embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
+            self.views.keep_rows(req_id, embeds)
         positions = prompt.positions[:, view.keep_rows]
         self._check_room(req_id, view)
         # In pieces of at most max_num_batched_tokens rows, like the target's own
@@ -213,6 +221,30 @@ class DraftWorker:
             engine.free(req_id)  # no half-prefilled draft sequence stays behind
             raise
         self._states[req_id] = DraftState(view, prompt.mrope_delta)
+
+    def _new_view(self, req_id: str, prompt: DraftPrompt, item_embeds: list[torch.Tensor] | None,
+                  attention: list[torch.Tensor | None] | None, result: StepResult) -> DraftView:
+        # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
+        # encoder appends to it.
+        visual = None if item_embeds is None else [e[:, : self.engine.hidden_size] for e in item_embeds]
+        view = self.views.build(req_id, prompt, visual, attention)
+        result.views.append(_report(req_id, view))
+        return view
+
+    def _encode(self, mm_features: list, result: StepResult) -> list[torch.Tensor]:
+        """The draft's vision encoder on a request's items (counted: once per prompt is the aim)."""
+        result.encodes += len(mm_features)
+        return self.engine.embed_multimodal(mm_features)
+
+    def _encode_early(self, encode: Encode, result: StepResult) -> None:
+        """Encode a request's items as it arrives, while the target prefills it."""
+        if encode.req_id in self.views or encode.req_id in self._encoded:
+            return
+        try:
+            self._encoded[encode.req_id] = self._encode(encode.mm_features, result)
+        except Exception as exc:  # noqa: BLE001 - this request only; its prefill encodes again
+            logger.warning("hippo: encoding request %r on arrival failed (%s: %s); its prefill encodes it",
+                           encode.req_id, type(exc).__name__, exc)
 
     def _check_room(self, req_id: str, view: DraftView) -> None:
         if not self.engine.has_room_for(view.compact_len):

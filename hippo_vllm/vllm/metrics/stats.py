@@ -24,6 +24,15 @@ EXPORTED_STATS: dict[str, str] = {
         "(e.g. after a prefix-cache hit)."
     ),
     "draft_tokens": "Tokens the draft proposed.",
+    "draft_encodes": (
+        "Multimodal items the draft's vision encoder ran on (a preempted request, and a prompt seen "
+        "again through vLLM's prefix cache, reuse the draft's rows instead)."
+    ),
+    "first_draft_steps": (
+        "Target steps from a request's first token to its first step that verified drafts (1: the "
+        "very next step); divide by first_drafts for the mean."
+    ),
+    "first_drafts": "Requests that had drafts verified (the count for first_draft_steps).",
     "draft_kv_full": (
         "Times a request got no draft for a step because the draft's KV cache was full "
         "(drafting pauses for it; outputs are unaffected; raise draft_kv_tokens if it grows)."
@@ -90,6 +99,9 @@ class HippoStats:
     pruning_seconds: float = 0.0  # draft vision encoding excluded; scoring + selection
     views_without_target_attention: int = 0  # s_attn unavailable (e.g. prefix-cache hit)
     draft_tokens: int = 0  # tokens proposed
+    draft_encodes: int = 0  # items the draft's vision encoder ran on
+    first_draft_steps: int = 0  # steps from the first token to the first drafted step, summed
+    first_drafts: int = 0
     draft_kv_full: int = 0  # request steps without a draft: draft KV cache full
     drafting_failures: int = 0  # requests hit by an error in drafting or the capture
     target_forwards: int = 0

@@ -9,6 +9,9 @@ or when the draft's KV had no room for it), the target's s_attn only while the
 request has no view, and each ``ChunkOrder`` carries only the change to the
 request's last order. Releases wait here for the next step's work.
 
+A draft of its own is also sent a request's multimodal items as the request
+arrives (``Encode``), so its vision encoder runs while the target prefills.
+
 When the draft's side lost all its state (its backend's ``epoch`` changed) every
 record of what it holds is forgotten, so everything is sent again.
 """
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from hippo_vllm.vllm.protocol import ChunkOrder, DraftPrompt, Prefill, Release, StepResult, StepWork
+from hippo_vllm.vllm.protocol import ChunkOrder, DraftPrompt, Encode, Prefill, Release, StepResult, StepWork
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,7 @@ class DraftMessages:
         self._prefilled: set[str] = set()  # their draft KV is prefilled, as far as is known
         self._orders: dict[str, list[int]] = {}  # each request's last order's outputs (the mirror)
         self._views: set[str] = set()  # reported built
+        self._encoded: set[str] = set()  # sent to be encoded on arrival
         self._releases: list[Release] = []
 
     def sync_epoch(self, epoch: int) -> None:
@@ -85,13 +89,16 @@ class DraftMessages:
             self._prefilled.clear()
             self._orders.clear()
             self._views.clear()
+            self._encoded.clear()
             self._releases.clear()
 
     def release(self, req_id: str, finished: bool) -> None:
         """Queue a release for the next step's work (if the draft's side holds anything of it)."""
-        held = req_id in self._prompts or req_id in self._prefilled or req_id in self._orders
+        held = (req_id in self._prompts or req_id in self._prefilled or req_id in self._orders
+                or req_id in self._encoded)
         self._prefilled.discard(req_id)
         self._orders.pop(req_id, None)
+        self._encoded.discard(req_id)
         if finished:
             self._prompts.discard(req_id)
             self._views.discard(req_id)
@@ -111,8 +118,15 @@ class DraftMessages:
         plans: list[ChunkPlan],
         prompt_of: Callable[[str], DraftPrompt],
         attention_of: Callable[[str], list[torch.Tensor | None] | None],
+        arriving: Iterable[tuple[str, list]] = (),
     ) -> StepWork:
-        """This step's work: queued releases, the prefills the chunks need, the chunk orders."""
+        """This step's work: queued releases, the arriving requests' items to encode (req_id,
+        mm_features), the prefills the chunks need, the chunk orders."""
+        encodes = []
+        for req_id, mm_features in arriving:
+            if req_id not in self._prompts and req_id not in self._encoded:
+                encodes.append(Encode(req_id, mm_features))
+                self._encoded.add(req_id)
         prefills, orders = [], []
         for plan in plans:
             req_id = plan.req_id
@@ -126,7 +140,7 @@ class DraftMessages:
             kept = common_prefix(previous, plan.outputs)
             self._orders[req_id] = list(plan.outputs)
             orders.append(ChunkOrder(req_id, kept, plan.outputs[kept:], plan.budget))
-        work = StepWork(self._seq, releases=self._releases, prefills=prefills, chunks=orders)
+        work = StepWork(self._seq, releases=self._releases, encodes=encodes, prefills=prefills, chunks=orders)
         self._seq += 1
         self._releases = []
         return work
@@ -140,7 +154,7 @@ class DraftMessages:
 
     def held_requests(self) -> list[str]:
         """Requests the draft's side holds anything of."""
-        return sorted(self._prompts | self._prefilled | set(self._orders) | self._views)
+        return sorted(self._prompts | self._prefilled | set(self._orders) | self._views | self._encoded)
 
     def has_view(self, req_id: str) -> bool:
         return req_id in self._views

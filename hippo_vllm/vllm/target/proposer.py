@@ -113,6 +113,7 @@ class HippoProposer:
                                 and cudagraph_mode.has_full_cudagraphs())
         # How long propose_batch waits for the work sent before the forward (None: until it is back).
         self.result_timeout: float | None = None
+        self.encodes_on_arrival = False  # set by attach_draft
         self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
         self._late: list[tuple[SentStep, PendingStep]] = []  # not back in their step; read when they come
         self._failed: set[str] = set()  # requests that lost drafting for good
@@ -120,6 +121,9 @@ class HippoProposer:
         self._failed_steps_in_a_row = 0
         self._step_failed = False
         self.disabled = False  # drafting stopped for the engine after repeated failures
+        self._step = 0  # target steps so far
+        # request -> the step of its first token, until its first drafts (then None)
+        self._first_token_step: dict[str, int | None] = {}
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -151,6 +155,9 @@ class HippoProposer:
         self.draft = draft
         # A draft of its own answers within its deadline or its step goes without chunks.
         self.result_timeout = draft.result_timeout
+        # ... and encodes a request's videos as it arrives, beside the target's prefill
+        # (in the target's process that would only move the encode earlier in sequence).
+        self.encodes_on_arrival = draft.result_timeout is not None
         sched = self.vllm_config.scheduler_config
         self.kv_budget = DraftKVBudget(
             setting=self.hippo.draft_kv_tokens,
@@ -213,6 +220,7 @@ class HippoProposer:
 
     def new_step(self) -> None:
         """A target step starts: step-wide failures of the last one expire."""
+        self._step += 1
         if not self._step_failed:
             self._failed_steps_in_a_row = 0
         self._step_failed = False
@@ -224,6 +232,12 @@ class HippoProposer:
             self.release(req_id, finished=True)
         for req_id in step.preempted:
             self.release(req_id, finished=False)
+        if step.arriving and self.encodes_on_arrival and self.draft is not None and not self.disabled:
+            # A draft of its own encodes arriving videos while the target prefills them;
+            # the answer carries no chunks and is read when it comes.
+            sent = self._send(None, [], arriving=step.arriving)
+            if sent is not None:
+                self._wait_late(*sent)
         # Under tensor parallelism the other ranks go on summing s_attn with this one
         # (a collective) after drafting stopped here, so the capture goes on too.
         if self.capture is None or (self.disabled and not self.capture.sums_over_ranks):
@@ -258,6 +272,7 @@ class HippoProposer:
         self.schedule.release(req_id)
         if finished:
             self._failed.discard(req_id)
+            self._first_token_step.pop(req_id, None)
         if self.capture is not None and not keep_capture:
             self.capture.drop(req_id)
 
@@ -321,16 +336,29 @@ class HippoProposer:
                 drafts[index] = chunks.get(plan.req_id, [])
         self.schedule.finish_step()
         self.stats.record_drafts(sum(len(d) for d in drafts))
+        self._note_first_drafts(records, drafts)
         return drafts
+
+    def _note_first_drafts(self, records: list, drafts: list[list[int]]) -> None:
+        """Steps from each request's first token to the first step that verifies its drafts."""
+        for record in records:
+            if not record.sampled:
+                continue
+            first = self._first_token_step.setdefault(record.req_id, self._step)
+            if first is not None and drafts[record.index]:
+                self.stats.first_draft_steps += self._step + 1 - first  # verified in the next step
+                self.stats.first_drafts += 1
+                self._first_token_step[record.req_id] = None
 
     # -- the draft's side ----------------------------------------------------------------
 
-    def _send(self, runner: Any, plans: list[ChunkPlan]) -> tuple[SentStep, PendingStep] | None:
+    def _send(self, runner: Any, plans: list[ChunkPlan],
+              arriving: list[tuple[str, list]] = ()) -> tuple[SentStep, PendingStep] | None:
         """This step's work to the draft's side (None when there is nothing to send)."""
         self.messages.sync_epoch(self.draft.epoch)
         prompt_of = functools.partial(draft_prompt, runner, family=self.family)
-        work = self.messages.work(plans, prompt_of, self._attention)
-        if not (work.releases or work.prefills or work.chunks):
+        work = self.messages.work(plans, prompt_of, self._attention, arriving)
+        if not (work.releases or work.encodes or work.prefills or work.chunks):
             return None
         try:
             return SentStep.of(work), self.draft.submit(work)
@@ -385,6 +413,7 @@ class HippoProposer:
         for report in result.views:
             self.stats.record_view(report)
         self.stats.draft_prefill_seconds += result.prefill_seconds
+        self.stats.draft_encodes += result.encodes
         self.stats.draft_seconds += result.draft_seconds
         self.stats.draft_kv_full += len(result.no_room)  # drafting pauses; retried next step
         for failure in result.failures:

@@ -57,6 +57,7 @@ class StepStart:
     new: list[str]
     resumed: list[str]
     starting: list[StartingPrompt]  # the new and resumed requests' prompts
+    arriving: list[tuple[str, list]]  # (req_id, mm_features with data) of each new multimodal request
     num_scheduled_tokens: dict[str, int]
     computed_before: dict[str, int]  # scheduled request -> its tokens computed before this step
 
@@ -131,6 +132,9 @@ def step_start(runner: Any, scheduler_output: Any) -> StepStart:
         new=[r.req_id for r in scheduler_output.scheduled_new_reqs],
         resumed=resumed,
         starting=starting,
+        # Their data is there now: vLLM's worker fills it from its multimodal cache
+        # before it hands the step to the runner.
+        arriving=[(r.req_id, list(r.mm_features)) for r in scheduler_output.scheduled_new_reqs if r.mm_features],
         num_scheduled_tokens=dict(scheduler_output.num_scheduled_tokens),
         computed_before=computed,
     )
