@@ -82,7 +82,7 @@ class Recorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._proc = subprocess.Popen(
             [py_spy, "record", "--pid", str(os.getpid()), "--rate", str(SAMPLE_RATE), "--format", "raw",
-             "--threads", "--output", str(self.path)],
+             "--threads", "--nonblocking", "--output", str(self.path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(1.0)  # py-spy attaches before the recorded work starts

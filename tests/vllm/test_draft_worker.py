@@ -16,7 +16,7 @@ from engine_utils import engine, greedy, text_request, video_request
 from hippo_vllm.config import HippoConfig
 from hippo_vllm.vllm.placements.in_process import InProcessDraft
 from hippo_vllm.vllm.draft.engine import DraftCapacityError
-from hippo_vllm.vllm.protocol import ChunkOrder, Prefill, Release, StepWork
+from hippo_vllm.vllm.protocol import ChunkOrder, Encode, Prefill, Release, StepWork
 from hippo_vllm.vllm.draft.worker import DraftWorker
 from hippo_vllm.vllm.model_families import QWEN2_5_VL
 from hippo_vllm.vllm.target.step_records import draft_prompt
@@ -64,7 +64,7 @@ def worker(target, tiny):
 def draft(worker):
     """The shared worker, empty for each test."""
     yield worker
-    held = set(worker._prompts) | set(worker._states) | set(worker._orders)
+    held = set(worker._prompts) | set(worker._states) | set(worker._orders) | set(worker._encoded)
     worker.handle(StepWork(-1, releases=[Release(r, finished=True) for r in held]))
     assert worker.engine.num_requests == 0 and worker.num_views == 0
 
@@ -102,9 +102,41 @@ def test_a_released_request_is_prefilled_again_from_its_kept_view_and_prompt(dra
     assert draft.engine.num_requests == 0 and draft.num_views == 1 and draft.num_prompts == 1
     again = draft.handle(StepWork(2, prefills=[prefill("v", None)], chunks=[ChunkOrder("v", 0, [11], K)]))
     assert again.views == [] and again.failures == [] and again.chunks == first.chunks
+    assert (first.encodes, again.encodes) == (1, 0)  # its kept rows, not its video encoded again
     assert draft.engine.num_used_blocks == used
     draft.handle(StepWork(3, releases=[Release("v", finished=True)]))
     assert draft.num_prompts == draft.num_views == draft.num_draft_requests == 0
+
+
+def test_a_video_encoded_on_arrival_is_not_encoded_again_by_its_prefill(draft, target):
+    prompts = target[1]
+    video = prompts["video"]
+    arrived = draft.handle(StepWork(0, encodes=[Encode("v", video.mm_features)]))
+    assert arrived.encodes == 1 and arrived.views == [] and arrived.failures == []
+    again = draft.handle(StepWork(1, encodes=[Encode("v", video.mm_features)]))  # sent twice: kept once
+    prefilled = draft.handle(StepWork(2, prefills=[prefill("v", video)], chunks=[ChunkOrder("v", 0, [11], K)]))
+    assert again.encodes == 0 and prefilled.encodes == 0 and prefilled.failures == []
+    assert [r.req_id for r in prefilled.views] == ["v"] and len(prefilled.chunks["v"]) == K
+    # The same chunk as a request encoded by its prefill: the encode on arrival changes nothing drafted.
+    alone = draft.handle(StepWork(3, prefills=[prefill("w", video)], chunks=[ChunkOrder("w", 0, [11], K)]))
+    assert alone.encodes == 1 and alone.chunks["w"] == prefilled.chunks["v"]
+    # An encode whose request ends before its prefill is dropped with the release.
+    draft.handle(StepWork(4, encodes=[Encode("gone", video.mm_features)]))
+    draft.handle(StepWork(5, releases=[Release("gone", finished=True)]))
+    assert "gone" not in draft._encoded
+
+
+def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, target):
+    prompts = target[1]
+    video = prompts["video"]
+    first = draft.handle(StepWork(0, prefills=[prefill("a", video)], chunks=[ChunkOrder("a", 0, [11], K)]))
+    draft.handle(StepWork(1, releases=[Release("a", finished=True)]))
+    # vLLM's prefix cache served the prompt: the target's attention to the video is missing.
+    hit = draft.handle(StepWork(2, prefills=[prefill("b", video, attention=[None])],
+                                chunks=[ChunkOrder("b", 0, [11], K)]))
+    assert (first.encodes, hit.encodes) == (1, 0)
+    assert hit.views[0].keep_rows.tolist() == first.views[0].keep_rows.tolist()
+    assert hit.chunks["b"] == first.chunks["a"]
 
 
 def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkeypatch):

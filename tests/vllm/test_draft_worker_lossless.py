@@ -61,6 +61,18 @@ def ray_instance():
     ray.shutdown()
 
 
+def recording_work(backend) -> list:
+    """Every StepWork the proposer hands ``backend`` from now on."""
+    sent, submit = [], backend.submit
+
+    def recording_submit(work):
+        sent.append(work)
+        return submit(work)
+
+    backend.submit = recording_submit
+    return sent
+
+
 @pytest.mark.parametrize(
     "placement, parallel",
     [("process", False), ("process", True), ("ray", True)],
@@ -74,7 +86,16 @@ def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, reques
     before = child_pids()
     config = worker_config(tiny.draft, parallel, placement)
     with engine(tiny.target, speculative_config=config, **SMALL_TARGET) as llm:
+        sent = recording_work(proposer_of(llm).draft)
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
+        # Each video is encoded as its request arrives (beside the target's prefill), never again.
+        encoded = {e.req_id: w.seq for w in sent for e in w.encodes}
+        prefilled = {p.req_id: w.seq for w in reversed(sent) for p in w.prefills  # each one's first
+                     if p.prompt is not None and p.prompt.mm_features}
+        assert len(encoded) == sum("multi_modal_data" in r for r in requests) == len(prefilled)
+        assert all(encoded[req_id] < seq for req_id, seq in prefilled.items())
+        assert proposer_of(llm).stats.draft_encodes == len(encoded)
+        sent.clear()
         assert _mixed_batch(llm, requests) == baseline["mixed"]
         if parallel:  # the random-sampling path of the rejection sampler, deterministic at top_k 1
             random_params = SamplingParams(temperature=0.8, top_k=1, max_tokens=24, ignore_eos=True)

@@ -135,6 +135,14 @@ def test_tiny_draft_is_lossless_on_text_video_and_a_mixed_batch(parallel, varian
     # keep_ratio 0.1 of each 64-token video: 7 tokens seen per video prompt
     assert stats.video_tokens_seen == 7 * (stats.video_tokens_total // 64)
     assert stats.views_without_target_attention == 0
+    # In the target's process draft-then-verify drafts for every request from the step right
+    # after its first token (its draft's encode and prefill run in that step's sequence); VPSD's
+    # step after the first token is conservative by design (its first chunk is drafted beside it).
+    assert stats.first_drafts > 0
+    if parallel:
+        assert stats.first_draft_steps >= 2 * stats.first_drafts
+    else:
+        assert stats.first_draft_steps == stats.first_drafts
 
 
 # One engine for both: the self-draft that sees everything is also where drafted
@@ -221,11 +229,23 @@ def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests,
                  "max_model_len": 256, "max_num_batched_tokens": 256}
     config = hippo_config(tiny.draft, parallel, draft_kv_tokens=draft_tokens)
     with engine(tiny.target, speculative_config=config, **overrides) as llm:
+        worker = draft_worker_of(llm)
+        prefilled, prefill = [], worker._prefill
+
+        def recording_prefill(req_id, *args):
+            prefilled.append((req_id, bool(worker._prompts[req_id].mm_features)))
+            return prefill(req_id, *args)
+
+        worker._prefill = recording_prefill
         assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
         preemptions = counter(llm, "vllm:num_preemptions")
-
         drafted = spec_counters(llm)["vllm:spec_decode_num_draft_tokens"]
+        stats = proposer_of(llm).stats
     assert preemptions > 0 and drafted > 0
+    # A preempted video request is prefilled again from its kept rows: each video is encoded once.
+    video_prefills = [req_id for req_id, video in prefilled if video]
+    assert len(video_prefills) > len(set(video_prefills))
+    assert stats.draft_encodes == len(set(video_prefills)) == sum("multi_modal_data" in r for r in requests[:PREEMPTED])
 
 
 @pytest.mark.parametrize(

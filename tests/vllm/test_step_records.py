@@ -151,6 +151,14 @@ def test_step_start_names_the_requests_and_where_their_rows_start():
     ]
     assert step.computed_before == {"new": 4, "embeds": 0, "back": 0, "run": 20}
     assert list(step.num_scheduled_tokens) == ["new", "embeds", "back", "run"]
+    # New multimodal requests arrive with their items (the draft encodes them now); not one
+    # that ends within two tokens, which is never drafted for.
+    assert step.arriving == [("new", [image, video])]
+    short = SimpleNamespace(req_id="short", prompt_token_ids=[1] * 12, mm_features=[video], num_computed_tokens=0,
+                            sampling_params=SimpleNamespace(max_tokens=2))
+    longer = SimpleNamespace(**{**vars(short), "req_id": "longer", "sampling_params": SimpleNamespace(max_tokens=3)})
+    so.scheduled_new_reqs = [short, longer]
+    assert step_start(runner, so).arriving == [("longer", [video])]
     # vLLM versions without preempted_req_ids
     del so.preempted_req_ids
     assert step_start(runner, so).preempted == []

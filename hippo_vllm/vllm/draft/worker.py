@@ -169,8 +169,8 @@ class DraftWorker:
         self.engine.free(release.req_id)
         self._states.pop(release.req_id, None)
         self._orders.pop(release.req_id, None)
-        self._encoded.pop(release.req_id, None)
-        if release.finished:
+        if release.finished:  # a preempted request keeps what it was encoded to on arrival
+            self._encoded.pop(release.req_id, None)
             self._prompts.pop(release.req_id, None)
             self.views.drop(release.req_id)
 

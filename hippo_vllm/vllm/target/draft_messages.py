@@ -98,10 +98,10 @@ class DraftMessages:
                 or req_id in self._encoded)
         self._prefilled.discard(req_id)
         self._orders.pop(req_id, None)
-        self._encoded.discard(req_id)
         if finished:
             self._prompts.discard(req_id)
             self._views.discard(req_id)
+            self._encoded.discard(req_id)
         if held:
             self._releases.append(Release(req_id, finished))
 

@@ -57,7 +57,7 @@ class StepStart:
     new: list[str]
     resumed: list[str]
     starting: list[StartingPrompt]  # the new and resumed requests' prompts
-    arriving: list[tuple[str, list]]  # (req_id, mm_features with data) of each new multimodal request
+    arriving: list[tuple[str, list]]  # (req_id, mm_features with data): new multimodal requests to draft for
     num_scheduled_tokens: dict[str, int]
     computed_before: dict[str, int]  # scheduled request -> its tokens computed before this step
 
@@ -134,10 +134,18 @@ def step_start(runner: Any, scheduler_output: Any) -> StepStart:
         starting=starting,
         # Their data is there now: vLLM's worker fills it from its multimodal cache
         # before it hands the step to the runner.
-        arriving=[(r.req_id, list(r.mm_features)) for r in scheduler_output.scheduled_new_reqs if r.mm_features],
+        arriving=[(r.req_id, list(r.mm_features)) for r in scheduler_output.scheduled_new_reqs
+                  if r.mm_features and _may_draft(getattr(r, "sampling_params", None))],
         num_scheduled_tokens=dict(scheduler_output.num_scheduled_tokens),
         computed_before=computed,
     )
+
+
+def _may_draft(params: Any) -> bool:
+    """Whether a request may ever be drafted for: not one that ends within two tokens
+    (its first comes from the prefill, the next from a step with nothing to verify)."""
+    max_tokens = getattr(params, "max_tokens", None)
+    return max_tokens is None or max_tokens > 2
 
 
 def _len(token_ids: Any) -> int | None:
