@@ -20,6 +20,8 @@ several times faster than whole-tensor passes.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -132,20 +134,12 @@ def spatial_scores_from_frames(embedding_frames: EmbeddingFrames, crop: int) -> 
     """s_spa of :class:`EmbeddingFrames`; float32 ``[t·h·w]``. ``crop`` must be validated (odd, >= 3)."""
     inverse_norms = embedding_frames.inverse_norms
     num_frames, height, width = inverse_norms.shape
-    offsets = [
-        (d_row, d_col)
-        for d_row, d_col in _half_window_offsets(crop // 2)
-        if d_row < height and abs(d_col) < width  # otherwise the neighbour is outside every frame
-    ]
+    device = inverse_norms.device
+    offsets, valid, neighbour_count = _window_layout(height, width, crop, device)
     # cosines[k, 0/1] hold cos(x_j, x_{j+offset_k}) and cos(x_j, x_{j-offset_k}); the
     # second is the first shifted back, because cosine is symmetric. This halves the
     # dot products: only (M²−1)/2 offsets are multiplied out.
-    device = inverse_norms.device
     cosines = torch.zeros(len(offsets), 2, num_frames, height, width, dtype=torch.float32, device=device)
-    valid = torch.zeros(len(offsets), 2, height, width, dtype=torch.bool, device=device)
-    for index, (d_row, d_col) in enumerate(offsets):
-        _window(valid[index, 0], d_row, d_col, anchor=True, frame_dim=False).fill_(True)
-        _window(valid[index, 1], d_row, d_col, anchor=False, frame_dim=False).fill_(True)
     step = embedding_frames.frames_per_chunk()
     for start in range(0, num_frames, step):
         # All offsets run on one cache-resident chunk before moving to the next.
@@ -164,8 +158,6 @@ def spatial_scores_from_frames(embedding_frames: EmbeddingFrames, crop: int) -> 
             _window(cosines[index, 1, start : start + step], d_row, d_col, anchor=False).copy_(cos)
 
     cosines = cosines.reshape(-1, num_frames, height, width)
-    valid = valid.reshape(-1, 1, height, width).to(torch.float32)
-    neighbour_count = valid.sum(dim=0)
     safe_count = neighbour_count.clamp_min(1.0)
     mean = (cosines * valid).sum(dim=0) / safe_count
     # Two-pass variance: cosines of a flat region are all ≈ 1, where E[c²] − E[c]²
@@ -173,6 +165,24 @@ def spatial_scores_from_frames(embedding_frames: EmbeddingFrames, crop: int) -> 
     variance = (((cosines - mean) * valid) ** 2).sum(dim=0) / safe_count
     variance = torch.where(neighbour_count > 0, variance, torch.zeros_like(variance))
     return variance.reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_layout(height: int, width: int, crop: int, device: torch.device):
+    """The offsets of a frame's window pairs, which positions each pair covers (float
+    ``[2·K, 1, h, w]``) and each position's neighbour count: the same for every video of
+    a grid, so built once (a video is scored once per request; the frames are small)."""
+    offsets = [
+        (d_row, d_col)
+        for d_row, d_col in _half_window_offsets(crop // 2)
+        if d_row < height and abs(d_col) < width  # otherwise the neighbour is outside every frame
+    ]
+    valid = torch.zeros(len(offsets), 2, height, width, dtype=torch.bool, device=device)
+    for index, (d_row, d_col) in enumerate(offsets):
+        _window(valid[index, 0], d_row, d_col, anchor=True, frame_dim=False).fill_(True)
+        _window(valid[index, 1], d_row, d_col, anchor=False, frame_dim=False).fill_(True)
+    valid = valid.reshape(-1, 1, height, width).to(torch.float32)
+    return offsets, valid, valid.sum(dim=0)
 
 
 def _half_window_offsets(radius: int) -> list[tuple[int, int]]:

@@ -139,6 +139,34 @@ def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, ta
     assert hit.chunks["b"] == first.chunks["a"]
 
 
+def test_the_prefills_of_a_step_share_a_forward_and_a_failing_one_is_blamed_alone(draft, target, monkeypatch):
+    prompts = target[1]
+    forwards, run = [], draft.engine.run
+
+    def recording_run(inputs):
+        forwards.append(sorted(i.req_id for i in inputs))
+        return run(inputs)
+
+    monkeypatch.setattr(draft.engine, "run", recording_run)
+    first = draft.handle(StepWork(0, prefills=[prefill("v", prompts["video"]), prefill("t", prompts["text"])]))
+    assert forwards == [["t", "v"]] and first.failures == [] and draft.num_draft_requests == 2
+    draft.handle(StepWork(1, releases=[Release("v", finished=False), Release("t", finished=False)]))
+    original = draft.engine._forward
+
+    def forward(inputs):
+        if any(inp.req_id == "v" for inp in inputs):
+            raise RuntimeError("injected prefill failure")
+        return original(inputs)
+
+    monkeypatch.setattr(draft.engine, "_forward", forward)
+    forwards.clear()
+    result = draft.handle(StepWork(2, prefills=[prefill("v", None), prefill("t", None)],
+                                   chunks=[ChunkOrder("t", 0, [12], K)]))
+    assert forwards[:3] == [["t", "v"], ["v"], ["t"]]  # together, then each alone to find the culprit
+    assert [(f.req_id, f.where) for f in result.failures] == [("v", "draft prefill")]
+    assert list(result.chunks) == ["t"] and draft.engine.length("v") == 0
+
+
 def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkeypatch):
     prompts = target[1]
     result = draft.handle(StepWork(0, prefills=[prefill("t", prompts["text"]), prefill("lost", None)],

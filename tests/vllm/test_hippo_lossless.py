@@ -230,13 +230,13 @@ def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests,
     config = hippo_config(tiny.draft, parallel, draft_kv_tokens=draft_tokens)
     with engine(tiny.target, speculative_config=config, **overrides) as llm:
         worker = draft_worker_of(llm)
-        prefilled, prefill = [], worker._prefill
+        prefilled, prepare = [], worker._prepare_prefill
 
-        def recording_prefill(req_id, *args):
+        def recording_prepare(req_id, *args):
             prefilled.append((req_id, bool(worker._prompts[req_id].mm_features)))
-            return prefill(req_id, *args)
+            return prepare(req_id, *args)
 
-        worker._prefill = recording_prefill
+        worker._prepare_prefill = recording_prepare
         assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
         preemptions = counter(llm, "vllm:num_preemptions")
         drafted = spec_counters(llm)["vllm:spec_decode_num_draft_tokens"]

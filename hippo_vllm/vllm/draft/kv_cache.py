@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
@@ -253,15 +254,20 @@ class DraftKVCache:
     def batch_rows(self, req_ids: list[str], query_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CPU block-table rows ``[R, table_width]`` (int32), sequence lengths ``[R]`` (int32)
         and the new tokens' slots ``[sum(query_lens)]`` (int64) of (already reserved) requests."""
+        # Built in numpy and plain ints: per decode step this runs once per draft forward.
         seq_lens = [self._lengths[r] for r in req_ids]
-        table = torch.zeros(len(req_ids), self.table_width, dtype=torch.int32)
-        slots = []
+        table = np.zeros((len(req_ids), self.table_width), dtype=np.int32)
+        slots: list[int] = []
+        size = self.block_size
         for row, (req_id, seq_len, n) in enumerate(zip(req_ids, seq_lens, query_lens)):
-            blocks = torch.tensor(self._blocks[req_id], dtype=torch.int64)
-            table[row, : len(blocks)] = blocks.to(torch.int32)
-            idx = torch.arange(seq_len - n, seq_len, dtype=torch.int64)
-            slots.append(blocks[idx // self.block_size] * self.block_size + idx % self.block_size)
-        return table, torch.tensor(seq_lens, dtype=torch.int32), torch.cat(slots)
+            blocks = self._blocks[req_id]
+            table[row, : len(blocks)] = blocks
+            if n == 1:
+                slots.append(blocks[(seq_len - 1) // size] * size + (seq_len - 1) % size)
+            else:
+                idx = np.arange(seq_len - n, seq_len)
+                slots.extend((np.asarray(blocks)[idx // size] * size + idx % size).tolist())
+        return torch.from_numpy(table), torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(slots, dtype=torch.int64)
 
     def build_batch(self, req_ids: list[str], query_lens: list[int]) -> DraftBatch:
         """Metadata for appending ``query_lens[r]`` tokens to each (already reserved) request.

@@ -25,6 +25,7 @@ becomes the step's ``step_failure``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -155,8 +156,7 @@ class DraftWorker:
             start = time.perf_counter()
             for encode in work.encodes:
                 self._encode_early(encode, result)
-            for prefill in work.prefills:
-                self._prefill_one(prefill, result)
+            self._prefill_all(work.prefills, result)
             result.prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
             self._draft(work.chunks, result)
@@ -174,20 +174,56 @@ class DraftWorker:
             self._prompts.pop(release.req_id, None)
             self.views.drop(release.req_id)
 
-    def _prefill_one(self, prefill: Prefill, result: StepResult) -> None:
-        req_id = prefill.req_id
-        if prefill.prompt is not None:
-            self._prompts[req_id] = prefill.prompt
-        try:
-            self._prefill(req_id, prefill.attention, result)
-        except DraftCapacityError:
-            result.no_room.append(req_id)  # drafting pauses; the target's side retries
-        except Exception as exc:  # noqa: BLE001 - this request only
-            result.failures.append(DraftFailure.from_exception(req_id, "draft prefill", exc))
+    def _prefill_all(self, prefills: list[Prefill], result: StepResult) -> None:
+        """Each request's compact prompt into the draft's KV cache, several per forward."""
+        ready = []
+        for prefill in prefills:
+            req_id = prefill.req_id
+            if prefill.prompt is not None:
+                self._prompts[req_id] = prefill.prompt
+            try:
+                prepared = self._prepare_prefill(req_id, prefill.attention, result)
+            except DraftCapacityError:
+                result.no_room.append(req_id)  # drafting pauses; the target's side retries
+            except Exception as exc:  # noqa: BLE001 - this request only
+                result.failures.append(DraftFailure.from_exception(req_id, "draft prefill", exc))
+            else:
+                if prepared is not None:
+                    ready.append(prepared)
+        for group in _prefill_groups(ready, self.prefill_chunk_tokens):
+            if len(group) > 1:
+                try:
+                    self.engine.run([DraftInput(p.req_id, p.positions, inputs_embeds=p.embeds) for p in group])
+                except Exception:  # noqa: BLE001 - rolled back; one by one finds the culprit or the room
+                    pass
+                else:
+                    self._states.update((p.req_id, p.state) for p in group)
+                    continue
+            for prepared in group:
+                self._prefill_alone(prepared, result)
 
-    def _prefill(self, req_id: str, attention: list[torch.Tensor | None] | None, result: StepResult) -> None:
+    def _prefill_alone(self, prepared: _PreparedPrefill, result: StepResult) -> None:
+        req_id, engine, step = prepared.req_id, self.engine, self.prefill_chunk_tokens
+        try:
+            # In pieces of at most max_num_batched_tokens rows, like the target's own
+            # prefill: bounded activations, and the sizes a compiled model accepts.
+            for start in range(0, prepared.positions.shape[1], step):
+                rows = slice(start, start + step)
+                engine.run([DraftInput(req_id, prepared.positions[:, rows], inputs_embeds=prepared.embeds[rows])])
+        except DraftCapacityError:
+            engine.free(req_id)  # no half-prefilled draft sequence stays behind
+            result.no_room.append(req_id)
+        except Exception as exc:  # noqa: BLE001 - this request only
+            engine.free(req_id)
+            result.failures.append(DraftFailure.from_exception(req_id, "draft prefill", exc))
+        else:
+            self._states[req_id] = prepared.state
+
+    def _prepare_prefill(self, req_id: str, attention: list[torch.Tensor | None] | None,
+                         result: StepResult) -> _PreparedPrefill | None:
+        """The request's view and input rows (None: already prefilled)."""
         if req_id in self._states:
-            return  # already prefilled (the target's side may not know a chunk found no room)
+            return None  # already prefilled (the target's side may not know a chunk found no room)
         prompt = self._prompts.get(req_id)
         if prompt is None:
             raise RuntimeError(f"request {req_id!r} has no draft prompt on the draft's side to prefill")
@@ -208,19 +244,9 @@ class DraftWorker:
             token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
             embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
             self.views.keep_rows(req_id, embeds)
-        positions = prompt.positions[:, view.keep_rows]
         self._check_room(req_id, view)
-        # In pieces of at most max_num_batched_tokens rows, like the target's own
-        # prefill: bounded activations, and the sizes a compiled model accepts.
-        step = self.prefill_chunk_tokens
-        try:
-            for start in range(0, view.compact_len, step):
-                rows = slice(start, start + step)
-                engine.run([DraftInput(req_id, positions[:, rows], inputs_embeds=embeds[rows])])
-        except BaseException:
-            engine.free(req_id)  # no half-prefilled draft sequence stays behind
-            raise
-        self._states[req_id] = DraftState(view, prompt.mrope_delta)
+        return _PreparedPrefill(req_id, DraftState(view, prompt.mrope_delta), prompt.positions[:, view.keep_rows],
+                                embeds)
 
     def _new_view(self, req_id: str, prompt: DraftPrompt, item_embeds: list[torch.Tensor] | None,
                   attention: list[torch.Tensor | None] | None, result: StepResult) -> DraftView:
@@ -317,6 +343,31 @@ class DraftWorker:
     @property
     def num_prompts(self) -> int:
         return len(self._prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PreparedPrefill:
+    """A request's compact prompt, ready to run into the draft's KV cache."""
+
+    req_id: str
+    state: DraftState
+    positions: torch.Tensor  # [3, Pc]
+    embeds: torch.Tensor  # [Pc, row_width]
+
+
+def _prefill_groups(ready: list[_PreparedPrefill], max_rows: int) -> list[list[_PreparedPrefill]]:
+    """Consecutive prefills whose rows together fit one piece of ``max_rows``; a longer one alone."""
+    groups: list[list[_PreparedPrefill]] = []
+    rows = max_rows + 1
+    for prepared in ready:
+        n = prepared.positions.shape[1]
+        if groups and rows + n <= max_rows:
+            groups[-1].append(prepared)
+            rows += n
+        else:
+            groups.append([prepared])
+            rows = n
+    return groups
 
 
 def _report(req_id: str, view: DraftView) -> ViewReport:

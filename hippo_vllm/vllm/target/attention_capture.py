@@ -91,6 +91,17 @@ class _VideoCapture:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Observation:
+    """What each layer of a step reads for one video: worked out once per step."""
+
+    video: _VideoCapture
+    batch_index: int  # the request's row in the attention metadata's block table
+    key_rows: int  # the video's keys computed in this step
+    query_rows: torch.Tensor | None  # batch rows of the text after the video (query's device); None: none
+    num_queries: int
+
+
 @dataclasses.dataclass
 class _RequestCapture:
     prompt_len: int
@@ -124,6 +135,7 @@ class TargetAttentionCapture:
         self._requests: dict[str, _RequestCapture] = {}
         self._step_rows: dict[str, tuple[int, int, int]] | None = None  # req -> (row, start, n)
         self._step_source = None
+        self._step_plan: list[_Observation] | None = None  # this step's, from its first observed layer
         self._observing = True  # False after an error, until the next step
         self._reader: kv_cache_keys.KeyReader | None = None  # checked by a probe on first use
         self._unsupported: str | None = None  # why the cache cannot be read (then never scored)
@@ -203,6 +215,7 @@ class TargetAttentionCapture:
         first observed layer can map rows to requests (``step_records.batch_rows``)."""
         self._step_source = batch_rows if self._requests else None
         self._step_rows = None
+        self._step_plan = None
         self._observing = True
         self._collect_event_times()
         if self._requests:
@@ -223,6 +236,7 @@ class TargetAttentionCapture:
     def end_step(self) -> None:
         self._step_source = None
         self._step_rows = None
+        self._step_plan = None
 
     def take_seconds(self) -> float:
         """Time spent computing s_attn since the last call (CUDA: up to the previous step)."""
@@ -340,31 +354,44 @@ class TargetAttentionCapture:
                                "without the target's attention", exc)
         return self._reader
 
+    def _plan(self, device: torch.device) -> list[_Observation]:
+        """The step's observations, the same for every layer (so worked out at the first)."""
+        if self._step_plan is None:
+            plan = []
+            for req_id, (batch_index, row, start, n) in self._rows().items():
+                state = self._requests[req_id]
+                end = min(start + n, state.prompt_len)
+                if end <= start:
+                    continue
+                for video in state.videos:
+                    key_rows = max(0, min(video.offset + video.length, end) - max(video.offset, start))
+                    wanted = video.query_positions
+                    wanted = wanted[(wanted >= start) & (wanted < end)]
+                    rows = (wanted + (row - start)).to(device) if len(wanted) else None
+                    plan.append(_Observation(video, batch_index, key_rows, rows, len(wanted)))
+            self._step_plan = plan
+        return self._step_plan
+
     def _observe(self, layer_index, layer, impl, query, key, kv_cache, attn_metadata) -> None:
         num_heads, num_kv_heads, head_size = impl.num_heads, impl.num_kv_heads, impl.head_size
-        for req_id, (batch_index, row, start, n) in self._rows().items():
-            state = self._requests[req_id]
-            if all(video.failed for video in state.videos):
+        queries = keys = None
+        for obs in self._plan(query.device):
+            video = obs.video
+            if video.failed:
                 continue  # an earlier error: incomplete for good
-            end = min(start + n, state.prompt_len)
-            if end <= start:
+            seen = video.keys_observed[layer_index] = video.keys_observed.get(layer_index, 0) + obs.key_rows
+            if obs.query_rows is None:
                 continue
-            for video in state.videos:
-                key_rows = max(0, min(video.offset + video.length, end) - max(video.offset, start))
-                video.keys_observed[layer_index] = video.keys_observed.get(layer_index, 0) + key_rows
-                wanted = video.query_positions
-                wanted = wanted[(wanted >= start) & (wanted < end)]
-                if len(wanted) == 0:
-                    continue
-                reader = self._key_reader(layer, impl, kv_cache, key.dtype)
-                if reader is None or video.keys_observed[layer_index] < video.length:
-                    video.missing_keys = True  # keys this run did not compute, or an unreadable cache
-                    continue
-                q = query[row : row + end - start].view(-1, num_heads, head_size)[wanted.to(query.device) - start]
-                sums = torch.zeros(video.length, dtype=torch.float32, device=query.device)
-                video_key_colsum(
-                    kv_cache_keys.model_query(layer, q, num_kv_heads), reader.key_view(kv_cache, head_size),
-                    reader.layout, attn_metadata.block_table[batch_index], video.offset, video.length,
-                    impl.scale, sums, k_scale=reader.k_scale, fp8_format=reader.fp8_format)
-                video.accumulator.add_layer_sums(sums, len(wanted) * num_heads, layer=layer_index)
-                video.queries_observed[layer_index] = video.queries_observed.get(layer_index, 0) + len(wanted)
+            reader = self._key_reader(layer, impl, kv_cache, key.dtype)
+            if reader is None or seen < video.length:
+                video.missing_keys = True  # keys this run did not compute, or an unreadable cache
+                continue
+            if queries is None:
+                queries, keys = query.view(-1, num_heads, head_size), reader.key_view(kv_cache, head_size)
+            sums = torch.zeros(video.length, dtype=torch.float32, device=query.device)
+            video_key_colsum(
+                kv_cache_keys.model_query(layer, queries[obs.query_rows], num_kv_heads), keys,
+                reader.layout, attn_metadata.block_table[obs.batch_index], video.offset, video.length,
+                impl.scale, sums, k_scale=reader.k_scale, fp8_format=reader.fp8_format)
+            video.accumulator.add_layer_sums(sums, obs.num_queries * num_heads, layer=layer_index)
+            video.queries_observed[layer_index] = video.queries_observed.get(layer_index, 0) + obs.num_queries
