@@ -126,6 +126,26 @@ def test_a_video_encoded_on_arrival_is_not_encoded_again_by_its_prefill(draft, t
     assert "gone" not in draft._encoded
 
 
+def test_items_are_encoded_together_within_the_measured_budget_and_equal_alone(draft, target, monkeypatch):
+    import torch
+
+    engine, (item,) = draft.engine, target[1]["video"].mm_features
+    calls, embed = [], engine.model.embed_multimodal
+    monkeypatch.setattr(engine.model, "embed_multimodal", lambda **batch: calls.append(batch) or embed(**batch))
+    alone = engine.embed_multimodal([item])
+    calls.clear()
+    monkeypatch.setattr(engine, "encode_batch_rows", 2 * item.mm_position.length)
+    together = engine.embed_multimodal([item, item, item])
+    assert len(calls) == 2 and len(together) == 3  # two items fit the budget, the third goes alone
+    for embeds in together:
+        torch.testing.assert_close(embeds, alone[0])
+    # Two prefills of new requests in one step: their videos go through one encoder call.
+    calls.clear()
+    video = target[1]["video"]
+    result = draft.handle(StepWork(0, prefills=[prefill("a", video), prefill("b", video)]))
+    assert len(calls) == 1 and result.encodes == 2 and result.failures == []
+
+
 def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, target):
     prompts = target[1]
     video = prompts["video"]

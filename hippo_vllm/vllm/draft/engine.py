@@ -32,6 +32,7 @@ from vllm.model_executor.model_loader import get_model
 from vllm.multimodal.utils import group_and_batch_mm_kwargs
 from vllm.utils.math_utils import cdiv
 
+from hippo_vllm.vllm.draft.batching import consecutive_groups
 from hippo_vllm.vllm.draft.decode_graphs import DecodeGraphs
 from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config, tokenizer_length
 from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
@@ -126,6 +127,10 @@ class DraftEngine:
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
         self.decode_graphs: DecodeGraphs | None = None  # see capture_decode_graphs
+        # Rows of items encoded together (embed_multimodal): the largest item's, once measured
+        # (measure_headroom); until then the draft's prefill piece, its largest forward.
+        sched = target_vllm_config.scheduler_config
+        self.encode_batch_rows = min(sched.max_num_batched_tokens, model_config.max_model_len)
         cfg = self.draft_vllm_config
         with self._as_draft():
             self.model = get_model(vllm_config=cfg)
@@ -188,7 +193,9 @@ class DraftEngine:
                 before = stats.memory_allocated(self.device)
             if mm_batch:
                 with self._as_draft():
-                    self.model.embed_multimodal(**mm_batch)
+                    out = self.model.embed_multimodal(**mm_batch)
+                # Items are encoded together up to this item's size: the memory measured here.
+                self.encode_batch_rows = max(int(e.shape[0]) for e in out)
             ids = torch.arange(num_tokens, dtype=torch.long) % self.proposable_ids
             positions = torch.arange(num_tokens, dtype=torch.long).expand(3, -1).clone()
             self.run([DraftInput(self.HEADROOM_REQUEST, positions, token_ids=ids)])
@@ -240,25 +247,26 @@ class DraftEngine:
 
     @torch.inference_mode()
     def embed_multimodal(self, mm_features) -> list[torch.Tensor]:
-        """The draft's own vision encoder on a request's items: one ``[n_i, hidden]`` per item.
+        """The draft's own vision encoder on items: one ``[n_i, hidden]`` per item.
 
-        ``mm_features`` are vLLM ``MultiModalFeatureSpec`` (``runner.requests[rid].mm_features``);
-        output order is input order. Items are encoded one at a time: a prompt's videos
-        together would hold all their vision activations at once, memory vLLM's
-        profiling never counted for the draft.
+        ``mm_features`` are vLLM ``MultiModalFeatureSpec`` (``runner.requests[rid].mm_features``),
+        of one request or several; output order is input order. Consecutive items are
+        encoded together while their placeholder rows add up to no more than
+        ``encode_batch_rows`` (the largest item the draft's working memory was measured
+        with): items together hold all their vision activations at once, memory vLLM's
+        profiling never counted for the draft, so a larger item goes alone.
         """
-        items = []
         for f in mm_features:
             if f.data is None:
                 raise ValueError(
                     f"multimodal item {f.identifier} of modality {f.modality} has no data; the draft "
                     "needs the raw inputs (read mm_features in the worker after the cache refilled them)"
                 )
-            items.append((f.modality, f.data))
         embeds: list[torch.Tensor] = []
         with self._as_draft():
-            for item in items:
-                for modality, num_items, batch in group_and_batch_mm_kwargs([item], device=self.device):
+            for group in consecutive_groups(list(mm_features), _placeholder_rows, self.encode_batch_rows):
+                items = [(f.modality, f.data) for f in group]
+                for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
                     out = self.model.embed_multimodal(**batch)
                     if len(out) != num_items:
                         raise RuntimeError(
@@ -421,6 +429,10 @@ class DraftEngine:
         if inp.token_ids is not None:
             return self._with_deepstack(self.model.embed_input_ids(inp.token_ids.to(self.device, torch.int64)), None)
         return inp.inputs_embeds.to(self.device, self.dtype)
+
+
+def _placeholder_rows(feature) -> int:
+    return feature.mm_position.length
 
 
 def _deepstack_levels(model, model_config) -> int:

@@ -34,13 +34,13 @@ import torch
 
 from hippo_vllm.config import HippoConfig
 from hippo_vllm.logs import get_logger
+from hippo_vllm.vllm.draft.batching import consecutive_groups
 from hippo_vllm.vllm.draft.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
 from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftInput
 from hippo_vllm.vllm.protocol import (
     ChunkOrder,
     DraftFailure,
     DraftPrompt,
-    Encode,
     Prefill,
     Release,
     StepResult,
@@ -154,8 +154,7 @@ class DraftWorker:
             for release in work.releases:
                 self._release(release)
             start = time.perf_counter()
-            for encode in work.encodes:
-                self._encode_early(encode, result)
+            self._encode_together([(e.req_id, e.mm_features) for e in work.encodes], result)  # on arrival
             self._prefill_all(work.prefills, result)
             result.prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
@@ -176,11 +175,14 @@ class DraftWorker:
 
     def _prefill_all(self, prefills: list[Prefill], result: StepResult) -> None:
         """Each request's compact prompt into the draft's KV cache, several per forward."""
+        for prefill in prefills:
+            if prefill.prompt is not None:
+                self._prompts[prefill.req_id] = prefill.prompt
+        self._encode_together([(p.req_id, self._prompts[p.req_id].mm_features) for p in prefills
+                               if self._needs_encode(p)], result)
         ready = []
         for prefill in prefills:
             req_id = prefill.req_id
-            if prefill.prompt is not None:
-                self._prompts[req_id] = prefill.prompt
             try:
                 prepared = self._prepare_prefill(req_id, prefill.attention, result)
             except DraftCapacityError:
@@ -190,7 +192,7 @@ class DraftWorker:
             else:
                 if prepared is not None:
                     ready.append(prepared)
-        for group in _prefill_groups(ready, self.prefill_chunk_tokens):
+        for group in consecutive_groups(ready, _rows, self.prefill_chunk_tokens):
             if len(group) > 1:
                 try:
                     self.engine.run([DraftInput(p.req_id, p.positions, inputs_embeds=p.embeds) for p in group])
@@ -259,18 +261,38 @@ class DraftWorker:
 
     def _encode(self, mm_features: list, result: StepResult) -> list[torch.Tensor]:
         """The draft's vision encoder on a request's items (counted: once per prompt is the aim)."""
+        embeds = self.engine.embed_multimodal(mm_features)
         result.encodes += len(mm_features)
-        return self.engine.embed_multimodal(mm_features)
+        return embeds
 
-    def _encode_early(self, encode: Encode, result: StepResult) -> None:
-        """Encode a request's items as it arrives, while the target prefills it."""
-        if encode.req_id in self.views or encode.req_id in self._encoded:
-            return
-        try:
-            self._encoded[encode.req_id] = self._encode(encode.mm_features, result)
-        except Exception as exc:  # noqa: BLE001 - this request only; its prefill encodes again
-            logger.warning("hippo: encoding request %r on arrival failed (%s: %s); its prefill encodes it",
-                           encode.req_id, type(exc).__name__, exc)
+    def _needs_encode(self, prefill: Prefill) -> bool:
+        """A new request's prefill whose view is still to build from its items (not encoded yet)."""
+        prompt, req_id = self._prompts.get(prefill.req_id), prefill.req_id
+        return (prompt is not None and bool(prompt.mm_features) and req_id not in self._states
+                and req_id not in self.views and req_id not in self._encoded
+                and self.views.reusable(prompt, prefill.attention) is None)
+
+    def _encode_together(self, requests: list[tuple[str, list]], result: StepResult) -> None:
+        """Encode several requests' items in as few encoder calls as fit (kept in ``_encoded``
+        for their prefills). If that fails, each request's are encoded alone; a request
+        that still fails is left to its prefill, which encodes again and is blamed."""
+        requests = [(req_id, items) for req_id, items in requests if req_id not in self.views
+                    and req_id not in self._encoded]
+        if len(requests) > 1:
+            try:
+                embeds = iter(self._encode([f for _, items in requests for f in items], result))
+            except Exception:  # noqa: BLE001 - each request alone below
+                pass
+            else:
+                for req_id, items in requests:
+                    self._encoded[req_id] = [next(embeds) for _ in items]
+                return
+        for req_id, items in requests:
+            try:
+                self._encoded[req_id] = self._encode(items, result)
+            except Exception as exc:  # noqa: BLE001 - this request only; its prefill encodes again
+                logger.warning("hippo: encoding the items of request %r failed (%s: %s); its prefill "
+                               "encodes them again", req_id, type(exc).__name__, exc)
 
     def _check_room(self, req_id: str, view: DraftView) -> None:
         if not self.engine.has_room_for(view.compact_len):
@@ -355,19 +377,8 @@ class _PreparedPrefill:
     embeds: torch.Tensor  # [Pc, row_width]
 
 
-def _prefill_groups(ready: list[_PreparedPrefill], max_rows: int) -> list[list[_PreparedPrefill]]:
-    """Consecutive prefills whose rows together fit one piece of ``max_rows``; a longer one alone."""
-    groups: list[list[_PreparedPrefill]] = []
-    rows = max_rows + 1
-    for prepared in ready:
-        n = prepared.positions.shape[1]
-        if groups and rows + n <= max_rows:
-            groups[-1].append(prepared)
-            rows += n
-        else:
-            groups.append([prepared])
-            rows = n
-    return groups
+def _rows(prepared: _PreparedPrefill) -> int:
+    return prepared.positions.shape[1]
 
 
 def _report(req_id: str, view: DraftView) -> ViewReport:
