@@ -392,13 +392,16 @@ class DraftEngine:
             # Backends with a threshold (e.g. FLASHINFER; not CPU_ATTN) split the batch
             # into decodes and prefills assuming the short queries come first.
             order.sort(key=lambda i: inputs[i].num_rows > threshold)
-        batch_inputs = [inputs[i] for i in order]
+        reordered = order != sorted(order)
+        batch_inputs = [inputs[i] for i in order] if reordered else inputs
         query_lens = [inp.num_rows for inp in batch_inputs]
-        rows = torch.cat([self._embed_rows(inp) for inp in batch_inputs])
+        rows = self._embed_rows(batch_inputs)
         positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
+        # Back to input order (most batches were never reordered).
+        unorder = torch.tensor(order).argsort().to(self.device) if reordered else slice(None)
         if self.decode_graphs is not None and self.decode_graphs.covers(query_lens):
             logits = self.decode_graphs.run([inp.req_id for inp in batch_inputs], rows, positions)
-            return self._proposable(logits.clone())[torch.tensor(order).argsort().to(self.device)]
+            return self._proposable(logits.clone())[unorder]
         embeds = rows[:, : self.hidden_size]
         if self.deepstack_levels:
             # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
@@ -415,9 +418,10 @@ class DraftEngine:
             batch.attn_metadata, cfg, num_tokens=batch.num_tokens, slot_mapping=batch.slot_mapping
         ):
             hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
-        last_rows = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
-        logits = self._proposable(self.model.compute_logits(hidden[last_rows]).float())
-        return logits[torch.tensor(order).argsort().to(self.device)]  # back to input order
+        if len(query_lens) != hidden.shape[0]:  # not one row per input (a decode step): each one's last
+            hidden = hidden[torch.tensor(query_lens, device=self.device).cumsum(0) - 1]
+        logits = self._proposable(self.model.compute_logits(hidden).float())
+        return logits[unorder]
 
     def _proposable(self, logits: torch.Tensor) -> torch.Tensor:
         if self.proposable_ids < logits.shape[-1]:
@@ -425,10 +429,13 @@ class DraftEngine:
             logits[:, self.proposable_ids :] = torch.finfo(logits.dtype).min
         return logits
 
-    def _embed_rows(self, inp: DraftInput) -> torch.Tensor:
-        if inp.token_ids is not None:
-            return self._with_deepstack(self.model.embed_input_ids(inp.token_ids.to(self.device, torch.int64)), None)
-        return inp.inputs_embeds.to(self.device, self.dtype)
+    def _embed_rows(self, inputs: list[DraftInput]) -> torch.Tensor:
+        """The inputs' rows in order: token ids embedded (in one call when all are ids), else given."""
+        if all(inp.token_ids is not None for inp in inputs):
+            ids = torch.cat([inp.token_ids for inp in inputs]).to(self.device, torch.int64)
+            return self._with_deepstack(self.model.embed_input_ids(ids), None)
+        return torch.cat([self._embed_rows([inp]) if inp.inputs_embeds is None
+                          else inp.inputs_embeds.to(self.device, self.dtype) for inp in inputs])
 
 
 def _placeholder_rows(feature) -> int:
