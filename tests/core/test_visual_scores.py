@@ -121,7 +121,9 @@ def test_spatial_vertical_edge_scores_high_at_edge_columns_only():
 
 
 @pytest.mark.parametrize(
-    ("grid", "crop"), [(VideoGrid(2, 5, 7), 3), (VideoGrid(2, 6, 4), 5), (VideoGrid(1, 3, 2), 7)]
+    ("grid", "crop"),
+    # Small frames take the whole-cosine-matrix path, frames above 64 tokens the window's offsets.
+    [(VideoGrid(2, 5, 7), 3), (VideoGrid(2, 6, 4), 5), (VideoGrid(1, 3, 2), 7), (VideoGrid(2, 9, 10), 5)],
 )
 def test_spatial_matches_naive_reference(grid, crop):
     embeds = torch.randn(grid.num_tokens, 8, generator=torch.Generator().manual_seed(2))
