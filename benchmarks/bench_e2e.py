@@ -575,6 +575,8 @@ def summarize(config: Config, batches: list[dict], video_total: int, num_prompts
         "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
         "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
         "seconds": times, "runner_seconds": batch["runner_seconds"], "tracker": batch,
+        # Target steps from each request's first token to its first step verifying drafts (hippo).
+        "first_draft_steps": _ratio(hippo["first_draft_steps"], hippo["first_drafts"]) if hippo else None,
         "lossless": {"checked_batches": len(batches) + 1, "checked_outputs": (len(batches) + 1) * num_prompts,
                      "equal_to_target": True},
     }
@@ -673,6 +675,8 @@ def _print_workload_note(rows: list[dict]) -> None:
                   f"{base / row['wall_seconds']:.2f}x the target on all cores; target waited "
                   f"{w['target_waited_seconds']:.3f} s for the draft, round trip {mean_trip:.1f} ms, "
                   f"{w['dropped_steps']} steps without drafts, {w['restarts']} restarts")
+    _print_list("Target steps from a request's first token to its first drafted step (mean):",
+                [(r, r["first_draft_steps"], "") for r in rows if r["first_draft_steps"] is not None])
     _print_list("Draft time / target time:", [(r, r["seconds"]["draft"] / r["seconds"]["target"], "")
                                               for r in rows if r["seconds"]["draft"]])
     # Spec tokens lengthen each target step; on a CPU that eats much of what fewer steps save.
