@@ -271,23 +271,31 @@ class ViewRecorder:
 
     def _wrap_prefill(self, answer_tokens: int, stop_ids: set[int]) -> None:
         worker = self.worker
-        prefill = worker._prefill
+        prefill_all = worker._prefill_all
 
-        def answering_prefill(req_id, attention, result):
-            fresh = req_id not in worker._states
+        def answering_prefill_all(prefills, result):
+            before = set(worker._states)
             engine = worker.engine
-            logits = []
+            last = {}  # request -> the logits of its last prefilled row (a step's prefills share forwards)
             run = engine.run
-            engine.run = lambda inputs: logits.append(run(inputs)) or logits[-1]
+
+            def recording_run(inputs):
+                logits = run(inputs)
+                for row, inp in enumerate(inputs):
+                    last[inp.req_id] = logits[row]
+                return logits
+
+            engine.run = recording_run
             try:
-                prefill(req_id, attention, result)
+                prefill_all(prefills, result)
             finally:
                 del engine.run  # the class's method again
-            key = external_id(req_id)
-            if fresh and req_id in worker._states and key not in self.answers:
-                self.answers[key] = self._draft_answer(req_id, logits[-1][0], answer_tokens, stop_ids)
+            for req_id in (p.req_id for p in prefills):
+                key = external_id(req_id)
+                if req_id not in before and req_id in worker._states and key not in self.answers:
+                    self.answers[key] = self._draft_answer(req_id, last[req_id], answer_tokens, stop_ids)
 
-        worker._prefill = answering_prefill  # on this instance only
+        worker._prefill_all = answering_prefill_all  # on this instance only
 
     def _draft_answer(self, req_id, logits, max_tokens: int, stop_ids: set[int]):
         """The draft's greedy answer from its just-prefilled view; its KV is rolled back after."""
