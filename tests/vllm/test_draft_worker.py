@@ -69,6 +69,18 @@ def draft(worker):
     assert worker.engine.num_requests == 0 and worker.num_views == 0
 
 
+def fail_forwards_with(monkeypatch, engine, req_id, message):
+    """Every draft forward that includes ``req_id`` raises RuntimeError(message)."""
+    original = engine._forward
+
+    def forward(inputs):
+        if any(inp.req_id == req_id for inp in inputs):
+            raise RuntimeError(message)
+        return original(inputs)
+
+    monkeypatch.setattr(engine, "_forward", forward)
+
+
 def prefill(req_id, prompt, attention=None):
     return Prefill(req_id, prompt, attention)
 
@@ -171,14 +183,7 @@ def test_the_prefills_of_a_step_share_a_forward_and_a_failing_one_is_blamed_alon
     first = draft.handle(StepWork(0, prefills=[prefill("v", prompts["video"]), prefill("t", prompts["text"])]))
     assert forwards == [["t", "v"]] and first.failures == [] and draft.num_draft_requests == 2
     draft.handle(StepWork(1, releases=[Release("v", finished=False), Release("t", finished=False)]))
-    original = draft.engine._forward
-
-    def forward(inputs):
-        if any(inp.req_id == "v" for inp in inputs):
-            raise RuntimeError("injected prefill failure")
-        return original(inputs)
-
-    monkeypatch.setattr(draft.engine, "_forward", forward)
+    fail_forwards_with(monkeypatch, draft.engine, "v", "injected prefill failure")
     forwards.clear()
     result = draft.handle(StepWork(2, prefills=[prefill("v", None), prefill("t", None)],
                                    chunks=[ChunkOrder("t", 0, [12], K)]))
@@ -203,14 +208,7 @@ def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkey
 
     # One request's draft forward fails inside a batch: found by drafting each alone.
     draft.handle(StepWork(2, prefills=[prefill("v", prompts["video"])]))
-    original = draft.engine._forward
-
-    def forward(inputs):
-        if any(inp.req_id == "v" for inp in inputs):
-            raise RuntimeError("injected draft failure")
-        return original(inputs)
-
-    monkeypatch.setattr(draft.engine, "_forward", forward)
+    fail_forwards_with(monkeypatch, draft.engine, "v", "injected draft failure")
     result = draft.handle(StepWork(3, chunks=[ChunkOrder("t", 0, [12, 13], K), ChunkOrder("v", 0, [11], K)]))
     assert [(f.req_id, f.where, f.message) for f in result.failures] == [
         ("v", "chunk drafting", "injected draft failure")]

@@ -264,7 +264,8 @@ class DraftEngine:
                 )
         embeds: list[torch.Tensor] = []
         with self._as_draft():
-            for group in consecutive_groups(list(mm_features), _placeholder_rows, self.encode_batch_rows):
+            rows_of = lambda f: f.mm_position.length  # noqa: E731 - the item's placeholder rows
+            for group in consecutive_groups(list(mm_features), rows_of, self.encode_batch_rows):
                 items = [(f.modality, f.data) for f in group]
                 for modality, num_items, batch in group_and_batch_mm_kwargs(items, device=self.device):
                     out = self.model.embed_multimodal(**batch)
@@ -436,10 +437,6 @@ class DraftEngine:
             return self._with_deepstack(self.model.embed_input_ids(ids), None)
         return torch.cat([self._embed_rows([inp]) if inp.inputs_embeds is None
                           else inp.inputs_embeds.to(self.device, self.dtype) for inp in inputs])
-
-
-def _placeholder_rows(feature) -> int:
-    return feature.mm_position.length
 
 
 def _deepstack_levels(model, model_config) -> int:

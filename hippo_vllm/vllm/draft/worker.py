@@ -193,16 +193,20 @@ class DraftWorker:
                 if prepared is not None:
                     ready.append(prepared)
         for group in consecutive_groups(ready, _rows, self.prefill_chunk_tokens):
-            if len(group) > 1:
-                try:
-                    self.engine.run([DraftInput(p.req_id, p.positions, inputs_embeds=p.embeds) for p in group])
-                except Exception:  # noqa: BLE001 - rolled back; one by one finds the culprit or the room
-                    pass
-                else:
-                    self._states.update((p.req_id, p.state) for p in group)
-                    continue
+            if len(group) > 1 and self._prefill_together(group):
+                continue
             for prepared in group:
                 self._prefill_alone(prepared, result)
+
+    def _prefill_together(self, group: list[_PreparedPrefill]) -> bool:
+        """One forward for the group; False if it failed (rolled back: each goes alone then,
+        which finds the culprit or the room)."""
+        try:
+            self.engine.run([DraftInput(p.req_id, p.positions, inputs_embeds=p.embeds) for p in group])
+        except Exception:  # noqa: BLE001 - see the docstring
+            return False
+        self._states.update((p.req_id, p.state) for p in group)
+        return True
 
     def _prefill_alone(self, prepared: _PreparedPrefill, result: StepResult) -> None:
         req_id, engine, step = prepared.req_id, self.engine, self.prefill_chunk_tokens
@@ -278,21 +282,24 @@ class DraftWorker:
         that still fails is left to its prefill, which encodes again and is blamed."""
         requests = [(req_id, items) for req_id, items in requests if req_id not in self.views
                     and req_id not in self._encoded]
-        if len(requests) > 1:
-            try:
-                embeds = iter(self._encode([f for _, items in requests for f in items], result))
-            except Exception:  # noqa: BLE001 - each request alone below
-                pass
-            else:
-                for req_id, items in requests:
-                    self._encoded[req_id] = [next(embeds) for _ in items]
-                return
+        if len(requests) > 1 and self._encode_all(requests, result):
+            return
         for req_id, items in requests:
             try:
                 self._encoded[req_id] = self._encode(items, result)
             except Exception as exc:  # noqa: BLE001 - this request only; its prefill encodes again
                 logger.warning("hippo: encoding the items of request %r failed (%s: %s); its prefill "
                                "encodes them again", req_id, type(exc).__name__, exc)
+
+    def _encode_all(self, requests: list[tuple[str, list]], result: StepResult) -> bool:
+        """All the requests' items in as few encoder calls as fit; False if that failed."""
+        try:
+            embeds = iter(self._encode([f for _, items in requests for f in items], result))
+        except Exception:  # noqa: BLE001 - the caller encodes each request alone
+            return False
+        for req_id, items in requests:
+            self._encoded[req_id] = [next(embeds) for _ in items]
+        return True
 
     def _check_room(self, req_id: str, view: DraftView) -> None:
         if not self.engine.has_room_for(view.compact_len):

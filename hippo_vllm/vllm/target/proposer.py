@@ -47,6 +47,7 @@ from hippo_vllm.config import hippo_settings
 from hippo_vllm.vllm.placements.backend import DraftBackend, PendingStep
 from hippo_vllm.vllm.target.draft_kv_budget import DraftKVBudget
 from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep
+from hippo_vllm.vllm.target.first_drafts import FirstDrafts
 from hippo_vllm.vllm.protocol import DraftFailure, StepResult
 from hippo_vllm.vllm.target.schedules import ParallelSchedule, SerialSchedule
 from hippo_vllm.vllm.target.drafting_failures import DraftingFailures
@@ -121,9 +122,7 @@ class HippoProposer:
         self._failed_steps_in_a_row = 0
         self._step_failed = False
         self.disabled = False  # drafting stopped for the engine after repeated failures
-        self._step = 0  # target steps so far
-        # request -> the step of its first token, until its first drafts (then None)
-        self._first_token_step: dict[str, int | None] = {}
+        self.first_drafts = FirstDrafts(self.stats)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -220,7 +219,7 @@ class HippoProposer:
 
     def new_step(self) -> None:
         """A target step starts: step-wide failures of the last one expire."""
-        self._step += 1
+        self.first_drafts.new_step()
         if not self._step_failed:
             self._failed_steps_in_a_row = 0
         self._step_failed = False
@@ -272,7 +271,7 @@ class HippoProposer:
         self.schedule.release(req_id)
         if finished:
             self._failed.discard(req_id)
-            self._first_token_step.pop(req_id, None)
+            self.first_drafts.forget(req_id)
         if self.capture is not None and not keep_capture:
             self.capture.drop(req_id)
 
@@ -336,19 +335,8 @@ class HippoProposer:
                 drafts[index] = chunks.get(plan.req_id, [])
         self.schedule.finish_step()
         self.stats.record_drafts(sum(len(d) for d in drafts))
-        self._note_first_drafts(records, drafts)
+        self.first_drafts.note(records, drafts)
         return drafts
-
-    def _note_first_drafts(self, records: list, drafts: list[list[int]]) -> None:
-        """Steps from each request's first token to the first step that verifies its drafts."""
-        for record in records:
-            if not record.sampled:
-                continue
-            first = self._first_token_step.setdefault(record.req_id, self._step)
-            if first is not None and drafts[record.index]:
-                self.stats.first_draft_steps += self._step + 1 - first  # verified in the next step
-                self.stats.first_drafts += 1
-                self._first_token_step[record.req_id] = None
 
     # -- the draft's side ----------------------------------------------------------------
 
