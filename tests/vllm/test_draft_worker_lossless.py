@@ -217,8 +217,8 @@ def test_draft_then_verify_takes_in_late_answers(tiny, requests, baseline):
 
         def watched(runner, scheduler_output, sampled):
             drafts = propose_batch(runner, scheduler_output, sampled)
-            late_lengths.append(len(proposer._late))
-            assert all(isinstance(sent, SentStep) for sent, _ in proposer._late)  # no video data kept
+            late_lengths.append(len(proposer.late))
+            assert all(isinstance(sent, SentStep) for sent in proposer.late.sent_steps)  # no video data kept
             if step["n"] > last_stall:
                 for req_id, d in zip(runner.input_batch.req_ids, drafts):
                     drafted_after[req_id] = drafted_after.get(req_id, 0) + len(d)

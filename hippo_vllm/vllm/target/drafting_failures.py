@@ -25,6 +25,8 @@ from hippo_vllm.vllm.metrics.stats import HippoStats
 
 logger = get_logger(__name__)
 
+MAX_FAILED_STEPS_IN_A_ROW = 3  # steps with a step-wide failure before drafting stops for good
+
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+)', re.MULTILINE)
 
 
@@ -41,6 +43,22 @@ class DraftingFailures:
     def __init__(self, stats: HippoStats):
         self.stats = stats
         self._logged: set[tuple[str, str, str, int]] = set()
+        self.steps_in_a_row = 0  # consecutive steps with a step-wide failure
+        self._this_step = False
+
+    def new_step(self) -> None:
+        """A target step starts: a streak of step-wide failures ends with a step without one."""
+        if not self._this_step:
+            self.steps_in_a_row = 0
+        self._this_step = False
+
+    def step_failed(self) -> bool:
+        """This step had a step-wide failure; True once ``MAX_FAILED_STEPS_IN_A_ROW``
+        steps in a row had one (drafting should stop for the engine)."""
+        if not self._this_step:
+            self._this_step = True
+            self.steps_in_a_row += 1
+        return self.steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW
 
     def record(self, failure: DraftFailure, req_ids: Iterable[str]) -> None:
         """``req_ids`` lost drafting (for good, or for the step: the caller decides)."""

@@ -30,7 +30,7 @@ reports to :meth:`step_failed`): a failure while drafting one request (reported
 by the draft's side as a ``DraftFailure``) stops drafting for that request, one
 that cannot be attributed costs every request of the step its drafting for that
 step (their draft state is rebuilt next step from the kept view), and after
-``MAX_FAILED_STEPS_IN_A_ROW`` such steps drafting stops for the engine. The
+``drafting_failures.MAX_FAILED_STEPS_IN_A_ROW`` such steps drafting stops for the engine. The
 target's outputs never depend on the draft.
 """
 
@@ -48,6 +48,7 @@ from hippo_vllm.vllm.placements.backend import DraftBackend, PendingStep
 from hippo_vllm.vllm.target.draft_kv_budget import DraftKVBudget
 from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep
 from hippo_vllm.vllm.target.first_drafts import FirstDrafts
+from hippo_vllm.vllm.target.late_answers import LateAnswers
 from hippo_vllm.vllm.protocol import DraftFailure, StepResult
 from hippo_vllm.vllm.target.schedules import ParallelSchedule, SerialSchedule
 from hippo_vllm.vllm.target.drafting_failures import DraftingFailures
@@ -70,12 +71,6 @@ from hippo_vllm.vllm.tensor_parallel import (
 )
 
 logger = get_logger(__name__)
-
-MAX_FAILED_STEPS_IN_A_ROW = 3  # step-wide drafting failures before drafting stops for good
-# Late answers waiting to be read. A draft of its own that leaves more than 16 steps
-# unanswered is restarted (its steps then answer empty at once), so this bound only
-# guards against a backend that never answers.
-MAX_LATE_STEPS = 64
 
 
 class HippoProposer:
@@ -116,11 +111,9 @@ class HippoProposer:
         self.result_timeout: float | None = None
         self.encodes_on_arrival = False  # set by attach_draft
         self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
-        self._late: list[tuple[SentStep, PendingStep]] = []  # not back in their step; read when they come
+        self.late = LateAnswers(self._take_in, self._forget_unanswered)  # not back in their step
         self._failed: set[str] = set()  # requests that lost drafting for good
         self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
-        self._failed_steps_in_a_row = 0
-        self._step_failed = False
         self.disabled = False  # drafting stopped for the engine after repeated failures
         self.first_drafts = FirstDrafts(self.stats)
 
@@ -220,9 +213,7 @@ class HippoProposer:
     def new_step(self) -> None:
         """A target step starts: step-wide failures of the last one expire."""
         self.first_drafts.new_step()
-        if not self._step_failed:
-            self._failed_steps_in_a_row = 0
-        self._step_failed = False
+        self.failures.new_step()
         self._failed_this_step.clear()
 
     def begin_step(self, runner: Any, scheduler_output: Any) -> None:
@@ -236,7 +227,7 @@ class HippoProposer:
             # the answer carries no chunks and is read when it comes.
             sent = self._send(None, [], arriving=step.arriving)
             if sent is not None:
-                self._wait_late(*sent)
+                self.late.wait(*sent)
         # Under tensor parallelism the other ranks go on summing s_attn with this one
         # (a collective) after drafting stopped here, so the capture goes on too.
         if self.capture is None or (self.disabled and not self.capture.sums_over_ranks):
@@ -280,9 +271,9 @@ class HippoProposer:
         if self.draft is None or self.disabled or not self.schedule.drafts_before_forward:
             return
         if self._pending is not None:  # vLLM ran the last step without the drafter
-            self._wait_late(*self._pending)
+            self.late.wait(*self._pending)
             self._pending = None
-        self._collect_late()
+        self.late.collect()
         records = before_forward(runner, scheduler_output, self.num_speculative_tokens, self.max_model_len)
         plans = self.schedule.plan_before_forward(records)
         self._pending = self._send(runner, plans)
@@ -295,7 +286,7 @@ class HippoProposer:
         if self.draft is None or self.disabled:
             return drafts
         chunks = self._read_pending()  # the chunks drafted before the forward (VPSD)
-        self._collect_late()  # before this step's chunks are planned: a late "no room" re-prefills
+        self.late.collect()  # before this step's chunks are planned: a late "no room" re-prefills
         records = after_sampling(
             runner, scheduler_output, sampled_token_ids, self.num_speculative_tokens, self.max_model_len,
             with_outputs=self.schedule.needs_outputs_after_sampling, pad_to_k=self.pad_drafts_to_k,
@@ -369,30 +360,16 @@ class HippoProposer:
         """The step's chunks; its other news is taken in. A late result's chunks are dropped."""
         result = pending.result(timeout)
         if result is None:
-            self._wait_late(sent, pending)
+            self.late.wait(sent, pending)
             return {}
         return self._take_in(sent, result)
 
-    def _wait_late(self, sent: SentStep, pending: PendingStep) -> None:
-        """Read this step's answer when it comes (``_collect_late``), for its news only."""
-        self._late.append((sent, pending))
-        while len(self._late) > MAX_LATE_STEPS:
-            # Never to be read: what the draft's side holds of its requests is unknown,
-            # so their draft state is released and rebuilt from the kept view.
-            oldest, _ = self._late.pop(0)
-            keep_capture = self._captures_agree_over_ranks()
-            for req_id in oldest.req_ids:
-                self.release(req_id, finished=False, keep_capture=keep_capture)
-
-    def _collect_late(self) -> None:
-        """Take in what late answers report (views, failures, no room); their chunks are stale."""
-        waiting, self._late = self._late, []
-        for sent, pending in waiting:
-            result = pending.result(0)
-            if result is None:
-                self._late.append((sent, pending))
-            else:
-                self._take_in(sent, result)
+    def _forget_unanswered(self, req_ids: Iterable[str]) -> None:
+        """A late answer that will never be read: what the draft's side holds of its
+        requests is unknown, so their draft state is released and rebuilt from the kept view."""
+        keep_capture = self._captures_agree_over_ranks()
+        for req_id in req_ids:
+            self.release(req_id, finished=False, keep_capture=keep_capture)
 
     def _take_in(self, sent: SentStep, result: StepResult) -> dict[str, list[int]]:
         if result.seq != sent.seq:
@@ -444,10 +421,7 @@ class HippoProposer:
                 with contextlib.suppress(Exception):
                     self.release(req_id, finished=False, keep_capture=keep_capture)
             self.messages.resend_prompts(req_ids)  # the draft's side may have lost them
-            if not self._step_failed:
-                self._step_failed = True
-                self._failed_steps_in_a_row += 1
-            if self._failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+            if self.failures.step_failed():
                 self.disable()
         except Exception:  # noqa: BLE001 - the last line of defence
             self.disable()
@@ -475,7 +449,7 @@ class HippoProposer:
         self.disabled = True
         logger.error(
             "hippo: drafting failed in %d steps in a row; speculation is off for this engine "
-            "from now on (outputs are unaffected)", self._failed_steps_in_a_row,
+            "from now on (outputs are unaffected)", self.failures.steps_in_a_row,
         )
         keep_capture = self._captures_agree_over_ranks()  # the other ranks still sum with this one
         with contextlib.suppress(Exception):
@@ -483,7 +457,7 @@ class HippoProposer:
                 self.release(req_id, finished=True, keep_capture=keep_capture)
             if self.draft is not None:
                 self._pending = None
-                self._late = []
+                self.late.clear()
                 self._send(None, [])  # the releases only; the draft's answer is not needed
         if self.capture is not None and not keep_capture:
             with contextlib.suppress(Exception):
