@@ -11,12 +11,14 @@ from __future__ import annotations
 import pickle
 
 import pytest
+import torch
 from engine_utils import engine, greedy, text_request, video_request
 
 from hippo_vllm.config import HippoConfig
 from hippo_vllm.vllm.placements.in_process import InProcessDraft
 from hippo_vllm.vllm.draft.engine import DraftCapacityError
 from hippo_vllm.vllm.protocol import ChunkOrder, Encode, Prefill, Release, StepWork
+from hippo_vllm.vllm.draft.recent_encodes import RecentEncodes
 from hippo_vllm.vllm.draft.worker import DraftWorker
 from hippo_vllm.vllm.model_families import QWEN2_5_VL
 from hippo_vllm.vllm.target.step_records import draft_prompt
@@ -62,7 +64,8 @@ def worker(target, tiny):
 
 @pytest.fixture
 def draft(worker):
-    """The shared worker, empty for each test."""
+    """The shared worker, empty for each test (no video encoded recently either)."""
+    worker.recent_encodes = RecentEncodes()
     yield worker
     held = set(worker._prompts) | set(worker._states) | set(worker._orders) | set(worker._encoded)
     worker.handle(StepWork(-1, releases=[Release(r, finished=True) for r in held]))
@@ -130,6 +133,7 @@ def test_a_video_encoded_on_arrival_is_not_encoded_again_by_its_prefill(draft, t
     assert again.encodes == 0 and prefilled.encodes == 0 and prefilled.failures == []
     assert [r.req_id for r in prefilled.views] == ["v"] and len(prefilled.chunks["v"]) == K
     # The same chunk as a request encoded by its prefill: the encode on arrival changes nothing drafted.
+    draft.recent_encodes = RecentEncodes()
     alone = draft.handle(StepWork(3, prefills=[prefill("w", video)], chunks=[ChunkOrder("w", 0, [11], K)]))
     assert alone.encodes == 1 and alone.chunks["w"] == prefilled.chunks["v"]
     # An encode whose request ends before its prefill is dropped with the release.
@@ -151,11 +155,14 @@ def test_items_are_encoded_together_within_the_measured_budget_and_equal_alone(d
     assert len(calls) == 2 and len(together) == 3  # two items fit the budget, the third goes alone
     for embeds in together:
         torch.testing.assert_close(embeds, alone[0])
-    # Two prefills of new requests in one step: their videos go through one encoder call.
+    # Two prefills of new requests in one step: their videos go through one encoder call,
+    # a video two of them carry only once.
     calls.clear()
     video = target[1]["video"]
-    result = draft.handle(StepWork(0, prefills=[prefill("a", video), prefill("b", video)]))
+    other = other_video(video)
+    result = draft.handle(StepWork(0, prefills=[prefill("a", video), prefill("b", other), prefill("c", video)]))
     assert len(calls) == 1 and result.encodes == 2 and result.failures == []
+    assert sorted(r.req_id for r in result.views) == ["a", "b", "c"]
 
 
 def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, target):
@@ -169,6 +176,35 @@ def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, ta
     assert (first.encodes, hit.encodes) == (1, 0)
     assert hit.views[0].keep_rows.tolist() == first.views[0].keep_rows.tolist()
     assert hit.chunks["b"] == first.chunks["a"]
+
+
+def other_video(prompt):
+    """The prompt with its video as another item (same pixels, another identifier)."""
+    import dataclasses
+
+    features = [dataclasses.replace(f, identifier=f.identifier + "-other") for f in prompt.mm_features]
+    return dataclasses.replace(prompt, mm_features=features)
+
+
+def test_a_new_question_about_a_recent_video_builds_its_view_without_encoding(draft, target):
+    video = target[1]["video"]
+    first = draft.handle(StepWork(0, prefills=[prefill("a", video)], chunks=[ChunkOrder("a", 0, [11], K)]))
+    draft.handle(StepWork(1, releases=[Release("a", finished=True)]))
+    assert len(draft.recent_encodes) == 1
+    # The same video in a new prompt whose s_attn was captured: a view of its own, the
+    # draft encoder's output reused (as vLLM reuses the target encoder's).
+    attention = [torch.linspace(0.0, 1.0, first.views[0].video_tokens)]
+    follow_up = draft.handle(StepWork(2, prefills=[prefill("b", video, attention=attention)],
+                                      chunks=[ChunkOrder("b", 0, [11], K)]))
+    assert (first.encodes, follow_up.encodes) == (1, 0) and follow_up.failures == []
+    assert follow_up.views[0].attention_used and len(follow_up.chunks["b"]) == K
+    # Its rows equal those of an encode from scratch: same chunk as a fresh worker state.
+    draft.handle(StepWork(3, releases=[Release("b", finished=True)]))
+    draft.recent_encodes = RecentEncodes()
+    fresh = draft.handle(StepWork(4, prefills=[prefill("c", video, attention=attention)],
+                                  chunks=[ChunkOrder("c", 0, [11], K)]))
+    assert fresh.encodes == 1 and fresh.chunks["c"] == follow_up.chunks["b"]
+    assert fresh.views[0].keep_rows.tolist() == follow_up.views[0].keep_rows.tolist()
 
 
 def test_the_prefills_of_a_step_share_a_forward_and_a_failing_one_is_blamed_alone(draft, target, monkeypatch):

@@ -233,7 +233,7 @@ def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests,
         prefilled, prepare = [], worker._prepare_prefill
 
         def recording_prepare(req_id, *args):
-            prefilled.append((req_id, bool(worker._prompts[req_id].mm_features)))
+            prefilled.append((req_id, [f.identifier for f in worker._prompts[req_id].mm_features]))
             return prepare(req_id, *args)
 
         worker._prepare_prefill = recording_prepare
@@ -242,10 +242,13 @@ def test_preemption_under_a_small_kv_cache_is_lossless(parallel, tiny, requests,
         drafted = spec_counters(llm)["vllm:spec_decode_num_draft_tokens"]
         stats = proposer_of(llm).stats
     assert preemptions > 0 and drafted > 0
-    # A preempted video request is prefilled again from its kept rows: each video is encoded once.
-    video_prefills = [req_id for req_id, video in prefilled if video]
+    # A preempted video request is prefilled again from its kept rows, and requests about
+    # the same video share its encode: each video is encoded once.
+    video_prefills = [req_id for req_id, items in prefilled if items]
     assert len(video_prefills) > len(set(video_prefills))
-    assert stats.draft_encodes == len(set(video_prefills)) == sum("multi_modal_data" in r for r in requests[:PREEMPTED])
+    assert len(set(video_prefills)) == sum("multi_modal_data" in r for r in requests[:PREEMPTED])
+    videos = {identifier for _, items in prefilled for identifier in items}
+    assert stats.draft_encodes == len(videos) < len(set(video_prefills))
 
 
 @pytest.mark.parametrize(

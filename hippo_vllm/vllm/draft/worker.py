@@ -12,6 +12,8 @@ or in a process of its own with only the pickled target ``VllmConfig``:
   prefilled again without the target sending its video again;
 - the draft views (``request_views``), which survive preemption, and the recent
   ones reused for prompts served from the target's prefix cache;
+- the draft encoder's recent outputs by item (``recent_encodes``), so a video is
+  encoded once while it is asked about, as vLLM's encoder cache does for the target;
 - per request its draft state and the mirror of its last chunk order's outputs,
   to which each ``ChunkOrder``'s ``kept``/``new_tokens`` delta applies. A
   ``Release`` drops the mirror; the target's side drops its copy with it.
@@ -49,6 +51,7 @@ from hippo_vllm.vllm.protocol import (
 )
 from hippo_vllm.vllm.draft.view import DraftView
 from hippo_vllm.vllm.model_families import architecture_of, family_of, supported_architectures
+from hippo_vllm.vllm.draft.recent_encodes import RecentEncodes
 from hippo_vllm.vllm.draft.request_views import RequestViews
 
 logger = get_logger(__name__)
@@ -84,6 +87,7 @@ class DraftWorker:
         self._states: dict[str, DraftState] = {}  # requests with a prefilled draft KV
         self._orders: dict[str, list[int]] = {}  # each request's last chunk order's outputs
         self._encoded: dict[str, list[torch.Tensor]] = {}  # items encoded on arrival, until the prefill
+        self.recent_encodes = RecentEncodes()
         logger.info(
             "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
             hippo.model, hippo.keep_ratio, hippo.pruning, hippo.num_speculative_tokens,
@@ -264,10 +268,21 @@ class DraftWorker:
         return view
 
     def _encode(self, mm_features: list, result: StepResult) -> list[torch.Tensor]:
-        """The draft's vision encoder on a request's items (counted: once per prompt is the aim)."""
-        embeds = self.engine.embed_multimodal(mm_features)
-        result.encodes += len(mm_features)
-        return embeds
+        """The draft encoder's output for each item: recent ones reused, the others encoded
+        together, each distinct item once (counted: once per video asked about is the aim)."""
+        device = self.engine.device
+        embeds = [self.recent_encodes.get(f.identifier, device) for f in mm_features]
+        todo = {}  # identifier -> its first item still to encode
+        for feature, found in zip(mm_features, embeds):
+            if found is None:
+                todo.setdefault(feature.identifier, feature)
+        if not todo:
+            return embeds
+        fresh = dict(zip(todo, self.engine.embed_multimodal(list(todo.values()))))
+        result.encodes += len(fresh)
+        for identifier, encoded in fresh.items():
+            self.recent_encodes.put(identifier, encoded)
+        return [fresh[f.identifier] if found is None else found for f, found in zip(mm_features, embeds)]
 
     def _needs_encode(self, prefill: Prefill) -> bool:
         """A new request's prefill whose view is still to build from its items (not encoded yet)."""
