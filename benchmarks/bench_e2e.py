@@ -205,16 +205,22 @@ class Workload:
     requests: list
     max_tokens: int
     ignore_eos: bool = True
+    # --fresh-videos: batch r (0: the warm-up) asks about videos of its own; else every
+    # batch repeats ``requests``, and the timed ones reuse the warm-up's encoder outputs.
+    fresh_batches: tuple = ()
+
+    def batch(self, repeat: int) -> list:
+        return self.fresh_batches[repeat] if self.fresh_batches else self.requests
 
 
 def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path,
-                  questions: str = "template") -> list[dict]:
-    """Held-out questions of the synthetic video task: ``describe``, each video's
-    description; ``template``, each sample's two focus questions."""
+                  questions: str = "template", first_sample: int = 0) -> list[dict]:
+    """Held-out questions of the synthetic video task, from held-out sample ``first_sample``
+    on: ``describe``, each video's description; ``template``, each sample's two focus questions."""
     from hippo_testbed import load_video, video_chat_prompt
     from hippo_testbed.video_task import HELD_OUT_SEEDS, make_sample
 
-    requests, seed = [], HELD_OUT_SEEDS[0]
+    requests, seed = [], HELD_OUT_SEEDS[first_sample]
     while len(requests) < num_prompts:
         sample = make_sample(seed)
         video = load_video(sample.write_mp4(scratch / f"task_{seed}.mp4"), num_frames)
@@ -228,9 +234,17 @@ def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib
 def task_workloads(tokenizer, args, scratch: pathlib.Path) -> list[Workload]:
     """Per question kind and batch size, held-out task prompts (answers end at <|im_end|>)."""
     limits = {"describe": DESCRIBE_MAX_TOKENS, "template": TEMPLATE_MAX_TOKENS}
-    return [Workload(f"{questions} b{batch}", task_requests(tokenizer, batch, args.num_frames, scratch, questions),
-                     min(limits[questions], args.max_tokens), ignore_eos=False)
-            for questions in args.questions for batch in args.batch_sizes]
+    workloads, next_sample = [], 0
+    for questions in args.questions:
+        for batch in args.batch_sizes:
+            batches = 1 + args.repeats if args.fresh_videos else 1
+            # With --fresh-videos every batch of the run, in every workload, has samples of its own.
+            made = [task_requests(tokenizer, batch, args.num_frames, scratch, questions,
+                                  first_sample=next_sample + i * batch) for i in range(batches)]
+            next_sample += batches * batch if args.fresh_videos else 0
+            workloads.append(Workload(f"{questions} b{batch}", made[0], min(limits[questions], args.max_tokens),
+                                      ignore_eos=False, fresh_batches=tuple(made) if args.fresh_videos else ()))
+    return workloads
 
 
 def engine_settings(args) -> dict:
@@ -485,11 +499,12 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
                     recorder.start()
                 tracker.reset()
                 start, cpu_start = time.perf_counter(), time.process_time()
-                outputs = llm.generate(workload.requests, params, use_tqdm=False)
+                outputs = llm.generate(workload.batch(repeat), params, use_tqdm=False)
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 ids = [list(o.outputs[0].token_ids) for o in outputs]
-                references.setdefault(workload.name, ids)
-                check_lossless(f"{config.name} ({workload.name})", repeat, ids, references[workload.name])
+                reference = (workload.name, repeat if workload.fresh_batches else 0)
+                references.setdefault(reference, ids)
+                check_lossless(f"{config.name} ({workload.name})", repeat, ids, references[reference])
                 if repeat:
                     batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
             if recorder is not None:
@@ -497,7 +512,8 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
                 _host_profile().print_summary(recorder.path)
             tracker.unwrap()
             video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
-            rows.append({"workload": workload.name, **summarize(config, batches, video_total, len(workload.requests))})
+            rows.append({"workload": workload.name, "fresh_videos": bool(workload.fresh_batches),
+                         **summarize(config, batches, video_total, len(workload.requests))})
     finally:
         llm.llm_engine.engine_core.shutdown()  # now, not at garbage collection
         del llm
@@ -612,7 +628,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"\n== {workload} ({group[0]['lossless']['checked_outputs'] // group[0]['lossless']['checked_batches']}"
               f" prompts, {group[0]['generated_tokens']} tokens generated)")
         _print_workload_table(group)
-    print("wall: generation of the batch (median of repeats, engine start excluded); x tgt: target wall / wall;\n"
+    print("wall: generation of the batch (median of repeats, engine start excluded); x tgt: target wall / wall\n"
+          "(with --fresh-videos, whose batches differ, over all timed batches together);\n"
           "fwd: target forwards (one request in one step that produced tokens); tok/fwd: generated / fwd;\n"
           "MAT: tokens per accepted run incl. the correction (PEARL +1; serial: per round with spec tokens);\n"
           "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
@@ -621,8 +638,16 @@ def print_table(rows: list[dict]) -> None:
           "per target engine step, in ms (split below: decode steps and the steps that prefill).")
 
 
+def times_faster(base: dict, row: dict) -> float:
+    """How many times faster ``row`` ran than ``base``: their median batches', or with
+    --fresh-videos (every batch different, the same ones in every row) all timed batches'."""
+    if row["fresh_videos"]:
+        return sum(base["wall_seconds_all"]) / sum(row["wall_seconds_all"])
+    return base["wall_seconds"] / row["wall_seconds"]
+
+
 def _print_workload_table(rows: list[dict]) -> None:
-    base = rows[0]["wall_seconds"]
+    base = rows[0]
     header = (f"{'configuration':<28} {'wall s':>7} {'x tgt':>6} {'tok/s':>7} {'fwd':>5} {'tok/fwd':>7} "
               f"{'MAT':>5} {'video seen':>10} {'target s':>8} {'draft s':>7} {'d.prefill s':>11} "
               f"{'(scoring)':>9} {'overhead':>8} {'host/step':>9}")
@@ -632,7 +657,7 @@ def _print_workload_table(rows: list[dict]) -> None:
         s = row["seconds"]
         seen = row["video_tokens_seen"]
         seen = "n/a" if seen is None else f"{seen}/{row['video_tokens_total']}"
-        print(f"{row['name']:<28} {row['wall_seconds']:>7.3f} {base / row['wall_seconds']:>6.2f} "
+        print(f"{row['name']:<28} {row['wall_seconds']:>7.3f} {times_faster(base, row):>6.2f} "
               f"{row['tokens_per_second']:>7.1f} {row['target_forwards']:>5} "
               f"{_fmt(row['tokens_per_target_forward'], '.2f'):>7} {_fmt(row['mat'], '.2f'):>5} {seen:>10} "
               f"{s['target']:>8.3f} {s['draft']:>7.3f} {_fmt(s['draft_prefill'], '.3f', 'in draft'):>11} "
@@ -651,9 +676,9 @@ def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
 
 
 def _print_workload_note(rows: list[dict]) -> None:
-    base = rows[0]["wall_seconds"]
-    fastest = max(rows, key=lambda r: r["tokens_per_second"])
-    print(f"Measured fastest: '{fastest['name']}', {base / fastest['wall_seconds']:.2f}x the target alone.")
+    base = rows[0]
+    fastest = max(rows, key=lambda r: times_faster(base, r))
+    print(f"Measured fastest: '{fastest['name']}', {times_faster(base, fastest):.2f}x the target alone.")
     top = max(row["cores_busy"] for row in rows)
     for row in rows:
         walls = row["wall_seconds_all"]
@@ -671,8 +696,8 @@ def _print_workload_note(rows: list[dict]) -> None:
             mean_trip = 1e3 * w["round_trip_seconds"] / w["round_trips"] if w["round_trips"] else float("nan")
             print(f"  {row['name']:<28} overlap efficiency {_fmt(w['overlap_efficiency'], '.2f')} "
                   f"(max(target step, draft) / step time), wall {row['wall_seconds']:.3f} s = "
-                  f"{bound['wall_seconds'] / row['wall_seconds']:.2f}x the target on core {TARGET_CORE}, "
-                  f"{base / row['wall_seconds']:.2f}x the target on all cores; target waited "
+                  f"{times_faster(bound, row):.2f}x the target on core {TARGET_CORE}, "
+                  f"{times_faster(base, row):.2f}x the target on all cores; target waited "
                   f"{w['target_waited_seconds']:.3f} s for the draft, round trip {mean_trip:.1f} ms, "
                   f"{w['dropped_steps']} steps without drafts, {w['restarts']} restarts")
     _print_list("Target steps from a request's first token to its first drafted step (mean):",
@@ -729,6 +754,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default=None,
                         help="--models trained: comma-separated batch sizes, each a workload (default 1,8; "
                              "quick 1)")
+    parser.add_argument("--fresh-videos", action="store_true",
+                        help="--models trained: every batch asks about videos no earlier batch used, so "
+                             "the target's and the draft's vision encoders run in every timed batch (by "
+                             "default the timed batches repeat the warm-up's videos, whose encoder outputs "
+                             "vLLM's encoder cache and hippo's recent encodes keep)")
     parser.add_argument("--family", default=DEFAULT_FAMILY,
                         help="model family of the tiny target and draft (hippo_testbed/families.py; "
                              f"default {DEFAULT_FAMILY}; --models trained is {DEFAULT_FAMILY})")
@@ -762,8 +792,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.batch_sizes or min(args.batch_sizes) < 1:
             parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
         args.num_prompts = max(args.batch_sizes)  # the engine runs the largest batch at once
-    elif args.batch_sizes is not None:
-        parser.error("--batch-sizes is for --models trained; --num-prompts sets the tiny models' batch")
+    elif args.batch_sizes is not None or args.fresh_videos:
+        parser.error("--batch-sizes and --fresh-videos are for --models trained; --num-prompts sets the "
+                     "tiny models' batch")
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in args.pairs if p not in PAIRS]
     if unknown or not args.pairs:
@@ -836,7 +867,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows += config_rows
     for group in _workloads(rows).values():
         for row in group:
-            row["speedup_vs_target"] = group[0]["wall_seconds"] / row["wall_seconds"]
+            row["speedup_vs_target"] = times_faster(group[0], row)
     print()
     print_table(rows)
     print_note(rows, os.cpu_count(), torch.get_num_threads())
@@ -844,6 +875,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
                      "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
+                     "fresh_videos": args.fresh_videos,
                      "workloads": [{"name": w.name, "prompts": len(w.requests), "max_tokens": w.max_tokens,
                                     "ignore_eos": w.ignore_eos} for w in workloads],
                      "production": args.production, "models": args.models, "family": args.family,

@@ -56,7 +56,32 @@ def test_trained_models_run_description_and_template_workloads_at_each_batch_siz
     errors = capsys.readouterr().err
     assert "--questions must list 'describe' and/or 'template', got ['summary']" in errors
     assert "--batch-sizes must be >= 1, got [0]" in errors
-    assert "--batch-sizes is for --models trained" in errors
+    assert "--batch-sizes and --fresh-videos are for --models trained" in errors
+
+
+def test_fresh_videos_give_every_batch_of_every_workload_videos_of_its_own(bench, tiny_tokenizer, tmp_path,
+                                                                          capsys):
+    args = bench.parse_args(["--models", "trained", "--fresh-videos", "--repeats", "2", "--batch-sizes", "1,2",
+                             "--questions", "describe"])
+    workloads = bench.task_workloads(tiny_tokenizer, args, tmp_path)
+    batches = [w.batch(repeat) for w in workloads for repeat in range(args.repeats + 1)]
+    assert [len(b) for b in batches] == [1, 1, 1, 2, 2, 2]
+    clips = [r["multi_modal_data"]["video"][0].tobytes() for b in batches for r in b]
+    assert len(set(clips)) == len(clips) == 9
+    # Without the flag every batch repeats the workload's prompts.
+    same = bench.task_workloads(tiny_tokenizer, bench.parse_args(["--models", "trained", "--batch-sizes", "1",
+                                                                  "--questions", "describe"]), tmp_path)[0]
+    assert same.batch(0) is same.batch(3) is same.requests
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--fresh-videos"])
+    assert "--fresh-videos are for --models trained" in capsys.readouterr().err
+
+
+def test_fresh_video_rows_compare_all_their_batches_and_others_their_median(bench):
+    target = {"fresh_videos": True, "wall_seconds": 1.0, "wall_seconds_all": [1.0, 3.0, 2.0]}
+    row = {"fresh_videos": True, "wall_seconds": 0.5, "wall_seconds_all": [0.5, 1.0, 1.5]}
+    assert bench.times_faster(target, row) == pytest.approx(6.0 / 3.0)
+    assert bench.times_faster({**target, "fresh_videos": False}, {**row, "fresh_videos": False}) == 2.0
 
 
 def test_production_settings_are_what_a_gpu_user_runs(bench):
