@@ -10,8 +10,8 @@ without encoding its video again.
 A prompt served from vLLM's prefix cache is not recomputed, so the target's
 attention to its video cannot be captured again; an identical prompt seen
 recently reuses its view (same prompt, same selection) and, when they fit in
-``RECENT_ROWS_BYTES`` of host memory, its input rows: the draft encodes a video
-once per prompt, not once per request.
+``RECENT_ROWS_BYTES`` of host memory, its input rows. (A new prompt about a recent
+video builds a view of its own from the draft encoder's recent output: ``recent_encodes``.)
 
 This lives on the draft's side (``draft_worker``): the target's side learns of
 each view through a ``ViewReport``.

@@ -25,8 +25,9 @@ EXPORTED_STATS: dict[str, str] = {
     ),
     "draft_tokens": "Tokens the draft proposed.",
     "draft_encodes": (
-        "Multimodal items the draft's vision encoder ran on (a preempted request, and a prompt seen "
-        "again through vLLM's prefix cache, reuse the draft's rows instead)."
+        "Multimodal items the draft's vision encoder ran on (a preempted request, a prompt seen "
+        "again through vLLM's prefix cache and a new question about a recent video reuse the "
+        "draft's earlier work instead)."
     ),
     "first_draft_steps": (
         "Target steps from a request's first token to its first step that verified drafts (1: the "
