@@ -84,6 +84,19 @@ def test_fresh_video_rows_compare_all_their_batches_and_others_their_median(benc
     assert bench.times_faster({**target, "fresh_videos": False}, {**row, "fresh_videos": False}) == 2.0
 
 
+def test_timings_are_flagged_by_spread_or_idle_cores_counting_only_the_cores_a_row_may_use(bench):
+    steady = {"name": "r", "fresh_videos": False, "wall_seconds_all": [1.0, 1.2], "cores_busy": 1.95,
+              "cores_allowed": 2}
+    assert bench.timing_warning(steady, top_share=0.98) is None
+    one_core = {**steady, "cores_busy": 0.99, "cores_allowed": 1}  # bound to one core, busy on it
+    assert bench.timing_warning(one_core, top_share=0.98) is None
+    starved = {**steady, "cores_busy": 1.2}
+    assert "1.20 of its 2 cores busy" in bench.timing_warning(starved, top_share=0.98)
+    spread = {**steady, "wall_seconds_all": [1.0, 1.6]}
+    assert bench.timing_warning(spread, top_share=0.98).startswith("WARNING: 'r' batches took 1.000-1.600 s")
+    assert bench.timing_warning({**spread, "fresh_videos": True}, top_share=0.98) is None
+
+
 def test_production_settings_are_what_a_gpu_user_runs(bench):
     production = bench.engine_settings(bench.parse_args(["--quick", "--production"]))
     assert (production["dtype"], production["enforce_eager"]) == ("bfloat16", False)
