@@ -87,8 +87,12 @@ import pathlib  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
-import textwrap  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the scripts beside this one
+import host_profile  # noqa: E402
+from e2e_report import by_workload, print_note, print_table, times_faster  # noqa: E402
 
 MAX_FRAMES = 16  # hippo_testbed.processor.MAX_FRAMES; engine_settings sizes prompts for it
 QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
@@ -495,7 +499,7 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
             recorder = None
             for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
                 if repeat == 1 and args.profile is not None:  # the timed batches only
-                    recorder = _host_profile().Recorder(args.profile / _slug(f"{config.name}__{workload.name}.txt"))
+                    recorder = host_profile.Recorder(args.profile / _slug(f"{config.name}__{workload.name}.txt"))
                     recorder.start()
                 tracker.reset()
                 start, cpu_start = time.perf_counter(), time.process_time()
@@ -509,7 +513,7 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
                     batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
             if recorder is not None:
                 recorder.stop()
-                _host_profile().print_summary(recorder.path)
+                host_profile.print_summary(recorder.path)
             tracker.unwrap()
             video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
             rows.append({"workload": workload.name, "fresh_videos": bool(workload.fresh_batches),
@@ -519,16 +523,6 @@ def _run_config(config: Config, workloads: list[Workload], args, references: dic
         del llm
         gc.collect()
     return rows
-
-
-def _host_profile():
-    """benchmarks/host_profile.py, beside this script (a folder of scripts, not a package)."""
-    import sys
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    import host_profile
-
-    return host_profile
 
 
 def _slug(name: str) -> str:
@@ -611,133 +605,6 @@ def summarize(config: Config, batches: list[dict], video_total: int, num_prompts
 
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
-
-
-def _fmt(value, spec: str, missing: str = "n/a") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def _workloads(rows: list[dict]) -> dict[str, list[dict]]:
-    grouped: dict[str, list[dict]] = {}
-    for row in rows:
-        grouped.setdefault(row["workload"], []).append(row)
-    return grouped
-
-
-def print_table(rows: list[dict]) -> None:
-    for workload, group in _workloads(rows).items():
-        print(f"\n== {workload} ({group[0]['lossless']['checked_outputs'] // group[0]['lossless']['checked_batches']}"
-              f" prompts, {group[0]['generated_tokens']} tokens generated)")
-        _print_workload_table(group)
-    print("wall: generation of the batch (median of repeats, engine start excluded); x tgt: target wall / wall\n"
-          "(with --fresh-videos, whose batches differ, over all timed batches together);\n"
-          "fwd: target forwards (one request in one step that produced tokens); tok/fwd: generated / fwd;\n"
-          "MAT: tokens per accepted run incl. the correction (PEARL +1; serial: per round with spec tokens);\n"
-          "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
-          "included, shown apart; draft_model prefills inside its draft time); overhead: the rest;\n"
-          "host/step: wall minus every model forward in this process (and, with a worker, the wait for it),\n"
-          "per target engine step, in ms (split below: decode steps and the steps that prefill).")
-
-
-def times_faster(base: dict, row: dict) -> float:
-    """How many times faster ``row`` ran than ``base``: their median batches', or with
-    --fresh-videos (every batch different, the same ones in every row) all timed batches'."""
-    if row["fresh_videos"]:
-        return sum(base["wall_seconds_all"]) / sum(row["wall_seconds_all"])
-    return base["wall_seconds"] / row["wall_seconds"]
-
-
-def _print_workload_table(rows: list[dict]) -> None:
-    base = rows[0]
-    header = (f"{'configuration':<28} {'wall s':>7} {'x tgt':>6} {'tok/s':>7} {'fwd':>5} {'tok/fwd':>7} "
-              f"{'MAT':>5} {'video seen':>10} {'target s':>8} {'draft s':>7} {'d.prefill s':>11} "
-              f"{'(scoring)':>9} {'overhead':>8} {'host/step':>9}")
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        s = row["seconds"]
-        seen = row["video_tokens_seen"]
-        seen = "n/a" if seen is None else f"{seen}/{row['video_tokens_total']}"
-        print(f"{row['name']:<28} {row['wall_seconds']:>7.3f} {times_faster(base, row):>6.2f} "
-              f"{row['tokens_per_second']:>7.1f} {row['target_forwards']:>5} "
-              f"{_fmt(row['tokens_per_target_forward'], '.2f'):>7} {_fmt(row['mat'], '.2f'):>5} {seen:>10} "
-              f"{s['target']:>8.3f} {s['draft']:>7.3f} {_fmt(s['draft_prefill'], '.3f', 'in draft'):>11} "
-              f"{_fmt(s['scoring'], '.4f'):>9} {s['overhead']:>8.3f} {_fmt(row['host_ms_per_target_step'], '.2f'):>9}")
-
-
-def print_note(rows: list[dict], cpu_count: int | None, threads: int) -> None:
-    print(f"\nNote: {cpu_count} CPU cores, torch with {threads} threads; in the rows without a worker the draft\n"
-          f"runs in the target's process, so its time adds to the target's.")
-    for workload, group in _workloads(rows).items():
-        print(f"\n== {workload}")
-        _print_workload_note(group)
-    print("Even the tiny draft (one or two layers of width 128 vs three of 192) costs a large share of the\n"
-          "target's time: at this size per-call overhead rather than FLOPs sets most of the cost\n"
-          "(Qwen2.5-VL-7B has ~1/10 of 72B's parameters).")
-
-
-def _busy_share(row: dict) -> float:
-    """Busy share of the cores the row may use (the rows bound to one core use one)."""
-    return row["cores_busy"] / row["cores_allowed"]
-
-
-def timing_warning(row: dict, top_share: float) -> str | None:
-    """Why the row's timings look disturbed (None: they do not). ``top_share``: the
-    workload's best busy share."""
-    walls = row["wall_seconds_all"]
-    # Fresh-video batches differ by design; repeated ones should take about the same time.
-    spread = not row["fresh_videos"] and max(walls) > 1.5 * min(walls)
-    if not spread and _busy_share(row) >= 0.75 * top_share:
-        return None
-    return (f"WARNING: '{row['name']}' batches took {min(walls):.3f}-{max(walls):.3f} s, with as few as "
-            f"{row['cores_busy']:.2f} of its {row['cores_allowed']} cores busy: another process was "
-            f"probably using the CPU, so these timings are unreliable.")
-
-
-def _print_workload_note(rows: list[dict]) -> None:
-    base = rows[0]
-    fastest = max(rows, key=lambda r: times_faster(base, r))
-    print(f"Measured fastest: '{fastest['name']}', {times_faster(base, fastest):.2f}x the target alone.")
-    top = max(_busy_share(row) for row in rows)
-    for row in rows:
-        warning = timing_warning(row, top)
-        if warning:
-            print(warning)
-    workers = [row for row in rows if "worker" in row]
-    if workers:
-        bound = next(row for row in rows if row["name"] == "target core0")
-        print(f"Measured, draft in a worker process of its own (target on core {TARGET_CORE}, draft on core "
-              f"{DRAFT_CORE}):")
-        for row in workers:
-            w = row["worker"]
-            mean_trip = 1e3 * w["round_trip_seconds"] / w["round_trips"] if w["round_trips"] else float("nan")
-            print(f"  {row['name']:<28} overlap efficiency {_fmt(w['overlap_efficiency'], '.2f')} "
-                  f"(max(target step, draft) / step time), wall {row['wall_seconds']:.3f} s = "
-                  f"{times_faster(bound, row):.2f}x the target on core {TARGET_CORE}, "
-                  f"{times_faster(base, row):.2f}x the target on all cores; target waited "
-                  f"{w['target_waited_seconds']:.3f} s for the draft, round trip {mean_trip:.1f} ms, "
-                  f"{w['dropped_steps']} steps without drafts, {w['restarts']} restarts")
-    _print_list("Target steps from a request's first token to its first drafted step (mean):",
-                [(r, r["first_draft_steps"], "") for r in rows if r["first_draft_steps"] is not None])
-    _print_list("Draft time / target time:", [(r, r["seconds"]["draft"] / r["seconds"]["target"], "")
-                                              for r in rows if r["seconds"]["draft"]])
-    # Spec tokens lengthen each target step; on a CPU that eats much of what fewer steps save.
-    per_step = [(r, 1e3 * r["seconds"]["target"] / r["batched_target_steps"], "ms") for r in rows]
-    _print_list("Target time per engine step:", per_step)
-    reference = next((r for r in rows if r["method"] == "draft_model"), None)
-    for key, title in (("host_ms_per_target_step", "Host time outside the model forwards per target step:"),
-                       ("host_ms_per_decode_step", "  ... the median decode step's:"),
-                       ("host_ms_prefill_per_request", "  ... the prefill steps', per request:")):
-        _print_list(title, [(r, r[key], "ms") for r in rows if r[key] is not None])
-        if reference is not None and reference[key]:
-            _print_list("    relative to draft_model's:", [(r, r[key] / reference[key], "x")
-                                                           for r in rows if r["method"] == "hippo" and r[key]])
-
-
-def _print_list(title: str, items: list[tuple[dict, float, str]]) -> None:
-    text = ", ".join(f"{row['name']} {value:.2f}{unit}" for row, value, unit in items)
-    print(title)
-    print(textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
 
 
 def environment(args, fx) -> dict:
@@ -882,12 +749,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {config.name} ({row['workload']}): {row['wall_seconds']:.3f} s, outputs equal the target's",
                   flush=True)
         rows += config_rows
-    for group in _workloads(rows).values():
+    for group in by_workload(rows).values():
         for row in group:
             row["speedup_vs_target"] = times_faster(group[0], row)
     print()
     print_table(rows)
-    print_note(rows, os.cpu_count(), torch.get_num_threads())
+    print_note(rows, os.cpu_count(), torch.get_num_threads(), (TARGET_CORE, DRAFT_CORE))
     result = {
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
