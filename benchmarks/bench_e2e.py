@@ -443,6 +443,7 @@ class StepTracker:
         decode = sorted(host for prefilled, host in self.step_hosts if not prefilled)
         result["host_decode_step_median_seconds"] = decode[len(decode) // 2] if decode else None
         result["host_prefill_steps_seconds"] = sum(host for prefilled, host in self.step_hosts if prefilled)
+        result["host_engine_steps_seconds"] = sum(host for _, host in self.step_hosts)
         if self.hippo is not None:
             end = self.hippo.as_dict()
             result["hippo"] = {key: end[key] - self._hippo_start[key] for key in end}
@@ -582,6 +583,12 @@ def summarize(config: Config, batches: list[dict], video_total: int, num_prompts
         "host_ms_per_decode_step": (None if batch["host_decode_step_median_seconds"] is None
                                     else 1e3 * batch["host_decode_step_median_seconds"]),
         "host_ms_prefill_per_request": 1e3 * batch["host_prefill_steps_seconds"] / num_prompts,
+        # Inside the engine's steps only: without the requests' rendering before their first
+        # step (the video's decoding and HF processing, the same work in every row), which
+        # the figure per target step spreads over fewer steps the more a row commits per step.
+        "host_ms_per_engine_step": _ratio(1e3 * batch["host_engine_steps_seconds"], batch["batched_steps"]),
+        # And per request, all of it: what the host spends on a request, however many steps.
+        "host_ms_per_request": 1e3 * times["host"] / num_prompts,
         "mat": mat, "mat_source": mat_source,
         "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
         "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,

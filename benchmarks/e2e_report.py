@@ -125,9 +125,11 @@ def _print_workload_note(rows: list[dict], cores: tuple[int, int]) -> None:
     reference = next((r for r in rows if r["method"] == "draft_model"), None)
     for key, title in (("host_ms_per_target_step", "Host time outside the model forwards per target step:"),
                        ("host_ms_per_decode_step", "  ... the median decode step's:"),
-                       ("host_ms_prefill_per_request", "  ... the prefill steps', per request:")):
-        _print_list(title, [(r, r[key], "ms") for r in rows if r[key] is not None])
-        if reference is not None and reference[key]:
+                       ("host_ms_prefill_per_request", "  ... the prefill steps', per request:"),
+                       ("host_ms_per_engine_step", "  ... inside the engine's steps only (no request rendering):"),
+                       ("host_ms_per_request", "Host time outside the model forwards per request, all of it:")):
+        _print_list(title, [(r, r[key], "ms") for r in rows if r.get(key) is not None])
+        if reference is not None and reference.get(key):
             _print_list("    relative to draft_model's:", [(r, r[key] / reference[key], "x")
                                                            for r in rows if r["method"] == "hippo" and r[key]])
 

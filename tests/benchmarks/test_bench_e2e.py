@@ -143,6 +143,9 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tiny, 
         assert row["target_forwards"] > 0 and row["wall_seconds"] > 0
         # The forwards ran inside the timed wrappers; the host time is the rest of the wall time.
         assert 0 < row["seconds"]["forwards"] < row["wall_seconds"] and row["host_ms_per_target_step"] > 0
+        # The engine's steps hold part of the host time; the requests' rendering before them the rest.
+        steps = row["batched_target_steps"]
+        assert 0 < row["host_ms_per_engine_step"] * steps < row["host_ms_per_request"] * num_prompts
     # Drafting happened in every speculative row, counted at vLLM's scheduler and by hippo.
     for name in ROWS[1:]:
         assert rows[name]["tracker"]["spec_drafted"] > 0, name
