@@ -21,9 +21,9 @@ test-quick: setup
 
 # The trained pair's quality gates through vLLM (also in `make test`), with their figures.
 test-trained: setup
-	@$(PY) -m pytest tests/testbed/test_trained_pair.py -s
+	@$(PY) -m pytest tests/testbed/test_trained_pair.py -s -v
 
-# Train the pair from its recipe and compare with the shipped weights (a quarter of an hour).
+# Train both shipped pairs from their recipes and compare with the shipped weights (a quarter of an hour each).
 test-trained-rebuild: setup
 	@HIPPO_TEST_REBUILD_TRAINED_PAIR=1 $(PY) -m pytest tests/testbed/test_trained_pair_rebuild.py -s
 

@@ -168,10 +168,10 @@ class TrainedModels:
         return {key: str(value) for key, value in dataclasses.asdict(self).items()}
 
 
-def trained_models(scratch: pathlib.Path) -> TrainedModels:
+def trained_models(scratch: pathlib.Path, merge_size: int) -> TrainedModels:
     from hippo_testbed.trained_pair import trained_pair_paths
 
-    target, draft = trained_pair_paths()
+    target, draft = trained_pair_paths(merge_size=merge_size)
     return TrainedModels(target, draft, text_only_checkpoint(draft, scratch / "text_draft"))
 
 
@@ -645,6 +645,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default=None,
                         help="--models trained: comma-separated batch sizes, each a workload (default 1,8; "
                              "quick 1)")
+    parser.add_argument("--merge-size", type=int, default=None,
+                        help="--models trained: which shipped pair, 2 (2x2-merged tokens, 64 per clip; the "
+                             "default) or 1 (the fine-grid pair, 256 per clip)")
     parser.add_argument("--fresh-videos", action="store_true",
                         help="--models trained: every batch asks about videos no earlier batch used, so "
                              "the target's and the draft's vision encoders run in every timed batch (by "
@@ -683,9 +686,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.batch_sizes or min(args.batch_sizes) < 1:
             parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
         args.num_prompts = max(args.batch_sizes)  # the engine runs the largest batch at once
-    elif args.batch_sizes is not None or args.fresh_videos:
-        parser.error("--batch-sizes and --fresh-videos are for --models trained; --num-prompts sets the "
-                     "tiny models' batch")
+        from hippo_testbed.trained_pair import MERGE_SIZE, MERGE_SIZES
+
+        args.merge_size = MERGE_SIZE if args.merge_size is None else args.merge_size
+        if args.merge_size not in MERGE_SIZES:
+            parser.error(f"--merge-size must be one of {MERGE_SIZES}, got {args.merge_size}")
+    elif args.batch_sizes is not None or args.fresh_videos or args.merge_size is not None:
+        parser.error("--batch-sizes, --fresh-videos and --merge-size are for --models trained; --num-prompts "
+                     "sets the tiny models' batch")
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in args.pairs if p not in PAIRS]
     if unknown or not args.pairs:
@@ -716,7 +724,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hippo_testbed.families import family_pair
 
     scratch = tempfile.TemporaryDirectory()  # the trained pair's text-only draft and task videos
-    fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name))
+    fx = build_fixtures() if args.models == "tiny" else trained_models(pathlib.Path(scratch.name), args.merge_size)
     target, draft = family_pair(args.family) if args.models == "tiny" else (fx.target, fx.draft)
     models = {"target": target, "draft": draft, "text_draft": fx.text_draft}
     tokenizer = AutoTokenizer.from_pretrained(str(target))

@@ -91,6 +91,7 @@ class Pair:
     target: str
     draft: str
     trained: bool  # trained on the video task (else its answers mean nothing)
+    video_tokens: int = 64  # per clip of NUM_FRAMES frames
 
 
 def load_pair(name: str) -> Pair:
@@ -101,17 +102,19 @@ def load_pair(name: str) -> Pair:
         return Pair("tiny", str(fx.target), str(fx.draft), trained=False)
     if name == "self":  # the target drafts for itself: keep_ratio 1 must reproduce its answers
         return Pair("self", str(fx.target), str(fx.target), trained=False)
-    if name == "trained":  # trained on the video task (built into the fixture cache on first use)
-        from hippo_testbed.trained_pair import trained_pair_paths
+    if name in ("trained", "trained-fine"):  # trained on the video task (shipped weights, built on first use)
+        from hippo_testbed.trained_pair import FINE_MERGE_SIZE, MERGE_SIZE, trained_pair_paths
 
-        target, draft = trained_pair_paths()
-        return Pair("trained", str(target), str(draft), trained=True)
+        merge = FINE_MERGE_SIZE if name == "trained-fine" else MERGE_SIZE
+        target, draft = trained_pair_paths(merge_size=merge)
+        return Pair(name, str(target), str(draft), trained=True, video_tokens=64 * 4 // merge ** 2)
     raise SystemExit(f"--pair must be one of {PAIRS}, got {name!r}")
 
 
-PAIRS = ("tiny", "self", "trained")
-# Frames sampled from each 16-frame clip, as the trained pair was trained: 8 frames of
-# 112x112 -> 4 token frames of 4x4 merged tokens (64 video tokens).
+PAIRS = ("tiny", "self", "trained", "trained-fine")
+# Frames sampled from each 16-frame clip, as the trained pairs were trained: 8 frames of
+# 112x112 -> 4 token frames of 4x4 merged tokens (64 video tokens), or of 8x8 unmerged
+# patches (256) for trained-fine.
 NUM_FRAMES = 8
 
 
@@ -198,18 +201,19 @@ def is_correct(text: str, answer: str) -> bool:
 # -- engine ----------------------------------------------------------------------------------------
 
 
-PROMPT_TOKENS_BUDGET = 128  # per question: its prompt is ~110 tokens (64 of them video)
+TEXT_TOKENS_BUDGET = 64  # per question, beside its video: its prompt's text is ~46 tokens
 KV_BYTES_PER_QUESTION = 8 << 20  # target and draft KV of one question, with room to spare
 
 
-def engine_settings(num_questions: int) -> dict:
+def engine_settings(num_questions: int, video_tokens: int = 64) -> dict:
     """The tests' fast CPU settings, sized so one batch holds every question.
 
     No bigger than that: a larger max_num_batched_tokens makes every step of the
     hippo engine slower (on a CPU the quick study's 8 questions take about twice as
     long to generate at 4096 as at 1024).
     """
-    batched = 1024 * -(-max(1, num_questions) * PROMPT_TOKENS_BUDGET // 1024)  # whole KiB of tokens
+    per_question = video_tokens + TEXT_TOKENS_BUDGET
+    batched = 1024 * -(-max(1, num_questions) * per_question // 1024)  # whole KiB of tokens
     return {
         "max_model_len": 1024, "max_num_batched_tokens": batched, "max_num_seqs": max(1, num_questions),
         "limit_mm_per_prompt": {"image": 0, "video": 1}, "seed": 0,
@@ -362,7 +366,7 @@ def check_lossless(name: str, ids: list, reference: list) -> None:
 
 def run_target(pair: Pair, requests, questions, args) -> dict:
     started = time.perf_counter()
-    llm = start_engine(pair.target, engine_settings(len(requests)), None)
+    llm = start_engine(pair.target, engine_settings(len(requests), pair.video_tokens), None)
     try:
         outputs = generate(llm, requests, args.max_tokens)
     finally:
@@ -379,7 +383,7 @@ def run_variant(variant: Variant, schedule: str, pair: Pair, requests, questions
     spec = {"method": "hippo", "model": pair.draft, "num_speculative_tokens": args.k,
             "parallel": SCHEDULES[schedule], **variant.keys}
     started = time.perf_counter()
-    llm = start_engine(pair.target, engine_settings(len(requests)), spec)
+    llm = start_engine(pair.target, engine_settings(len(requests), pair.video_tokens), spec)
     try:
         reads_views = schedule == variant.schedules[0]
         recorder = ViewRecorder(llm, args.max_tokens if reads_views else 0,

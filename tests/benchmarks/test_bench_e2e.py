@@ -50,14 +50,16 @@ def test_trained_models_run_description_and_template_workloads_at_each_batch_siz
     assert (args.questions, args.batch_sizes, args.num_prompts) == (["describe", "template"], [1, 8], 8)
     assert args.max_tokens == bench.DESCRIBE_MAX_TOKENS
     assert bench.parse_args(["--models", "trained", "--quick"]).batch_sizes == [1]
+    assert args.merge_size == 2 and bench.parse_args(["--models", "trained", "--merge-size", "1"]).merge_size == 1
     for argv in (["--models", "trained", "--questions", "summary"], ["--models", "trained", "--batch-sizes", "0"],
-                 ["--batch-sizes", "1,8"]):
+                 ["--batch-sizes", "1,8"], ["--models", "trained", "--merge-size", "4"], ["--merge-size", "1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
     errors = capsys.readouterr().err
     assert "--questions must list 'describe' and/or 'template', got ['summary']" in errors
     assert "--batch-sizes must be >= 1, got [0]" in errors
-    assert "--batch-sizes and --fresh-videos are for --models trained" in errors
+    assert "--batch-sizes, --fresh-videos and --merge-size are for --models trained" in errors
+    assert "--merge-size must be one of (2, 1), got 4" in errors
 
 
 def test_fresh_videos_give_every_batch_of_every_workload_videos_of_its_own(bench, tiny_tokenizer, tmp_path,
@@ -75,7 +77,7 @@ def test_fresh_videos_give_every_batch_of_every_workload_videos_of_its_own(bench
     assert same.batch(0) is same.batch(3) is same.requests
     with pytest.raises(SystemExit):
         bench.parse_args(["--fresh-videos"])
-    assert "--fresh-videos are for --models trained" in capsys.readouterr().err
+    assert "--fresh-videos and --merge-size are for --models trained" in capsys.readouterr().err
 
 
 def test_fresh_video_rows_compare_all_their_batches_and_others_their_median(bench):
