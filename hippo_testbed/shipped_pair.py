@@ -11,8 +11,9 @@ that do not change when a library is upgraded, so a machine with other versions
 loads them too, while any change to the task's sources, the sizes or the training
 settings gives another key and `build_trained_pair` trains again (minutes). The
 full recipe of the build that was shipped, library versions included, is saved as
-`recipe.json` next to the checkpoints. `python -m hippo_testbed --ship-trained-pair`
-trains (or reuses) the current recipe's build and ships it; an opt-in test
+`recipe.json` next to the checkpoints. `python -m hippo_testbed --ship-trained-pair
+[--merge-size N]` trains (or reuses) the current recipe's build of that pair and ships
+it (both the default pair and the fine-grid one are shipped); an opt-in test
 (tests/testbed/test_trained_pair_rebuild.py) trains from the recipe and compares.
 """
 
