@@ -103,11 +103,11 @@ def load_pair(name: str) -> Pair:
     if name == "self":  # the target drafts for itself: keep_ratio 1 must reproduce its answers
         return Pair("self", str(fx.target), str(fx.target), trained=False)
     if name in ("trained", "trained-fine"):  # trained on the video task (shipped weights, built on first use)
-        from hippo_testbed.trained_pair import FINE_MERGE_SIZE, MERGE_SIZE, trained_pair_paths
+        from hippo_testbed.trained_pair import FINE_MERGE_SIZE, MERGE_SIZE, trained_pair_paths, video_tokens_per_clip
 
         merge = FINE_MERGE_SIZE if name == "trained-fine" else MERGE_SIZE
         target, draft = trained_pair_paths(merge_size=merge)
-        return Pair(name, str(target), str(draft), trained=True, video_tokens=64 * 4 // merge ** 2)
+        return Pair(name, str(target), str(draft), trained=True, video_tokens=video_tokens_per_clip(merge))
     raise SystemExit(f"--pair must be one of {PAIRS}, got {name!r}")
 
 
