@@ -4,7 +4,7 @@
 training writes them (weights, config, tokenizer, processor), except that the
 target's zero-output cost-padding layers are left out: they are copies of the last
 trained layer with `o_proj` and `down_proj` zeroed, so `materialize` rebuilds them
-at load (`trained_pair.cost_padded`) and the folder stays a few MB.
+at load (`cost_padding.cost_padded`) and the folder stays a few MB.
 
 `<key>` hashes the recipe without the library versions: the weights are numbers
 that do not change when a library is upgraded, so a machine with other versions
@@ -87,7 +87,7 @@ def materialize(shipped: Path, out: Path, padding_layers: int) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from hippo_testbed import models
-    from hippo_testbed.trained_pair import cost_padded
+    from hippo_testbed.cost_padding import cost_padded
 
     shutil.copytree(shipped / "draft", out / "draft")
     target = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(shipped / "target"), dtype=torch.float32)

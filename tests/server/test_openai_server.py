@@ -191,7 +191,8 @@ def test_served_prompt_has_the_video_tokens_of_training(reference, tiny, chat):
     """
     from transformers import AutoProcessor
 
-    from hippo_testbed.trained_pair import NUM_FRAMES, hf_video_metadata
+    from hippo_testbed.trained_pair import NUM_FRAMES
+    from hippo_testbed.trained_pair_inputs import hf_video_metadata
     from hippo_testbed.videos import load_video
 
     video = tiny.synthetic_videos[0 if chat == "video_file_url" else 1]
