@@ -92,14 +92,18 @@ import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the scripts beside this one
 import host_profile  # noqa: E402
-from e2e_report import by_workload, print_note, print_table, times_faster  # noqa: E402
+from e2e_report import by_workload, print_note, print_table, summarize, times_faster  # noqa: E402
+from e2e_step_tracker import StepTracker  # noqa: E402
+from e2e_workloads import (  # noqa: E402
+    DESCRIBE_MAX_TOKENS,
+    Workload,
+    build_requests,
+    task_workloads,
+    trained_models,
+)
 
 MAX_FRAMES = 16  # hippo_testbed.processor.MAX_FRAMES; engine_settings sizes prompts for it
-QUESTIONS = ("Describe this video.", "What moves in the video?", "Which colours appear?",
-             "Tell me everything about the objects and their motion.")
 KEEP_RATIO = 0.1
-# --models trained: the longest answers plus <|im_end|> (the trained pair's tokenizer).
-DESCRIBE_MAX_TOKENS, TEMPLATE_MAX_TOKENS = 44, 12
 # name -> (the draft: the family's "target" or its "draft", keep_ratio)
 PAIRS = {"self": ("target", KEEP_RATIO), "self-keep-all": ("target", 1.0), "tiny": ("draft", KEEP_RATIO)}
 DEFAULT_FAMILY = "Qwen2.5-VL"
@@ -156,101 +160,6 @@ def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, wor
     return configs
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedModels:
-    """The trained pair in the fixtures' shape: target, draft (the ``tiny`` pair) and text_draft."""
-
-    target: pathlib.Path
-    draft: pathlib.Path
-    text_draft: pathlib.Path
-
-    def as_dict(self) -> dict:
-        return {key: str(value) for key, value in dataclasses.asdict(self).items()}
-
-
-def trained_models(scratch: pathlib.Path, merge_size: int) -> TrainedModels:
-    from hippo_testbed.trained_pair import trained_pair_paths
-
-    target, draft = trained_pair_paths(merge_size=merge_size)
-    return TrainedModels(target, draft, text_only_checkpoint(draft, scratch / "text_draft"))
-
-
-def text_only_checkpoint(vl_dir: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    """A Qwen2ForCausalLM checkpoint of a Qwen2.5-VL checkpoint's language model (vision dropped).
-
-    On text the two compute the same logits: M-RoPE with equal (t, h, w) positions is
-    plain RoPE. Weights keep their names (``model.*``, ``lm_head``); tokenizer files are copied.
-    """
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((vl_dir / "config.json").read_text())
-    text = dict(config["text_config"])
-    rope = {key: value for key, value in text.get("rope_parameters", {}).items() if key != "mrope_section"}
-    text.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_parameters=rope,
-                tie_word_embeddings=config.get("tie_word_embeddings", False))
-    (out / "config.json").write_text(json.dumps(text, indent=2))
-    weights = load_file(str(vl_dir / "model.safetensors"))
-    save_file({name: w for name, w in weights.items() if not name.startswith("visual.")},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        if (vl_dir / name).exists():
-            shutil.copy(vl_dir / name, out / name)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """One batch of prompts every row generates, with its sampling limits."""
-
-    name: str
-    requests: list
-    max_tokens: int
-    ignore_eos: bool = True
-    # --fresh-videos: batch r (0: the warm-up) asks about videos of its own; else every
-    # batch repeats ``requests``, and the timed ones reuse the warm-up's encoder outputs.
-    fresh_batches: tuple = ()
-
-    def batch(self, repeat: int) -> list:
-        return self.fresh_batches[repeat] if self.fresh_batches else self.requests
-
-
-def task_requests(tokenizer, num_prompts: int, num_frames: int, scratch: pathlib.Path,
-                  questions: str = "template", first_sample: int = 0) -> list[dict]:
-    """Held-out questions of the synthetic video task, from held-out sample ``first_sample``
-    on: ``describe``, each video's description; ``template``, each sample's two focus questions."""
-    from hippo_testbed import load_video, video_chat_prompt
-    from hippo_testbed.video_task import HELD_OUT_SEEDS, make_sample
-
-    requests, seed = [], HELD_OUT_SEEDS[first_sample]
-    while len(requests) < num_prompts:
-        sample = make_sample(seed)
-        video = load_video(sample.write_mp4(scratch / f"task_{seed}.mp4"), num_frames)
-        asked = [qa for qa in sample.qa if qa.topic == "describe"] if questions == "describe" else sample.qa[:2]
-        requests += [{"prompt": video_chat_prompt(tokenizer, qa.question), "multi_modal_data": {"video": video}}
-                     for qa in asked]
-        seed += 1
-    return requests[:num_prompts]
-
-
-def task_workloads(tokenizer, args, scratch: pathlib.Path) -> list[Workload]:
-    """Per question kind and batch size, held-out task prompts (answers end at <|im_end|>)."""
-    limits = {"describe": DESCRIBE_MAX_TOKENS, "template": TEMPLATE_MAX_TOKENS}
-    workloads, next_sample = [], 0
-    for questions in args.questions:
-        for batch in args.batch_sizes:
-            batches = 1 + args.repeats if args.fresh_videos else 1
-            # With --fresh-videos every batch of the run, in every workload, has samples of its own.
-            made = [task_requests(tokenizer, batch, args.num_frames, scratch, questions,
-                                  first_sample=next_sample + i * batch) for i in range(batches)]
-            next_sample += batches * batch if args.fresh_videos else 0
-            workloads.append(Workload(f"{questions} b{batch}", made[0], min(limits[questions], args.max_tokens),
-                                      ignore_eos=False, fresh_batches=tuple(made) if args.fresh_videos else ()))
-    return workloads
-
-
 def engine_settings(args) -> dict:
     """The tests' fast CPU settings (tests/engine_utils.py), sized for one batch of prompts;
     with ``--production``, the settings a GPU user runs instead."""
@@ -273,181 +182,6 @@ def engine_settings(args) -> dict:
         # KV-cache sizing (0.4 of the GPU memory: engines start one after another here).
         return {**sized, "dtype": "bfloat16", "enforce_eager": False, "gpu_memory_utilization": 0.4}
     return {**sized, "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
-
-
-def build_requests(fx, tokenizer, num_prompts: int, num_frames: int) -> list[dict]:
-    """Synthetic clips alternating with real sample videos (when installed)."""
-    from hippo_testbed import load_video, video_chat_prompt
-
-    synthetic, samples = list(fx.synthetic_videos), list(fx.sample_videos)
-    videos = [v for pair in zip(synthetic, samples) for v in pair] or synthetic
-    videos += [v for v in synthetic + samples if v not in videos]
-    return [
-        {"prompt": video_chat_prompt(tokenizer, QUESTIONS[i % len(QUESTIONS)]),
-         "multi_modal_data": {"video": load_video(videos[i % len(videos)], num_frames)}}
-        for i in range(num_prompts)
-    ]
-
-
-_NOT_OWN = object()
-
-
-class StepTracker:
-    """Per-step counts and times of one engine, taken the same way for every row.
-
-    The scheduler's ``update_from_output`` sees, for every engine step, the spec
-    tokens each request had scheduled and the tokens it sampled, whatever drafted
-    them; the runner's ``execute_model``/``sample_tokens`` bracket all work in the
-    worker. Both are wrapped on the instances, so vLLM itself is unchanged.
-    """
-
-    def __init__(self, llm, max_tokens: int, worker: bool, stop_ids: frozenset[int] = frozenset()):
-        self.max_tokens = max_tokens
-        self.stop_ids = stop_ids  # a request's output ends at the first of these (none with ignore_eos)
-        self.worker = worker
-        engine = llm.llm_engine
-        self.runner = engine.model_executor.driver_worker.worker.model_runner
-        drafter = getattr(self.runner, "drafter", None)
-        self.hippo = getattr(drafter, "stats", None)  # HippoStats, on hippo engines only
-        self._wrapped: list[tuple[object, str, object]] = []
-        self._wrap(engine.engine_core.engine_core.scheduler, "update_from_output", before=self._count)
-        self._wrap_engine_step(engine)
-        self._wrap(self.runner, "execute_model", before=lambda *_: self._next_step(), timer="runner_seconds")
-        self._wrap(self.runner, "sample_tokens", timer="runner_seconds")
-        if drafter is not None and self.hippo is None:
-            self._wrap(drafter, "propose", timer="drafter_seconds")
-        # The models' own forwards and vision encoders, wherever they run in this process:
-        # the target's, draft_model's draft, hippo's in-process draft.
-        models = [self.runner.model, getattr(drafter, "model", None),
-                  getattr(getattr(getattr(getattr(drafter, "draft", None), "worker", None), "engine", None),
-                          "model", None)]
-        for model in (m for m in models if m is not None):
-            for name in ("forward", "embed_multimodal"):
-                if hasattr(model, name):
-                    self._wrap(model, name, timer="forward_seconds", outermost=True)
-        self._in_forward = False
-        self._step_mark: tuple[float, float] | None = None
-        self.counts: dict[str, float] = {}
-        self.reset()
-
-    def _wrap(self, owner, name: str, before=None, timer: str | None = None, outermost: bool = False) -> None:
-        """``outermost``: time only calls not already inside another wrapped call of the kind."""
-        method = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            if before is not None:
-                before(*args)
-            if outermost and self._in_forward:
-                return method(*args, **kwargs)
-            start = time.perf_counter()
-            self._in_forward = self._in_forward or outermost
-            try:
-                return method(*args, **kwargs)
-            finally:
-                if outermost:
-                    self._in_forward = False
-                if timer is not None:
-                    self.counts[timer] += time.perf_counter() - start
-
-        own = vars(owner).get(name, _NOT_OWN)  # an instance attribute to put back, if there was one
-        setattr(owner, name, wrapper)
-        self._wrapped.append((owner, name, own))
-
-    def _wrap_engine_step(self, engine) -> None:
-        """Each engine step's host time: its wall time minus the forwards in it (and, with a
-        worker, the wait for the draft), kept per step with whether the step prefilled."""
-        step = engine.step
-
-        def timed_step(*args, **kwargs):
-            self._step_prefills = False
-            forwards, waited, start = self.counts["forward_seconds"], self._waited(), time.perf_counter()
-            try:
-                return step(*args, **kwargs)
-            finally:
-                host = (time.perf_counter() - start - (self.counts["forward_seconds"] - forwards)
-                        - (self._waited() - waited))
-                if self._step_ran:
-                    self.step_hosts.append((self._step_prefills, host))
-                self._step_ran = False
-
-        own = vars(engine).get("step", _NOT_OWN)
-        engine.step = timed_step
-        self._wrapped.append((engine, "step", own))
-
-    def _waited(self) -> float:
-        return self.hippo.draft_wait_seconds if self.worker and self.hippo is not None else 0.0
-
-    def unwrap(self) -> None:
-        """Back to the engine's own methods (the next workload wraps them afresh)."""
-        for owner, name, own in reversed(self._wrapped):
-            if own is _NOT_OWN:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, own)
-        self._wrapped.clear()
-
-    def reset(self) -> None:
-        self._step_mark = None  # the previous batch's last step is not this batch's
-        self._produced: dict[str, int] = {}
-        self._hippo_start = self.hippo.as_dict() if self.hippo is not None else {}
-        self.step_hosts: list[tuple[bool, float]] = []  # per engine step: (prefilled, host seconds)
-        self._step_ran = self._step_prefills = False
-        self.counts = dict.fromkeys(
-            ("batched_steps", "target_forwards", "generated_tokens", "spec_rounds", "spec_round_tokens",
-             "spec_drafted", "spec_accepted", "runner_seconds", "drafter_seconds", "forward_seconds",
-             "overlap_busy_seconds", "overlap_step_seconds"), 0)
-
-    def _count(self, scheduler_output, runner_output) -> None:
-        """Runs before vLLM's own update, which trims the step's tokens at max_tokens in place."""
-        counts = self.counts
-        if scheduler_output.total_num_scheduled_tokens > 0:
-            counts["batched_steps"] += 1
-            self._step_ran = True
-            self._step_prefills = self._step_prefills or bool(scheduler_output.scheduled_new_reqs)
-        sampled_all = runner_output.sampled_token_ids
-        for req_id in scheduler_output.num_scheduled_tokens:
-            index = runner_output.req_id_to_index.get(req_id)
-            sampled = list(sampled_all[index]) if sampled_all and index is not None else []
-            if not sampled:  # a prefill chunk that samples nothing
-                continue
-            produced = self._produced.get(req_id, 0)
-            kept = sampled[: self.max_tokens - produced]
-            stop = next((i for i, token in enumerate(kept) if token in self.stop_ids), None)
-            kept = kept if stop is None else kept[: stop + 1]
-            self._produced[req_id] = produced + len(kept)
-            counts["target_forwards"] += 1
-            counts["generated_tokens"] += len(kept)
-            spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id) or []
-            if spec:
-                counts["spec_rounds"] += 1
-                counts["spec_round_tokens"] += len(kept)
-                counts["spec_drafted"] += len(spec)
-                counts["spec_accepted"] += len(sampled) - 1  # vLLM's count: all but the target's own
-
-    def _next_step(self) -> None:
-        """Close the running step. With a draft worker of its own: max(target step, the
-        worker's drafting for that step) against the step's measured wall time."""
-        if not self.worker:
-            return
-        hippo = self.hippo
-        now = (hippo.target_step_seconds, hippo.draft_seconds + hippo.draft_prefill_seconds, time.perf_counter())
-        if self._step_mark is not None:
-            target, draft, wall = (a - b for a, b in zip(now, self._step_mark))
-            self.counts["overlap_busy_seconds"] += max(target, draft)
-            self.counts["overlap_step_seconds"] += wall
-        self._step_mark = now
-
-    def collect(self) -> dict:
-        self._next_step()
-        result = dict(self.counts)
-        decode = sorted(host for prefilled, host in self.step_hosts if not prefilled)
-        result["host_decode_step_median_seconds"] = decode[len(decode) // 2] if decode else None
-        result["host_prefill_steps_seconds"] = sum(host for prefilled, host in self.step_hosts if prefilled)
-        result["host_engine_steps_seconds"] = sum(host for _, host in self.step_hosts)
-        if self.hippo is not None:
-            end = self.hippo.as_dict()
-            result["hippo"] = {key: end[key] - self._hippo_start[key] for key in end}
-        return result
 
 
 _torch_set_num_threads = None  # torch's own, taken before vLLM's CPU worker replaces it with a no-op
@@ -538,80 +272,6 @@ def check_lossless(name: str, repeat: int, ids: list, reference: list) -> None:
                 f"LOSSLESS CHECK FAILED: {name}, batch {repeat}, prompt {i} differs from the target "
                 f"at token {first}: {ours[first:first + 8]} vs {theirs[first:first + 8]}"
             )
-
-
-def summarize(config: Config, batches: list[dict], video_total: int, num_prompts: int) -> dict:
-    ordered = sorted(batches, key=lambda b: b["wall_seconds"])
-    batch = ordered[(len(ordered) - 1) // 2]  # the median batch itself (lower median for even counts)
-    wall, tokens, forwards = batch["wall_seconds"], batch["generated_tokens"], batch["target_forwards"]
-    hippo = batch.get("hippo")
-    if hippo is not None:
-        times = {"target": hippo["target_step_seconds"], "draft": hippo["draft_seconds"],
-                 "draft_prefill": hippo["draft_prefill_seconds"], "scoring": hippo["pruning_seconds"]}
-        seen = (hippo["video_tokens_seen"], hippo["video_tokens_total"])
-    else:
-        # draft_model's proposer prefills the draft inside the same propose() call,
-        # so its draft prefill is part of its draft time (None: not separable).
-        drafting = config.method == "draft_model"
-        times = {"target": batch["runner_seconds"] - batch["drafter_seconds"], "draft": batch["drafter_seconds"],
-                 "draft_prefill": None if drafting else 0.0, "scoring": None if drafting else 0.0}
-        seen = (0, video_total) if drafting else None
-    times["overhead"] = wall - times["target"] - times["draft"] - (times["draft_prefill"] or 0.0)
-    # Outside the forwards: with a worker, the target's wait for it is the draft's time, not host work.
-    waited = hippo["draft_wait_seconds"] if config.worker else 0.0
-    times["forwards"] = batch["forward_seconds"]
-    times["host"] = wall - batch["forward_seconds"] - waited
-    if config.parallel:
-        mat, mat_source = _ratio(hippo["mat_sum"], hippo["mat_runs"]), "HippoStats mat_sum / mat_runs (PEARL runs)"
-    elif config.method == "target":
-        mat, mat_source = None, "n/a (no drafting)"
-    else:
-        mat, mat_source = _ratio(batch["spec_round_tokens"], batch["spec_rounds"]), "tokens committed per round"
-    row = {
-        "name": config.name, "method": config.method, "pair": config.pair,
-        "speculative_config": config.speculative_config,
-        "wall_seconds": wall, "wall_seconds_all": [b["wall_seconds"] for b in batches],
-        # CPU seconds of this process per wall second: drops when another process competes.
-        "cores_busy": min(b["cpu_seconds"] / b["wall_seconds"] for b in batches),
-        "cores_allowed": len(config.cores) if config.cores else len(os.sched_getaffinity(0)),
-        "generated_tokens": tokens, "tokens_per_second": tokens / wall,
-        "target_forwards": forwards, "batched_target_steps": batch["batched_steps"],
-        "tokens_per_target_forward": _ratio(tokens, forwards),
-        "host_ms_per_target_step": _ratio(1e3 * times["host"], batch["batched_steps"]),
-        # The same split: the steps that prefill a request (its video's processing, hippo's
-        # scoring and view) apart from the decode steps, whose host work is per step.
-        "host_ms_per_decode_step": (None if batch["host_decode_step_median_seconds"] is None
-                                    else 1e3 * batch["host_decode_step_median_seconds"]),
-        "host_ms_prefill_per_request": 1e3 * batch["host_prefill_steps_seconds"] / num_prompts,
-        # Inside the engine's steps only: without the requests' rendering before their first
-        # step (the video's decoding and HF processing, the same work in every row), which
-        # the figure per target step spreads over fewer steps the more a row commits per step.
-        "host_ms_per_engine_step": _ratio(1e3 * batch["host_engine_steps_seconds"], batch["batched_steps"]),
-        # And per request, all of it: what the host spends on a request, however many steps.
-        "host_ms_per_request": 1e3 * times["host"] / num_prompts,
-        "mat": mat, "mat_source": mat_source,
-        "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
-        "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
-        "seconds": times, "runner_seconds": batch["runner_seconds"], "tracker": batch,
-        # Target steps from each request's first token to its first step verifying drafts (hippo).
-        "first_draft_steps": _ratio(hippo["first_draft_steps"], hippo["first_drafts"]) if hippo else None,
-        "lossless": {"checked_batches": len(batches) + 1, "checked_outputs": (len(batches) + 1) * num_prompts,
-                     "equal_to_target": True},
-    }
-    if config.worker:
-        row["worker"] = {
-            "overlap_efficiency": _ratio(batch["overlap_busy_seconds"], batch["overlap_step_seconds"]),
-            "target_waited_seconds": hippo["draft_wait_seconds"],
-            "round_trips": hippo["draft_round_trips"],
-            "round_trip_seconds": hippo["draft_round_trip_seconds"],
-            "dropped_steps": hippo["draft_dropped_steps"],
-            "restarts": hippo["draft_worker_restarts"],
-        }
-    return row
-
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
 
 
 def environment(args, fx) -> dict:

@@ -1,16 +1,95 @@
-"""What ``bench_e2e.py`` prints: each workload's table of rows and the notes under it.
+"""``bench_e2e.py``'s rows and what it prints: each workload's table and the notes under it.
 
-A row is the dict ``bench_e2e.summarize`` makes for one configuration and workload;
-the first row of a workload is the target alone, every other row's reference.
+A row is the dict `summarize` makes of one configuration's batches of one workload
+(what ``e2e_step_tracker.StepTracker`` counted); the first row of a workload is the
+target alone, every other row's reference.
 """
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 
 def _fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
+
+
+def summarize(config, batches: list[dict], video_total: int, num_prompts: int) -> dict:
+    """One row: the median batch's counts and times, split as the table prints them.
+
+    ``config`` is ``bench_e2e.Config``; ``batches`` the tracker's summary of each timed batch."""
+    ordered = sorted(batches, key=lambda b: b["wall_seconds"])
+    batch = ordered[(len(ordered) - 1) // 2]  # the median batch itself (lower median for even counts)
+    wall, tokens, forwards = batch["wall_seconds"], batch["generated_tokens"], batch["target_forwards"]
+    hippo = batch.get("hippo")
+    if hippo is not None:
+        times = {"target": hippo["target_step_seconds"], "draft": hippo["draft_seconds"],
+                 "draft_prefill": hippo["draft_prefill_seconds"], "scoring": hippo["pruning_seconds"]}
+        seen = (hippo["video_tokens_seen"], hippo["video_tokens_total"])
+    else:
+        # draft_model's proposer prefills the draft inside the same propose() call,
+        # so its draft prefill is part of its draft time (None: not separable).
+        drafting = config.method == "draft_model"
+        times = {"target": batch["runner_seconds"] - batch["drafter_seconds"], "draft": batch["drafter_seconds"],
+                 "draft_prefill": None if drafting else 0.0, "scoring": None if drafting else 0.0}
+        seen = (0, video_total) if drafting else None
+    times["overhead"] = wall - times["target"] - times["draft"] - (times["draft_prefill"] or 0.0)
+    # Outside the forwards: with a worker, the target's wait for it is the draft's time, not host work.
+    waited = hippo["draft_wait_seconds"] if config.worker else 0.0
+    times["forwards"] = batch["forward_seconds"]
+    times["host"] = wall - batch["forward_seconds"] - waited
+    if config.parallel:
+        mat, mat_source = _ratio(hippo["mat_sum"], hippo["mat_runs"]), "HippoStats mat_sum / mat_runs (PEARL runs)"
+    elif config.method == "target":
+        mat, mat_source = None, "n/a (no drafting)"
+    else:
+        mat, mat_source = _ratio(batch["spec_round_tokens"], batch["spec_rounds"]), "tokens committed per round"
+    row = {
+        "name": config.name, "method": config.method, "pair": config.pair,
+        "speculative_config": config.speculative_config,
+        "wall_seconds": wall, "wall_seconds_all": [b["wall_seconds"] for b in batches],
+        # CPU seconds of this process per wall second: drops when another process competes.
+        "cores_busy": min(b["cpu_seconds"] / b["wall_seconds"] for b in batches),
+        "cores_allowed": len(config.cores) if config.cores else len(os.sched_getaffinity(0)),
+        "generated_tokens": tokens, "tokens_per_second": tokens / wall,
+        "target_forwards": forwards, "batched_target_steps": batch["batched_steps"],
+        "tokens_per_target_forward": _ratio(tokens, forwards),
+        "host_ms_per_target_step": _ratio(1e3 * times["host"], batch["batched_steps"]),
+        # The same split: the steps that prefill a request (its video's processing, hippo's
+        # scoring and view) apart from the decode steps, whose host work is per step.
+        "host_ms_per_decode_step": (None if batch["host_decode_step_median_seconds"] is None
+                                    else 1e3 * batch["host_decode_step_median_seconds"]),
+        "host_ms_prefill_per_request": 1e3 * batch["host_prefill_steps_seconds"] / num_prompts,
+        # Inside the engine's steps only: without the requests' rendering before their first
+        # step (the video's decoding and HF processing, the same work in every row), which
+        # the figure per target step spreads over fewer steps the more a row commits per step.
+        "host_ms_per_engine_step": _ratio(1e3 * batch["host_engine_steps_seconds"], batch["batched_steps"]),
+        # And per request, all of it: what the host spends on a request, however many steps.
+        "host_ms_per_request": 1e3 * times["host"] / num_prompts,
+        "mat": mat, "mat_source": mat_source,
+        "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
+        "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
+        "seconds": times, "runner_seconds": batch["runner_seconds"], "tracker": batch,
+        # Target steps from each request's first token to its first step verifying drafts (hippo).
+        "first_draft_steps": _ratio(hippo["first_draft_steps"], hippo["first_drafts"]) if hippo else None,
+        "lossless": {"checked_batches": len(batches) + 1, "checked_outputs": (len(batches) + 1) * num_prompts,
+                     "equal_to_target": True},
+    }
+    if config.worker:
+        row["worker"] = {
+            "overlap_efficiency": _ratio(batch["overlap_busy_seconds"], batch["overlap_step_seconds"]),
+            "target_waited_seconds": hippo["draft_wait_seconds"],
+            "round_trips": hippo["draft_round_trips"],
+            "round_trip_seconds": hippo["draft_round_trip_seconds"],
+            "dropped_steps": hippo["draft_dropped_steps"],
+            "restarts": hippo["draft_worker_restarts"],
+        }
+    return row
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 def by_workload(rows: list[dict]) -> dict[str, list[dict]]:

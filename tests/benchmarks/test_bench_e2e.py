@@ -175,7 +175,7 @@ def test_text_only_checkpoint_is_the_vl_language_model_on_text(bench, tiny, tmp_
     import torch
     from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration
 
-    text_dir = bench.text_only_checkpoint(tiny.draft, tmp_path / "text_draft")
+    text_dir = load_script(BENCH.parent / "e2e_workloads.py").text_only_checkpoint(tiny.draft, tmp_path / "text_draft")
     text_model = AutoModelForCausalLM.from_pretrained(text_dir)
     assert type(text_model).__name__ == "Qwen2ForCausalLM"
     vl_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny.draft)
