@@ -26,13 +26,21 @@ def bench():
     return load_script(BENCH)
 
 
-def test_an_answer_is_correct_when_its_first_sentence_is_the_expected_one(bench):
-    assert bench.is_correct("It is  Blue. It is blue", "It is blue.")
-    assert not bench.is_correct("It is blue", "It is red.")
-    assert not bench.is_correct("It is bluegreen.", "It is blue.")
+@pytest.fixture(scope="module")
+def measures(bench):
+    """The figures' module beside the script (loaded with it)."""
+    import sys
+
+    return sys.modules["pruning_study_measures"]
+
+
+def test_an_answer_is_correct_when_its_first_sentence_is_the_expected_one(measures):
+    assert measures.is_correct("It is  Blue. It is blue", "It is blue.")
+    assert not measures.is_correct("It is blue", "It is red.")
+    assert not measures.is_correct("It is bluegreen.", "It is blue.")
     description = "There are two objects. The red bar moves left from top left. A blue pole stays at top right."
-    assert bench.is_correct(description.replace(". ", ".  "), description)
-    assert not bench.is_correct("There are two objects. The red bar moves left from top left.", description)
+    assert measures.is_correct(description.replace(". ", ".  "), description)
+    assert not measures.is_correct("There are two objects. The red bar moves left from top left.", description)
 
 
 def test_the_full_study_runs_both_schedules_except_for_ablations(bench):
@@ -45,7 +53,7 @@ def test_the_full_study_runs_both_schedules_except_for_ablations(bench):
     assert no_video.keys == {"keep_ratio": 0.0}
 
 
-def test_object_tokens_are_the_merged_patches_the_object_covers(bench):
+def test_object_tokens_are_the_merged_patches_the_object_covers(bench, measures):
     import numpy as np
 
     from hippo_vllm.core import VideoGrid
@@ -53,9 +61,9 @@ def test_object_tokens_are_the_merged_patches_the_object_covers(bench):
     masks = np.zeros((4, 112, 112), dtype=np.int8)
     masks[1, 30:33, 60:62] = 1  # frame 1 -> token frame 0; rows 28-55 -> 1; columns 56-83 -> 2
     question = bench.Question(0, "small_mover", "color", "q", "a", "v.mp4", None, masks, (1,))
-    cells = bench.object_token_mask(question, VideoGrid(2, 4, 4))
+    cells = measures.object_token_mask(question, VideoGrid(2, 4, 4))
     assert cells.nonzero().flatten().tolist() == [0 * 16 + 1 * 4 + 2]
-    assert bench.object_token_mask(question, VideoGrid(3, 4, 4)) is None  # frames do not map onto the grid
+    assert measures.object_token_mask(question, VideoGrid(3, 4, 4)) is None  # frames do not map onto the grid
 
 
 @pytest.mark.engine
