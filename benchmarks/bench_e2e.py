@@ -47,7 +47,7 @@ batches after one warm-up batch, every figure of a row taken from that same batc
 video task (``hippo_testbed/trained_pair.py``, shipped with the repository) instead of the
 random-weight fixtures: the prompts are held-out task questions on task videos, and the
 text-only draft of row 2 is the trained draft's own language model without its vision
-encoder (`text_only_checkpoint`), so row 2 is that same draft never seeing the video.
+encoder (`e2e_workloads.text_only_checkpoint`), so row 2 is that same draft never seeing the video.
 Every row then runs, in the same engine, each workload of ``--questions`` (the
 description question, whose 20-40-token answer is the video's facts, and the template
 questions, whose few-token answers the question largely predicts) at each of
