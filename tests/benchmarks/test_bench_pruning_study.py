@@ -27,11 +27,9 @@ def bench():
 
 
 @pytest.fixture(scope="module")
-def measures(bench):
-    """The figures' module beside the script (loaded with it)."""
-    import sys
-
-    return sys.modules["pruning_study_measures"]
+def measures():
+    """The module of the study's figures, beside the script."""
+    return load_script(BENCH.parent / "pruning_study_measures.py")
 
 
 def test_an_answer_is_correct_when_its_first_sentence_is_the_expected_one(measures):
