@@ -24,7 +24,8 @@ With two or more cores (unless ``--no-worker``) it also measures the draft in a
 worker process of its own (``"draft_worker": {"placement": "process"}``): the
 target alone with its threads bound to core 0,
 then VPSD for each pair with the target on core 0 and the draft worker on core 1,
-drafting the next chunk while the target verifies. (vLLM applies
+drafting the next chunk while the target verifies, with chunks of γ and with PEARL's
+adaptive length (``"draft_length": "adaptive"``, at most ``--adaptive-cap`` tokens). (vLLM applies
 ``VLLM_CPU_OMP_THREADS_BIND`` only to the worker processes of its multiprocess
 executor; this engine runs in this process, so the benchmark binds this process's
 threads to core 0 itself, with one torch thread, for those rows.) For those rows it prints the
@@ -62,7 +63,7 @@ target engine step, is the host work outside the forwards: scheduling, input
 preparation, sampling and verification, and the proposer's own bookkeeping.
 
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
-       [--num-frames N] [--k K] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
+       [--num-frames N] [--k K] [--adaptive-cap N] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
        [--production] [--models tiny|trained] [--family NAME]
        [--questions describe,template] [--batch-sizes 1,8]
 """
@@ -135,7 +136,7 @@ TARGET_CORE, DRAFT_CORE = 0, 1  # the worker rows: the target's threads on core 
 
 
 def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, worker: bool,
-                  draft_model: bool = True) -> list[Config]:
+                  draft_model: bool = True, adaptive_cap: int = 8) -> list[Config]:
     """``models``: the "target", "draft" and "text_draft" checkpoints the rows run."""
     configs = [Config("target", "target")]
     if draft_model:
@@ -156,6 +157,9 @@ def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, wor
                     "keep_ratio": keep_ratio, "parallel": True,
                     "draft_worker": {"placement": "process", "cpu_cores": [DRAFT_CORE]}}
             configs.append(Config(f"hippo parallel {pair} worker", "hippo", spec, pair,
+                                  cores=frozenset({TARGET_CORE})))
+            adaptive = {**spec, "draft_length": "adaptive", "num_speculative_tokens": adaptive_cap}
+            configs.append(Config(f"hippo parallel {pair} worker adaptive", "hippo", adaptive, pair,
                                   cores=frozenset({TARGET_CORE})))
     return configs
 
@@ -292,6 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, help="prompts in the batch (default 4, quick 2)")
     parser.add_argument("--num-frames", type=int, help="frames sampled per video (default 16, quick 8)")
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens (γ)")
+    parser.add_argument("--adaptive-cap", type=int, default=8,
+                        help="num_speculative_tokens of the adaptive-length worker rows (the most a round "
+                             "drafts; >= 2)")
     parser.add_argument("--repeats", type=int, help="timed batches after the warm-up (default 3, quick 1)")
     parser.add_argument("--pairs", default=None, help=f"comma-separated draft pairs from {sorted(PAIRS)} "
                                                       "(default all; quick: tiny)")
@@ -361,6 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key in ("max_tokens", "num_prompts", "num_frames", "k", "repeats"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.adaptive_cap < 2:
+        parser.error(f"--adaptive-cap must be >= 2 (a VPSD round drafts at least two), got {args.adaptive_cap}")
     from hippo_testbed.families import FAMILY_FIXTURES
 
     if args.family not in FAMILY_FIXTURES:
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     draft_model = args.family not in NO_DRAFT_MODEL_ROW
     if not draft_model:
         print(f"Skipping the draft_model row: vLLM's draft_model cannot serve a {args.family} target.")
-    configs = build_configs(models, args.pairs, args.k, worker, draft_model)
+    configs = build_configs(models, args.pairs, args.k, worker, draft_model, args.adaptive_cap)
     if args.rows is not None:
         wanted = {name.strip() for name in args.rows.split(",") if name.strip()}
         unknown = wanted - {c.name for c in configs}
@@ -433,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
-                     "k": args.k, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
+                     "k": args.k, "adaptive_cap": args.adaptive_cap, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
                      "fresh_videos": args.fresh_videos,
                      "workloads": [{"name": w.name, "prompts": len(w.requests), "max_tokens": w.max_tokens,
                                     "ignore_eos": w.ignore_eos} for w in workloads],

@@ -24,6 +24,7 @@ METHOD_NAME = "hippo"
 ADDITIONAL_CONFIG_KEY = "hippo"  # where the validated settings travel in vLLM's additional_config
 SIGNALS = ("attn", "temp", "spa")
 PLACEMENTS = ("in_process", "process", "ray")
+DRAFT_LENGTHS = ("fixed", "adaptive")
 
 
 class HippoConfigError(ValueError):
@@ -65,6 +66,7 @@ class HippoConfig:
     selection: str = "global"
     pruning: str = "holistic"
     parallel: bool = False
+    draft_length: str = "fixed"
     draft_kv_tokens: int | str = "auto"
     draft_worker: DraftWorkerConfig | Mapping[str, Any] = dataclasses.field(
         default_factory=lambda: DraftWorkerConfig()
@@ -139,6 +141,19 @@ class HippoConfig:
             )
         if not isinstance(self.draft_worker, DraftWorkerConfig):
             object.__setattr__(self, "draft_worker", DraftWorkerConfig.from_dict(self.draft_worker))
+        self._check_draft_length()
+
+    def _check_draft_length(self) -> None:
+        length = self.draft_length
+        if length not in DRAFT_LENGTHS:
+            raise _fail("draft_length", length, f"one of {list(DRAFT_LENGTHS)}")
+        if length == "adaptive" and not (self.parallel and self.draft_worker.remote):
+            # The draft drafts until the target's verdict is due: that needs the two
+            # running side by side, which only VPSD with a draft of its own does.
+            raise _fail("draft_length", length,
+                        '"fixed", unless "parallel" is true and "draft_worker" places the draft in a worker '
+                        'of its own ("placement": "process" or "ray"); "adaptive" drafts while the target '
+                        "verifies, which needs both")
 
     @staticmethod
     def _checked_weights(weights: Any) -> dict[str, float]:
@@ -215,7 +230,10 @@ KEY_MEANINGS: dict[str, str] = {
         "target's, e.g. Qwen2.5-VL-3B's 151,936 rows for 7B's 152,064; and a vision tower that reads the same "
         "pixels: the family's patch, frame and merge sizes must be the target's)"
     ),
-    "num_speculative_tokens": "γ, tokens drafted per round (integer ≥ 1; ≥ 2 with `parallel`)",
+    "num_speculative_tokens": (
+        "γ, tokens drafted per round (integer ≥ 1; ≥ 2 with `parallel`); with `draft_length` `adaptive`, "
+        "the most a round drafts"
+    ),
     "keep_ratio": (
         "share of each video's tokens the draft sees, in [0, 1]; 0: none (the draft drafts from the text "
         "alone, a baseline)"
@@ -228,6 +246,11 @@ KEY_MEANINGS: dict[str, str] = {
     "parallel": (
         "VPSD's schedule (PEARL rounds); it overlaps drafting with verifying only with the draft on a worker "
         "of its own (`draft_worker`)"
+    ),
+    "draft_length": (
+        "`fixed`: every round drafts γ tokens; `adaptive` (PEARL's; `parallel` with a `draft_worker` of its "
+        "own only): each round drafts as many tokens as fit in the target's measured step, 2 to γ "
+        "([details](docs/serving.md#adaptive-draft-length))"
     ),
     "draft_kv_tokens": (
         "tokens the draft's own KV cache holds (integer ≥ 1, in whole blocks of 32), or `\"auto\"`: "

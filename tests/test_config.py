@@ -12,7 +12,7 @@ def test_defaults_match_the_documented_table():
     assert cfg.score_weights == {"attn": 1.0, "temp": 1.0, "spa": 1.0}
     assert cfg.attn_layers == "all"
     assert (cfg.crop_size, cfg.selection, cfg.pruning, cfg.parallel) == (5, "global", "holistic", False)
-    assert cfg.draft_kv_tokens == "auto"
+    assert cfg.draft_kv_tokens == "auto" and cfg.draft_length == "fixed"
     worker = cfg.draft_worker
     assert (worker.placement, worker.device, worker.cpu_cores) == ("in_process", None, None)
     assert (worker.timeout_ms, worker.max_restarts, worker.start_timeout_s) == (1000.0, 3, 600.0)
@@ -92,11 +92,25 @@ def test_dashed_keys_are_accepted_like_vllm_does():
         ({"model": "d", "draft_worker": {"placement": "ray", "max_restarts": -1}}, r'\["max_restarts"\]=-1 '),
         ({"model": "d", "draft_worker": {"placement": "ray", "start_timeout_s": "1m"}},
          r'\["start_timeout_s"\]=\'1m\' '),
+        ({"model": "d", "draft_length": "auto"}, r'\["draft_length"\]=\'auto\' .*\[\'fixed\', \'adaptive\'\]'),
+        ({"model": "d", "draft_length": "adaptive", "draft_worker": {"placement": "process"}},
+         r'\["draft_length"\]=\'adaptive\' .*unless "parallel" is true'),
+        ({"model": "d", "draft_length": "adaptive", "parallel": True},
+         r'\["draft_length"\]=\'adaptive\' .*a worker of its own'),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, needle):
     with pytest.raises(HippoConfigError, match=needle):
         HippoConfig.from_speculative_config(raw)
+
+
+def test_the_adaptive_length_is_for_vpsd_with_a_draft_of_its_own():
+    for placement in ("process", "ray"):
+        cfg = HippoConfig.from_speculative_config({
+            "model": "d", "parallel": True, "draft_length": "adaptive", "num_speculative_tokens": 8,
+            "draft_worker": {"placement": placement}})
+        assert cfg.draft_length == "adaptive" and cfg.vllm_num_speculative_tokens == 7
+        assert HippoConfig(**cfg.to_dict()) == cfg
 
 
 def test_vllm_verifies_one_token_less_per_step_in_parallel_mode():

@@ -66,7 +66,9 @@ class RoundStats:
     - ``accepted_tokens``: the accepted prefix of ``S``, plus 1 when ``E[0]``
       equalled the target's own token;
     - ``optimistic_rounds`` / ``conservative_rounds``: +1 to the mode the request
-      was in during the step.
+      was in during the step (a step after :meth:`VpsdRequest.restart` is optimistic).
+
+    ``restarts``: calls of :meth:`VpsdRequest.restart`.
 
     MAT (PEARL's mean accepted tokens, nano-PEARL's +1 convention) is recorded as
     samples: ``mat_sum`` is their sum, ``mat_count`` their number. Per request a run
@@ -99,6 +101,7 @@ class RoundStats:
     conservative_rounds: int = 0
     mat_sum: int = 0
     mat_count: int = 0
+    restarts: int = 0
 
     def __add__(self, other: RoundStats) -> RoundStats:
         if not isinstance(other, RoundStats):
@@ -244,6 +247,28 @@ class VpsdRequest:
             self._pending = []
         return list(self._pending)
 
+    def restart(self, spec: Sequence[int]) -> list[int]:
+        """After a step that left no spec tokens: the next step verifies ``spec`` instead.
+
+        ``spec`` (1 to ``gamma``−1 tokens, what vLLM verifies per step in this
+        schedule) was drafted from the committed tokens after the step, with the
+        target waiting for it, as PEARL's pre-verify waits for the draft's first
+        token; the next step then verifies ``spec`` and compares its own token with
+        the first token of the chunk drafted meanwhile, as an optimistic step does.
+        Returns ``spec``.
+        """
+        if self.finished:
+            raise ValueError("restart called after the request finished")
+        if self._pending:
+            raise ValueError(f"restart needs a request without pending spec tokens, it has {self._pending!r}")
+        tokens = _check_tokens("spec", spec)
+        if not 1 <= len(tokens) <= self.gamma - 1:
+            raise ValueError(f"restart spec must hold 1 to gamma-1={self.gamma - 1} tokens, got {tokens!r}")
+        self.mode = Mode.OPTIMISTIC
+        self.stats.restarts += 1
+        self._pending = tokens
+        return list(tokens)
+
     def _check_step(
         self, spec: list[int], committed: list[int], chunk: list[int] | None, finished: bool
     ) -> None:
@@ -339,6 +364,7 @@ def simulate(
     max_tokens: int,
     eos: int | None = None,
     stop_after: StopFn | None = None,
+    restart: bool = False,
 ) -> tuple[list[int], RoundStats]:
     """Run VPSD step by step as the vLLM integration does, over greedy scripted models.
 
@@ -353,7 +379,10 @@ def simulate(
        ``max_tokens``, ``stop_after(generated)`` true), and the rest of the step
        is dropped, as vLLM's output processing does;
     4. :meth:`VpsdRequest.on_step` gets ``S``, the kept tokens, ``E`` and whether
-       the request finished, and returns the next ``S``.
+       the request finished, and returns the next ``S``;
+    5. with ``restart``, a step after which ``S`` is empty (a rejection, not the
+       prefill) gets ``S`` from :meth:`VpsdRequest.restart`: ``gamma``−1 tokens
+       drafted greedily from the committed tokens (fewer near ``max_tokens``).
 
     Returns the generated tokens (the prompt excluded) and the request's stats.
     """
@@ -392,3 +421,9 @@ def simulate(
         spec = request.on_step(spec, kept, chunk, finished=finished)
         if finished:
             return generated, request.stats
+        room = min(request.gamma - 1, limit - len(generated) - 1)
+        if restart and not spec and chunk is not None and room > 0:
+            drafted: list[int] = []
+            for _ in range(room):
+                drafted.append(int(draft_next(tuple(context + generated + drafted))))
+            spec = request.restart(drafted)

@@ -84,6 +84,10 @@ class StepWork:
     encodes: list[Encode] = dataclasses.field(default_factory=list)
     prefills: list[Prefill] = dataclasses.field(default_factory=list)
     chunks: list[ChunkOrder] = dataclasses.field(default_factory=list)
+    # PEARL's adaptive length (``"draft_length": "adaptive"``): the seconds the draft's
+    # side may take over this step, so that its chunks are as long as fit (each at most
+    # its order's budget). None: every chunk is its order's budget long.
+    time_budget_s: float | None = None
 
 
 @dataclasses.dataclass

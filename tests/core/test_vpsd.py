@@ -239,15 +239,16 @@ def random_models(seed, agreement):
     return target_next, draft_next
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["conservative", "restart"])
 @pytest.mark.parametrize("agreement", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("gamma", [1, 2, 3, 5, 7])
-def test_simulate_commits_exactly_the_autoregressive_output(agreement, gamma):
+def test_simulate_commits_exactly_the_autoregressive_output(agreement, gamma, restart):
     total = RoundStats()
     for seed in range(40):
         target_next, draft_next = random_models(seed, agreement)
         prompt = [seed % VOCAB, 3]
         for max_tokens, eos in [(1, None), (2, 0), (9, None), (80, 0)]:
-            tokens, stats = simulate(target_next, draft_next, prompt, gamma, max_tokens, eos=eos)
+            tokens, stats = simulate(target_next, draft_next, prompt, gamma, max_tokens, eos=eos, restart=restart)
             assert tokens == autoregressive(target_next, prompt, max_tokens, eos=eos), (seed, max_tokens, eos)
             assert stats.committed_tokens == len(tokens)
             assert stats.optimistic_rounds + stats.conservative_rounds == stats.target_forwards
@@ -258,8 +259,59 @@ def test_simulate_commits_exactly_the_autoregressive_output(agreement, gamma):
             assert stats.mat_sum - stats.accepted_tokens in (stats.mat_count - 1, stats.mat_count)
             total += stats
     # The streams really exercise both modes wherever the draft is neither useless nor perfect.
-    assert (total.optimistic_rounds > 0) == (agreement > 0)
+    assert (total.optimistic_rounds > 0) == (agreement > 0 or total.restarts > 0)
     assert (total.accepted_tokens < total.drafted_tokens) == (agreement < 1)
+    # Restarts follow rejections only, and need room for a spec token (gamma >= 2).
+    assert (total.restarts > 0) == (restart and gamma >= 2 and agreement < 1)
+
+
+@pytest.mark.parametrize("agreement", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("gamma", [2, 3, 5])
+def test_restarting_after_a_rejection_commits_at_least_as_much_per_target_forward(agreement, gamma):
+    runs = {False: [], True: []}
+    for seed in range(40):
+        target_next, draft_next = random_models(seed, agreement)
+        for restart, stats in runs.items():
+            stats.append(simulate(target_next, draft_next, [seed % VOCAB, 3], gamma, 60, restart=restart)[1])
+    plain, restarted = sum(runs[False]), sum(runs[True])
+    assert restarted.tokens_per_target_forward >= plain.tokens_per_target_forward
+    if agreement > 0:  # a rejected round no longer spends a step on one token
+        assert restarted.tokens_per_target_forward > plain.tokens_per_target_forward
+        assert restarted.conservative_rounds < plain.conservative_rounds
+
+
+def test_a_restart_is_verified_like_pending_spec_tokens():
+    request = VpsdRequest(4)
+    request.on_step([], [5], None)  # prefill
+    assert request.on_step([], [6], [9, 1, 2, 3]) == []  # the chunk's first token rejected
+    assert request.restart([7, 8, 9]) == [7, 8, 9] and request.mode is Mode.OPTIMISTIC
+    # Two accepted, the third corrected: a run of three.
+    assert request.on_step([7, 8, 9], [7, 8, 4], [1, 2, 3, 4]) == []
+    assert (request.stats.restarts, request.stats.accepted_tokens, request.stats.mat_sum) == (1, 2, 4)
+    # All accepted and the chunk's first token too: optimistic on with the chunk's rest.
+    request.restart([1, 2])
+    assert request.on_step([1, 2], [1, 2, 3], [3, 4, 5, 6]) == [4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "before, spec, match",
+    [([], [], "1 to gamma-1=2 tokens"), ([], [1, 2, 3], "1 to gamma-1=2 tokens"),
+     ([], [-1], "non-negative int token ids"), ([[1]], [1], "without pending spec tokens")],
+)
+def test_bad_restarts_raise_naming_what_is_allowed(before, spec, match):
+    request = VpsdRequest(3)
+    request.on_step([], [5], None)
+    if before:
+        request.on_step([], [1], [1, 1, 1])  # accepted: pending spec tokens
+    with pytest.raises(ValueError, match=match):
+        request.restart(spec)
+
+
+def test_restart_after_finish_raises():
+    request = VpsdRequest(3)
+    request.on_step([], [5], None, finished=True)
+    with pytest.raises(ValueError, match="after the request finished"):
+        request.restart([1])
 
 
 @pytest.mark.parametrize("gamma", [2, 3, 5, 7])

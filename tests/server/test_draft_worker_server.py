@@ -1,6 +1,7 @@
 """A draft worker killed under `vllm serve`, with vLLM's multiprocess engine, as users run it.
 
-The hippo server here runs the draft in a worker process of its own and the engine
+The hippo server here runs the draft in a worker process of its own (in the default
+draft-then-verify schedule, and in VPSD with the adaptive draft length) and the engine
 core in its own process (vLLM's default; the other server tests keep the worker in
 the engine-core process to start faster). The worker is killed with SIGKILL while
 requests come; every answer stays token-identical to the plain server's, the
@@ -67,13 +68,19 @@ def token_ids(answers) -> list:
     return [a.token_ids for a in answers]
 
 
-def test_a_killed_draft_worker_comes_back_and_no_answer_changes(plain_server, checkpoint_with_top_k, tiny,
-                                                                 tmp_path_factory):
+# The default schedule, and VPSD with PEARL's adaptive draft length (at most 6 tokens a round).
+SCHEDULES = {"draft-then-verify": {"num_speculative_tokens": K},
+             "vpsd-adaptive": {"num_speculative_tokens": 6, "parallel": True, "draft_length": "adaptive"}}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_a_killed_draft_worker_comes_back_and_no_answer_changes(schedule, plain_server, checkpoint_with_top_k,
+                                                                 tiny, tmp_path_factory):
     videos = tiny.synthetic_videos
     chats = [video_chat(videos[0].as_uri()), video_chat(videos[1].as_uri(), "What moves?"),
              [{"role": "user", "content": "Which colours appear?"}]]
     expected = token_ids(ask_concurrently(plain_server, chats))
-    speculative_config = {"method": "hippo", "model": str(tiny.draft), "num_speculative_tokens": K,
+    speculative_config = {"method": "hippo", "model": str(tiny.draft), **SCHEDULES[schedule],
                           "draft_worker": {"placement": "process", "cpu_cores": [1]}}
     args = serve_args(tiny.video_dir, served_model_name=SERVED_NAME, speculative_config=speculative_config)
     log = tmp_path_factory.mktemp("draft_worker_server") / "server.log"

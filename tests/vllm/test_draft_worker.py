@@ -15,6 +15,7 @@ import torch
 from engine_utils import engine, greedy, text_request, video_request
 
 from hippo_vllm.config import HippoConfig
+from hippo_vllm.core.adaptive_length import MIN_TOKENS, ChunkLength
 from hippo_vllm.vllm.placements.in_process import InProcessDraft
 from hippo_vllm.vllm.draft.engine import DraftCapacityError
 from hippo_vllm.vllm.protocol import ChunkOrder, Encode, Prefill, Release, StepWork
@@ -107,6 +108,25 @@ def test_prefill_and_chunks_with_deltas_draft_greedily(draft, target):
     assert second.chunks == {"v": chunk[2:3]}
     assert pickle.loads(pickle.dumps(work)).prefills[0].prompt.prompt_token_ids == prompts["video"].prompt_token_ids
     assert pickle.loads(pickle.dumps(first)).chunks == first.chunks
+
+
+def test_a_time_budget_sets_how_many_tokens_the_chunks_hold(draft, target):
+    """PEARL's adaptive length: as many tokens as fit in the step's time, 2 to the order's budget."""
+    prompts = target[1]
+    draft.chunk_length = ChunkLength()  # nothing measured yet
+
+    def step(seq, budgets, time_budget_s, prefills=()):
+        orders = [ChunkOrder(req_id, 0 if prefills else 1, [11] if prefills else [], budget)
+                  for req_id, budget in budgets.items()]
+        return draft.handle(StepWork(seq, prefills=list(prefills), chunks=orders, time_budget_s=time_budget_s))
+
+    first = step(0, {"v": 6, "t": 6}, 0.0, [prefill("v", prompts["video"]), prefill("t", prompts["text"])])
+    assert {r: len(c) for r, c in first.chunks.items()} == {"v": 6, "t": 6}  # no time per token known yet
+    # No time left: the shortest chunk, the same greedy tokens.
+    assert step(1, {"v": 6, "t": 6}, 0.0).chunks == {r: c[:MIN_TOKENS] for r, c in first.chunks.items()}
+    # An hour: each order's budget.
+    assert step(2, {"v": 6, "t": 3}, 3600.0).chunks == {"v": first.chunks["v"], "t": first.chunks["t"][:3]}
+    assert step(3, {"v": 6, "t": 6}, None).chunks == first.chunks  # no deadline: the budgets
 
 
 def test_a_released_request_is_prefilled_again_from_its_kept_view_and_prompt(draft, target):

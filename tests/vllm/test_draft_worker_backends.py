@@ -118,6 +118,7 @@ def test_a_worker_process_drafts_like_a_plain_worker_and_survives_its_faults(tar
         # answer, matched by seq, can still be read later for its other news.
         draft.stall(0.3)
         late = draft.submit(next_step(3, 2, 7))
+        assert late.result(0) is None and stats.draft_dropped_steps == 0  # a look, not a deadline
         assert late.result(0.05) is None
         later = draft.submit(next_step(4, 3, 8)).result(30)
         assert later.seq == 4 and len(later.chunks["a"]) == K

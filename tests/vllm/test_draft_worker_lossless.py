@@ -3,9 +3,10 @@
 Real engines on CPU with the tiny checkpoints, compared with the target alone
 (the baselines of test_hippo_lossless). One engine per placement and schedule
 serves every case at once: chunked prefill (64-token batches), text, video and
-a mixed batch with per-request max_tokens, random aborts, and in VPSD random
-sampling (top_k 1, so its output is the greedy one); with the process placement
-also preemption under a small target KV cache, and the target as its own draft
+a mixed batch with per-request max_tokens, random aborts, and in VPSD (whose rejected
+rounds restart with a chunk the target waits for) random sampling (top_k 1, so its output is the greedy one); with the process placement
+also preemption under a small target KV cache (VPSD there with PEARL's adaptive
+draft length), and the target as its own draft
 accepting every token in both schedules. Faults: the worker is killed and stalled in the
 middle of generation; every request still ends with the target's output, the
 worker comes back with a new epoch and drafts again, and no worker process
@@ -28,6 +29,7 @@ from test_hippo_lossless import baseline, baselines, requests, tokenizer  # noqa
 pytestmark = pytest.mark.engine
 
 K = 3
+ADAPTIVE_CAP = 6
 # The draft's KV cache is in the worker's memory, so the target's budget is all its
 # own: three 128-token blocks for up to four requests of ~200 tokens preempt.
 SMALL_TARGET = {
@@ -74,17 +76,19 @@ def recording_work(backend) -> list:
 
 
 @pytest.mark.parametrize(
-    "placement, parallel",
-    [("process", False), ("process", True), ("ray", True)],
-    ids=["process-serial", "process-vpsd", "ray-vpsd"],
+    "placement, parallel, length",
+    [("process", False, "fixed"), ("process", True, "adaptive"), ("ray", True, "fixed")],
+    ids=["process-serial", "process-vpsd-adaptive", "ray-vpsd"],
 )
-def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, requests, baseline, request):
+def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, length, tiny, requests, baseline, request):
     from vllm import SamplingParams
 
     if placement == "ray":
         request.getfixturevalue("ray_instance")
     before = child_pids()
     config = worker_config(tiny.draft, parallel, placement)
+    if length == "adaptive":  # PEARL's adaptive length, at most ADAPTIVE_CAP tokens a round
+        config.update(draft_length="adaptive", num_speculative_tokens=ADAPTIVE_CAP)
     with engine(tiny.target, speculative_config=config, **SMALL_TARGET) as llm:
         sent = recording_work(proposer_of(llm).draft)
         assert generate_ids(llm, requests, max_tokens=24) == baseline["single"]
@@ -107,11 +111,18 @@ def test_a_draft_worker_of_its_own_is_lossless(placement, parallel, tiny, reques
             assert generate_ids(llm, requests[:PREEMPTED], max_tokens=LONG) == baseline["long"][:PREEMPTED]
             assert counter(llm, "vllm:num_preemptions") > 0
         assert counter(llm, "vllm:spec_decode_num_draft_tokens") > 0
+        # With the adaptive length the chunks drafted beside the target's forward come with the
+        # time the worker has (restarts, which the target waits for, have a length of their own).
+        budgets = [w.time_budget_s for w in sent if w.chunks]
+        timed = [b for b in budgets if b is not None]
+        assert budgets and bool(timed) == (length == "adaptive") and all(b >= 0 for b in timed)
         random_aborts(llm, requests, 40)
         proposer = proposer_of(llm)
         assert proposer.messages.held_requests() == []
         stats = proposer.stats
         assert stats.draft_round_trips > 0 and stats.draft_views > 0
+        # VPSD with a draft of its own restarts a rejected round with a chunk the target waits for.
+        assert (stats.round_restarts > 0) == parallel
         assert stats.video_tokens_seen == 7 * (stats.video_tokens_total // 64)
         assert stats.draft_worker_restarts == 0
         if placement == "process":

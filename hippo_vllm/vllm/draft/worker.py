@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from hippo_vllm.config import HippoConfig
+from hippo_vllm.core.adaptive_length import ChunkLength
 from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.draft.batching import consecutive_groups
 from hippo_vllm.vllm.draft.chunk_drafting import ChunkDrafter, ChunkRequest, DraftState
@@ -88,6 +89,7 @@ class DraftWorker:
         self._orders: dict[str, list[int]] = {}  # each request's last chunk order's outputs
         self._encoded: dict[str, list[torch.Tensor]] = {}  # items encoded on arrival, until the prefill
         self.recent_encodes = RecentEncodes()
+        self.chunk_length = ChunkLength()  # PEARL's adaptive length: tokens that fit in the step's time
         logger.info(
             "hippo: draft %s loaded (keep_ratio=%s, pruning=%s, k=%d)",
             hippo.model, hippo.keep_ratio, hippo.pruning, hippo.num_speculative_tokens,
@@ -154,6 +156,7 @@ class DraftWorker:
     def handle(self, work: StepWork) -> StepResult:
         """Releases, then early encodes, prefills and chunks; never raises (see the module docstring)."""
         result = StepResult(work.seq)
+        received = time.perf_counter()
         try:
             for release in work.releases:
                 self._release(release)
@@ -162,8 +165,9 @@ class DraftWorker:
             self._prefill_all(work.prefills, result)
             result.prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            self._draft(work.chunks, result)
+            length = self._draft(work.chunks, result, work.time_budget_s, elapsed_s=start - received)
             result.draft_seconds = time.perf_counter() - start
+            self.chunk_length.observe(result.draft_seconds, length)
         except Exception as exc:  # noqa: BLE001 - no request to blame; the target's side decides
             result.step_failure = DraftFailure.from_exception("", "draft step", exc)
         return result
@@ -323,7 +327,10 @@ class DraftWorker:
                 f"in the draft KV cache ({self.engine.num_free_blocks} blocks free)"
             )
 
-    def _draft(self, orders: list[ChunkOrder], result: StepResult) -> None:
+    def _draft(self, orders: list[ChunkOrder], result: StepResult, time_budget_s: float | None,
+               elapsed_s: float) -> int:
+        """Draft the orders' chunks (at most as many tokens as fit in ``time_budget_s``,
+        ``elapsed_s`` into the step); the longest chunk's length (0: none drafted)."""
         paused = set(result.no_room) | {f.req_id for f in result.failures}
         requests = []
         for order in orders:
@@ -343,12 +350,15 @@ class DraftWorker:
             if state is not None:  # else its prefill found no room or failed this step
                 requests.append(ChunkRequest(order.req_id, state, outputs, order.budget))
         if not requests:
-            return
+            return 0
+        length = self.chunk_length.tokens(max(r.budget for r in requests), time_budget_s, elapsed_s)
+        for r in requests:
+            r.budget = min(r.budget, length)
         try:
             found, failures = self.chunks.launch_each(requests)
         except DraftCapacityError:
             result.no_room.extend(r.req_id for r in requests)  # drafting pauses this step
-            return
+            return 0
         for request, chunk in zip(requests, found):
             if chunk is not None:
                 pending, row = chunk
@@ -361,6 +371,7 @@ class DraftWorker:
         result.no_room.extend(
             r.req_id for r, chunk in zip(requests, found) if chunk is None and r.req_id not in failed
         )
+        return max((len(tokens) for tokens in result.chunks.values()), default=0)
 
     def _apply_order(self, order: ChunkOrder) -> list[int]:
         """The order's outputs: ``kept`` tokens of the last order's, then its new ones."""

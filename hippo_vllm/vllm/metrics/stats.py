@@ -54,6 +54,10 @@ EXPORTED_STATS: dict[str, str] = {
     "round_accepted_tokens": "Of those, the accepted ones.",
     "optimistic_rounds": "Steps a request spent in optimistic mode (verifying γ−1 spec tokens).",
     "conservative_rounds": "Steps a request spent in conservative mode (no spec tokens).",
+    "round_restarts": (
+        "Rounds restarted with drafts after a rejection (a draft of its own: the target waited for a short "
+        "chunk drafted from the corrected token instead of running a step without spec tokens)."
+    ),
     "mat_sum": "Sum of PEARL accepted-run lengths (+1 for the correction): MAT = mat_sum / mat_runs.",
     "mat_runs": "Number of PEARL accepted runs recorded.",
     # Where the time goes (wall clock in the worker; drafting runs in sequence with the target).
@@ -111,6 +115,7 @@ class HippoStats:
     round_accepted_tokens: int = 0
     optimistic_rounds: int = 0
     conservative_rounds: int = 0
+    round_restarts: int = 0
     mat_sum: int = 0
     mat_runs: int = 0
     target_step_seconds: float = 0.0
@@ -143,6 +148,7 @@ class HippoStats:
         self.round_accepted_tokens += rounds.accepted_tokens
         self.optimistic_rounds += rounds.optimistic_rounds
         self.conservative_rounds += rounds.conservative_rounds
+        self.round_restarts += rounds.restarts
         self.mat_sum += rounds.mat_sum
         self.mat_runs += rounds.mat_count
 

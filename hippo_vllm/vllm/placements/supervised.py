@@ -161,13 +161,24 @@ class SupervisedDraft(abc.ABC):
             self.stats.draft_dropped_steps += 1
 
     def _late(self, pending: SupervisedPending, timeout: float) -> None:
-        """The step missed its deadline; a side that has not answered for long is stalled."""
+        """The step missed its deadline; a side that has not answered for long is stalled.
+
+        A read with no time to wait (``timeout`` 0: the target's side looking for
+        answers that are back, such as those of early encodes) sets no deadline, so
+        the step is not counted as dropped; only the stall is checked.
+        """
+        if timeout <= 0:
+            self._check_stall()
+            return
         self._dropped(pending)
         self._log_once(
             "late", "hippo: the %s's answer for a step came after the %.0f ms deadline; "
             "that step goes on without drafts (counted in vllm:hippo_draft_dropped_steps_total)",
             self.noun, 1000 * timeout,
         )
+        self._check_stall()
+
+    def _check_stall(self) -> None:
         oldest = self._oldest_unanswered()
         if oldest is not None and time.perf_counter() - oldest > self.stall_after_s:
             self._lost("stalled", f"no answer for {self.stall_after_s:.1f} s")

@@ -21,6 +21,11 @@ measures them once with a dummy encode and prefill and sets them aside too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from hippo_vllm.logs import get_logger
+
+logger = get_logger(__name__)
 
 AUTO_MIN_SHARE = 0.25  # text-heavy prompts keep far more than keep_ratio of their tokens
 
@@ -82,3 +87,30 @@ class DraftKVBudget:
         Never more than ``reserve_bytes`` set aside: the target got at most T tokens.
         """
         return self._blocks(self._tokens(target_tokens))
+
+    def reserve_for(self, draft: Any, available_bytes: int, target_bytes_per_token: float,
+                    mm_batch: dict[str, Any] | None = None) -> int:
+        """What ``draft`` (a ``DraftBackend``) takes of vLLM's KV memory: its KV cache and
+        its measured working memory (``mm_batch``: one dummy item to encode, see
+        ``DraftEngine.measure_headroom``). 0 for a draft in a worker of its own: its
+        cache is in that worker's memory, on its device."""
+        if not draft.shares_target_memory:
+            return 0
+        headroom = draft.measure_headroom(mm_batch)
+        reserved = self.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
+        logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
+                    "memory: one item's encode and one prefill piece)", reserved / 2**30, headroom / 2**30)
+        return reserved
+
+    def allocate_for(self, draft: Any, target_tokens: int) -> None:
+        """Allocate ``draft``'s KV cache once the target's holds ``target_tokens`` tokens."""
+        wanted = self.num_blocks(target_tokens)
+        num_blocks = draft.allocate_kv_cache(wanted)
+        tokens = num_blocks * draft.block_size
+        logger.info(
+            "hippo: draft KV cache of %d tokens (%.3f GiB, draft_kv_tokens=%s) next to the "
+            "target's %d tokens%s",
+            tokens, tokens * draft.kv_bytes_per_token / 2**30, self.setting, target_tokens,
+            "" if num_blocks == wanted else
+            f"; capped from {wanted * draft.block_size} by the memory free on the draft's device",
+        )

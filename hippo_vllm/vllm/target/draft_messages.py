@@ -46,12 +46,13 @@ class SentStep:
     seq: int
     prefilled: frozenset[str]  # requests whose prefill the work carried
     req_ids: tuple[str, ...]  # every request the work touched (a step-wide failure costs them)
+    chunks: bool = False  # the work ordered chunks
 
     @classmethod
     def of(cls, work: StepWork) -> SentStep:
         prefilled = [p.req_id for p in work.prefills]
         return cls(work.seq, frozenset(prefilled),
-                   tuple(dict.fromkeys(prefilled + [c.req_id for c in work.chunks])))
+                   tuple(dict.fromkeys(prefilled + [c.req_id for c in work.chunks])), bool(work.chunks))
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -119,9 +120,11 @@ class DraftMessages:
         prompt_of: Callable[[str], DraftPrompt],
         attention_of: Callable[[str], list[torch.Tensor | None] | None],
         arriving: Iterable[tuple[str, list]] = (),
+        time_budget_s: float | None = None,
     ) -> StepWork:
         """This step's work: queued releases, the arriving requests' items to encode (req_id,
-        mm_features), the prefills the chunks need, the chunk orders."""
+        mm_features), the prefills the chunks need, the chunk orders (as long as fit in
+        ``time_budget_s`` on the draft's side, if given)."""
         encodes = []
         for req_id, mm_features in arriving:
             if req_id not in self._prompts and req_id not in self._encoded:
@@ -140,7 +143,8 @@ class DraftMessages:
             kept = common_prefix(previous, plan.outputs)
             self._orders[req_id] = list(plan.outputs)
             orders.append(ChunkOrder(req_id, kept, plan.outputs[kept:], plan.budget))
-        work = StepWork(self._seq, releases=self._releases, encodes=encodes, prefills=prefills, chunks=orders)
+        work = StepWork(self._seq, releases=self._releases, encodes=encodes, prefills=prefills, chunks=orders,
+                        time_budget_s=time_budget_s if orders else None)
         self._seq += 1
         self._releases = []
         return work

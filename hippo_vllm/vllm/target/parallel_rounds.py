@@ -10,7 +10,8 @@ draft on a device of its own. After sampling, with the chunks as token lists, th
 if S was accepted and the target's own token equals the chunk's first token, the
 rest of the chunk is the next step's spec tokens (optimistic, γ−1 of them);
 otherwise the next step carries none while the draft restarts from the corrected
-token (conservative). Requests in both modes share one batched step; vLLM's
+token (conservative), or, with a draft of its own, the target waits for a short chunk
+drafted from the corrected token and verifies it next step (:meth:`ParallelRounds.restart`). Requests in both modes share one batched step; vLLM's
 scheduler takes per-request spec lengths as they come.
 
 vLLM may run a step without calling the drafter (when some request of the batch
@@ -126,6 +127,15 @@ class ParallelRounds:
         self.stats.record_rounds(_difference(request.stats, before))
         self._proposed[req_id] = next_spec
         return next_spec
+
+    def restart(self, req_id: str, spec: list[int]) -> list[int]:
+        """A request left without spec tokens verifies ``spec`` next step (drafted after
+        sampling while the target waited; ``VpsdRequest.restart``)."""
+        request = self._rounds[req_id]
+        before = dataclasses.replace(request.stats)
+        self._proposed[req_id] = request.restart(spec)
+        self.stats.record_rounds(_difference(request.stats, before))
+        return list(self._proposed[req_id])
 
     def has(self, req_id: str) -> bool:
         return req_id in self._rounds

@@ -8,16 +8,18 @@ after the target's forward, and ``propose_batch`` after sampling, with the token
 each request committed. Under tensor parallelism every rank captures s_attn, but
 only the output rank has a draft (see tensor_parallel).
 
-The draft itself lives on the draft's side (``draft_worker``) behind a
-``draft_backend``; this side reads vLLM's step state only through
-``step_records`` and talks to the draft only through ``draft_protocol``: one
+The draft itself lives on the draft's side (``draft/worker.py``) behind a
+``placements/backend.py`` backend; this side reads vLLM's step state only through
+``step_records`` and talks to the draft only through ``protocol.py``: one
 ``StepWork`` per target step (queued releases, the prefills the step's chunks
 need, the chunk orders; built by ``draft_messages``) and one ``StepResult``
 back. Draft-then-verify sends and reads it in ``propose_batch``; VPSD sends it
-before the target's forward and reads it after sampling (``draft_schedules``,
-``parallel_rounds``). Either way the draft proposes greedily: a one-hot
+before the target's forward and reads it after sampling (``schedules``,
+``parallel_rounds``; with a draft of its own a rejected round restarts with a chunk
+the target waits for, and ``"draft_length": "adaptive"`` sizes the chunks to the
+target's measured step, ``core/adaptive_length.py``). Either way the draft proposes greedily: a one-hot
 proposal, which vLLM's rejection sampler verifies exactly for greedy and random
-sampling alike. Where the draft runs is ``draft_placement``'s choice: in the
+sampling alike. Where the draft runs is ``placements/factory.py``'s choice: in the
 target's process (``InProcessDraft``, the default) drafting runs in sequence with
 the target's forward; in a worker of its own VPSD drafts while the target
 verifies, and a step whose answer is not back ``timeout_ms`` after sampling goes
@@ -38,9 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Iterable
 from typing import Any
 
+from hippo_vllm.core.adaptive_length import VerdictDeadline
 from hippo_vllm.logs import get_logger
 from hippo_vllm.vllm.target.attention_capture import TargetAttentionCapture
 from hippo_vllm.config import hippo_settings
@@ -95,9 +99,10 @@ class HippoProposer:
         self.capture: TargetAttentionCapture | None = None
         self.stats = HippoStats()
         self.failures = DraftingFailures(self.stats)
-        self.schedule = (
-            ParallelSchedule(self.num_speculative_tokens, self.stats) if hippo.parallel else SerialSchedule()
-        )
+        # PEARL's adaptive length: the draft's side gets the time until the verdict is due.
+        self.deadline = VerdictDeadline() if hippo.draft_length == "adaptive" else None
+        self.schedule = (ParallelSchedule(self.num_speculative_tokens, self.stats, self.deadline)
+                         if hippo.parallel else SerialSchedule())
         self.messages = DraftMessages()
         # Draft-then-verify drafts k tokens near max_tokens too when the target replays FULL
         # CUDA graphs, which serve only steps whose every request verifies 1+k tokens; the
@@ -111,6 +116,7 @@ class HippoProposer:
         self.result_timeout: float | None = None
         self.encodes_on_arrival = False  # set by attach_draft
         self._pending: tuple[SentStep, PendingStep] | None = None  # sent before the forward, unread
+        self._pending_sent_at = 0.0
         self.late = LateAnswers(self._take_in, self._forget_unanswered)  # not back in their step
         self._failed: set[str] = set()  # requests that lost drafting for good
         self._failed_this_step: set[str] = set()  # lost it for this step (a step-wide failure)
@@ -150,6 +156,9 @@ class HippoProposer:
         # ... and encodes a request's videos as it arrives, beside the target's prefill
         # (in the target's process that would only move the encode earlier in sequence).
         self.encodes_on_arrival = draft.result_timeout is not None
+        if isinstance(self.schedule, ParallelSchedule):
+            # ... and VPSD waits for a short chunk after a rejection rather than a step without drafts.
+            self.schedule.restarts = draft.result_timeout is not None
         sched = self.vllm_config.scheduler_config
         self.kv_budget = DraftKVBudget(
             setting=self.hippo.draft_kv_tokens,
@@ -171,36 +180,17 @@ class HippoProposer:
 
     def reserve_draft_kv_cache(self, available_bytes: int, target_bytes_per_token: float,
                                mm_batch: dict[str, Any] | None = None) -> int:
-        """Bytes of vLLM's KV memory the draft needs (the target's cache gets the rest):
-        its KV cache and its measured working memory (``mm_batch``: one dummy item to
-        encode, see ``DraftEngine.measure_headroom``).
-
-        0 on a tensor-parallel rank without the draft; vLLM sizes every rank's
-        cache by the smallest figure, the output rank's. 0 too for a draft in a
-        worker of its own: its cache is in that worker's memory, on its device.
-        """
-        if self.draft is None or not self.draft.shares_target_memory:
+        """Bytes of vLLM's KV memory the draft needs (``DraftKVBudget.reserve_for``); 0 on a
+        tensor-parallel rank without the draft (vLLM sizes every rank's cache by the
+        smallest figure, the output rank's)."""
+        if self.draft is None:
             return 0
-        headroom = self.draft.measure_headroom(mm_batch)
-        reserved = self.kv_budget.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
-        logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
-                    "memory: one item's encode and one prefill piece)", reserved / 2**30, headroom / 2**30)
-        return reserved
+        return self.kv_budget.reserve_for(self.draft, available_bytes, target_bytes_per_token, mm_batch)
 
     def allocate_draft_kv_cache(self, target_tokens: int) -> None:
         """Allocate the draft's KV cache once the target's holds ``target_tokens`` tokens."""
-        if self.draft is None:
-            return
-        wanted = self.kv_budget.num_blocks(target_tokens)
-        num_blocks = self.draft.allocate_kv_cache(wanted)
-        tokens = num_blocks * self.draft.block_size
-        logger.info(
-            "hippo: draft KV cache of %d tokens (%.3f GiB, draft_kv_tokens=%s) next to the "
-            "target's %d tokens%s",
-            tokens, tokens * self.draft.kv_bytes_per_token / 2**30, self.hippo.draft_kv_tokens, target_tokens,
-            "" if num_blocks == wanted else
-            f"; capped from {wanted * self.draft.block_size} by the memory free on the draft's device",
-        )
+        if self.draft is not None:
+            self.kv_budget.allocate_for(self.draft, target_tokens)
 
     def propose(self, *args: Any, **kwargs: Any) -> list[list[int]]:
         raise RuntimeError(
@@ -276,7 +266,9 @@ class HippoProposer:
         self.late.collect()
         records = before_forward(runner, scheduler_output, self.num_speculative_tokens, self.max_model_len)
         plans = self.schedule.plan_before_forward(records)
-        self._pending = self._send(runner, plans)
+        budget = self.deadline.time_budget_s() if self.deadline is not None else None
+        self._pending = self._send(runner, plans, time_budget_s=budget)
+        self._pending_sent_at = time.perf_counter()
 
     def propose_batch(
         self, runner: Any, scheduler_output: Any, sampled_token_ids: list[list[int]]
@@ -306,6 +298,9 @@ class HippoProposer:
                 # At 0 the next step commits one token without spec tokens; the
                 # request stays so that step is accounted too.
                 drafts[record.index] = next_spec[: record.budget]
+                restart = self.schedule.restart_plan(record, next_spec, chunks.get(req_id))
+                if restart is not None:
+                    planned.append((record.index, restart))
                 continue
             if record.budget <= 0:
                 # The request ends within one more token: nothing to draft, and its
@@ -319,11 +314,15 @@ class HippoProposer:
                 continue
             if plan is not None:
                 planned.append((record.index, plan))
-        if not self.schedule.drafts_before_forward:
+        if planned or not self.schedule.drafts_before_forward:
+            # Drafted now and waited for: draft-then-verify's chunks, VPSD's restarts.
             sent = self._send(runner, [plan for _, plan in planned])
             chunks = self._read(*sent, timeout=None) if sent is not None else {}
             for index, plan in planned:
-                drafts[index] = chunks.get(plan.req_id, [])
+                try:
+                    drafts[index] = self.schedule.drafted(plan.req_id, chunks.get(plan.req_id, []))
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    self._request_failed(DraftFailure.from_exception(plan.req_id, "parallel round", exc))
         self.schedule.finish_step()
         self.stats.record_drafts(sum(len(d) for d in drafts))
         self.first_drafts.note(records, drafts)
@@ -331,12 +330,12 @@ class HippoProposer:
 
     # -- the draft's side ----------------------------------------------------------------
 
-    def _send(self, runner: Any, plans: list[ChunkPlan],
-              arriving: list[tuple[str, list]] = ()) -> tuple[SentStep, PendingStep] | None:
+    def _send(self, runner: Any, plans: list[ChunkPlan], arriving: list[tuple[str, list]] = (),
+              time_budget_s: float | None = None) -> tuple[SentStep, PendingStep] | None:
         """This step's work to the draft's side (None when there is nothing to send)."""
         self.messages.sync_epoch(self.draft.epoch)
         prompt_of = functools.partial(draft_prompt, runner, family=self.family)
-        work = self.messages.work(plans, prompt_of, self._attention, arriving)
+        work = self.messages.work(plans, prompt_of, self._attention, arriving, time_budget_s)
         if not (work.releases or work.encodes or work.prefills or work.chunks):
             return None
         try:
@@ -354,11 +353,20 @@ class HippoProposer:
         pending, self._pending = self._pending, None
         if pending is None:
             return {}
-        return self._read(*pending, timeout=self.result_timeout)
+        return self._read(*pending, timeout=self.result_timeout, sent_at=self._pending_sent_at)
 
-    def _read(self, sent: SentStep, pending: PendingStep, timeout: float | None) -> dict[str, list[int]]:
-        """The step's chunks; its other news is taken in. A late result's chunks are dropped."""
+    def _read(self, sent: SentStep, pending: PendingStep, timeout: float | None,
+              sent_at: float | None = None) -> dict[str, list[int]]:
+        """The step's chunks; its other news is taken in. A late result's chunks are dropped.
+        ``sent_at``: when the work went, timing the step for the adaptive length."""
+        read_at = time.perf_counter()
         result = pending.result(timeout)
+        if self.deadline is not None and sent_at is not None and sent.chunks:
+            worker_seconds = None if result is None else result.prefill_seconds + result.draft_seconds
+            self.deadline.observe(sent_at, read_at, time.perf_counter(), worker_seconds)
+            if result is not None:
+                longest = max((len(c) for c in result.chunks.values()), default=0)
+                self.deadline.observe_drafting(result.draft_seconds, longest)
         if result is None:
             self.late.wait(sent, pending)
             return {}
