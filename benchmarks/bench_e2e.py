@@ -23,7 +23,8 @@ vLLM's draft_model cannot serve a Qwen2-VL target, so that family has no row 2.
 With two or more cores (unless ``--no-worker``) it also measures the draft in a
 worker process of its own (``"draft_worker": {"placement": "process"}``): the
 target alone with its threads bound to core 0,
-then VPSD for each pair with the target on core 0 and the draft worker on core 1,
+draft-then-verify with target and draft on core 0 (what the target's device does without a
+second one), then VPSD for each pair with the target on core 0 and the draft worker on core 1,
 drafting the next chunk while the target verifies, with chunks of γ and with PEARL's
 adaptive length (``"draft_length": "adaptive"``, at most ``--adaptive-cap`` tokens). (vLLM applies
 ``VLLM_CPU_OMP_THREADS_BIND`` only to the worker processes of its multiprocess
@@ -81,7 +82,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -95,6 +95,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the scripts 
 import host_profile  # noqa: E402
 from e2e_report import by_workload, print_note, print_table, summarize, times_faster  # noqa: E402
 from e2e_step_tracker import StepTracker  # noqa: E402
+from e2e_rows import DRAFT_CORE, PAIRS, TARGET_CORE, Config, build_configs  # noqa: E402
 from e2e_workloads import (  # noqa: E402
     DESCRIBE_MAX_TOKENS,
     Workload,
@@ -104,64 +105,11 @@ from e2e_workloads import (  # noqa: E402
 )
 
 MAX_FRAMES = 16  # hippo_testbed.processor.MAX_FRAMES; engine_settings sizes prompts for it
-KEEP_RATIO = 0.1
-# name -> (the draft: the family's "target" or its "draft", keep_ratio)
-PAIRS = {"self": ("target", KEEP_RATIO), "self-keep-all": ("target", 1.0), "tiny": ("draft", KEEP_RATIO)}
 DEFAULT_FAMILY = "Qwen2.5-VL"
 # Families whose targets vLLM's draft_model cannot serve: for a multimodal target it
 # copies the image token id from the config of the architectures it lists and reads
 # ``image_token_index`` otherwise, which Qwen2-VL's config lacks (its load fails).
 NO_DRAFT_MODEL_ROW = frozenset({"Qwen2-VL"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    name: str
-    method: str  # "target", "draft_model" or "hippo"
-    speculative_config: dict | None = None
-    pair: str | None = None
-    cores: frozenset[int] | None = None  # the CPU cores the target's threads are bound to (None: all)
-
-    @property
-    def worker(self) -> bool:
-        """The draft runs in a worker process of its own."""
-        return bool(self.speculative_config and "draft_worker" in self.speculative_config)
-
-    @property
-    def parallel(self) -> bool:
-        return bool(self.speculative_config and self.speculative_config.get("parallel"))
-
-
-TARGET_CORE, DRAFT_CORE = 0, 1  # the worker rows: the target's threads on core 0, the draft's on core 1
-
-
-def build_configs(models: dict[str, pathlib.Path], pairs: list[str], k: int, worker: bool,
-                  draft_model: bool = True, adaptive_cap: int = 8) -> list[Config]:
-    """``models``: the "target", "draft" and "text_draft" checkpoints the rows run."""
-    configs = [Config("target", "target")]
-    if draft_model:
-        spec = {"method": "draft_model", "model": str(models["text_draft"]), "num_speculative_tokens": k}
-        configs.append(Config("draft_model text", "draft_model", spec))
-    for pair in pairs:
-        role, keep_ratio = PAIRS[pair]
-        for parallel in (False, True):
-            spec = {"method": "hippo", "model": str(models[role]), "num_speculative_tokens": k,
-                    "keep_ratio": keep_ratio, "parallel": parallel}
-            schedule = "parallel" if parallel else "serial"
-            configs.append(Config(f"hippo {schedule} {pair}", "hippo", spec, pair))
-    if worker:
-        configs.append(Config("target core0", "target", cores=frozenset({TARGET_CORE})))
-        for pair in pairs:
-            role, keep_ratio = PAIRS[pair]
-            spec = {"method": "hippo", "model": str(models[role]), "num_speculative_tokens": k,
-                    "keep_ratio": keep_ratio, "parallel": True,
-                    "draft_worker": {"placement": "process", "cpu_cores": [DRAFT_CORE]}}
-            configs.append(Config(f"hippo parallel {pair} worker", "hippo", spec, pair,
-                                  cores=frozenset({TARGET_CORE})))
-            adaptive = {**spec, "draft_length": "adaptive", "num_speculative_tokens": adaptive_cap}
-            configs.append(Config(f"hippo parallel {pair} worker adaptive", "hippo", adaptive, pair,
-                                  cores=frozenset({TARGET_CORE})))
-    return configs
 
 
 def engine_settings(args) -> dict:
@@ -442,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "hippo_vllm end-to-end generation",
         "settings": {"max_tokens": args.max_tokens, "num_prompts": args.num_prompts, "num_frames": args.num_frames,
-                     "k": args.k, "adaptive_cap": args.adaptive_cap, "repeats": args.repeats, "pairs": args.pairs, "quick": args.quick,
+                     "k": args.k, "adaptive_cap": args.adaptive_cap, "repeats": args.repeats, "pairs": args.pairs,
+                     "quick": args.quick,
                      "fresh_videos": args.fresh_videos,
                      "workloads": [{"name": w.name, "prompts": len(w.requests), "max_tokens": w.max_tokens,
                                     "ignore_eos": w.ignore_eos} for w in workloads],

@@ -16,8 +16,10 @@ from hippo_testbed.families import FAMILY_FIXTURES
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_e2e.py"
 REPORT = BENCH.with_name("e2e_report.py")
 ROWS = ["target", "draft_model text", "hippo serial tiny", "hippo parallel tiny"]
-# With two cores: the target bound to core 0, alone and with the draft in a worker on core 1.
-WORKER_ROWS = ["target core0", "hippo parallel tiny worker"]
+# With two cores: the target bound to core 0, alone, with the draft beside it (draft-then-verify)
+# and with the draft in a worker on core 1 (chunks of γ, and of PEARL's adaptive length).
+WORKER_ROWS = ["target core0", "hippo serial tiny core0", "hippo parallel tiny worker",
+               "hippo parallel tiny worker adaptive"]
 COLUMNS = ("configuration", "wall s", "tok/s", "fwd", "tok/fwd", "MAT", "video seen", "target s", "draft s",
            "host/step")
 ROW_KEYS = {"name", "workload", "wall_seconds", "tokens_per_second", "generated_tokens", "target_forwards",
@@ -159,9 +161,11 @@ def test_quick_run_compares_every_batch_with_the_target_and_drafts(bench, tiny, 
     assert rows["target"]["tracker"]["spec_drafted"] == 0
     assert rows["hippo parallel tiny"]["mat"] is not None
     if result["settings"]["worker_rows"]:
-        worker = rows["hippo parallel tiny worker"]
-        assert worker["tracker"]["spec_drafted"] > 0 and worker["worker"]["round_trips"] > 0
-        assert worker["worker"]["overlap_efficiency"] > 0 and worker["worker"]["restarts"] == 0
+        for name in WORKER_ROWS[2:]:
+            worker = rows[name]
+            assert worker["tracker"]["spec_drafted"] > 0 and worker["worker"]["round_trips"] > 0, name
+            assert worker["worker"]["overlap_efficiency"] > 0 and worker["worker"]["restarts"] == 0, name
+        assert rows["hippo parallel tiny worker adaptive"]["speculative_config"]["draft_length"] == "adaptive"
         assert "overlap efficiency" in printed
 
     # The printed table has every column and one line per row.
