@@ -119,7 +119,35 @@ def make_llm(model: str | Path, **overrides):
     """An in-process `vllm.LLM` on `model` with the fast test settings (overridable)."""
     from vllm import LLM
 
-    return LLM(model=str(model), **{**ENGINE_DEFAULTS, **overrides})
+    settings = {**ENGINE_DEFAULTS, **overrides}
+    with query_length_invariant_attention(settings.get("dtype")):
+        return LLM(model=str(model), **settings)
+
+
+@contextlib.contextmanager
+def query_length_invariant_attention(dtype: str | None):
+    """Build a bfloat16 engine on vLLM's "vec" CPU attention kernel where the CPU has AMX tiles.
+
+    With AMX, vLLM's CPU attention picks its "amx" kernel for bfloat16
+    (``vllm/v1/attention/backends/cpu_attn.py``, ``_get_attn_isa``), whose results depend
+    on how many query rows a step holds: a step verifying k+1 tokens can then pick
+    another greedy token than the target alone decoding one row at a time, with no
+    speculation at fault (the lossless bf16 tests fail there on any commit, and pass
+    with the "vec" kernel). The lossless tests compare token for token, so their
+    bfloat16 engines, baselines included, take the "vec" kernel; the kernel is chosen
+    when the engine is built, so the switch lasts only while it is built.
+    """
+    import torch
+
+    if dtype != "bfloat16" or PROFILE == "gpu" or not torch.cpu._is_amx_tile_supported():
+        yield
+        return
+    original = torch.cpu._is_amx_tile_supported
+    torch.cpu._is_amx_tile_supported = lambda: False
+    try:
+        yield
+    finally:
+        torch.cpu._is_amx_tile_supported = original
 
 
 def shutdown_llm(llm) -> None:
