@@ -14,10 +14,8 @@ The draft itself lives on the draft's side (``draft/worker.py``) behind a
 ``StepWork`` per target step (queued releases, the prefills the step's chunks
 need, the chunk orders; built by ``draft_messages``) and one ``StepResult``
 back. Draft-then-verify sends and reads it in ``propose_batch``; VPSD sends it
-before the target's forward and reads it after sampling (``schedules``,
-``parallel_rounds``; with a draft of its own a rejected round restarts with a chunk
-the target waits for, and ``"draft_length": "adaptive"`` sizes the chunks to the
-target's measured step, ``core/adaptive_length.py``). Either way the draft proposes greedily: a one-hot
+before the target's forward and reads it after sampling (``schedules``, with its
+restarts and adaptive length; ``parallel_rounds``). Either way the draft proposes greedily: a one-hot
 proposal, which vLLM's rejection sampler verifies exactly for greedy and random
 sampling alike. Where the draft runs is ``placements/factory.py``'s choice: in the
 target's process (``InProcessDraft``, the default) drafting runs in sequence with
@@ -100,8 +98,8 @@ class HippoProposer:
         self.stats = HippoStats()
         self.failures = DraftingFailures(self.stats)
         # PEARL's adaptive length: the draft's side gets the time until the verdict is due.
-        self.deadline = VerdictDeadline() if hippo.draft_length == "adaptive" else None
-        self.schedule = (ParallelSchedule(self.num_speculative_tokens, self.stats, self.deadline)
+        deadline = VerdictDeadline() if hippo.draft_length == "adaptive" else None
+        self.schedule = (ParallelSchedule(self.num_speculative_tokens, self.stats, deadline)
                          if hippo.parallel else SerialSchedule())
         self.messages = DraftMessages()
         # Draft-then-verify drafts k tokens near max_tokens too when the target replays FULL
@@ -266,8 +264,7 @@ class HippoProposer:
         self.late.collect()
         records = before_forward(runner, scheduler_output, self.num_speculative_tokens, self.max_model_len)
         plans = self.schedule.plan_before_forward(records)
-        budget = self.deadline.time_budget_s() if self.deadline is not None else None
-        self._pending = self._send(runner, plans, time_budget_s=budget)
+        self._pending = self._send(runner, plans, time_budget_s=self.schedule.time_budget_s())
         self._pending_sent_at = time.perf_counter()
 
     def propose_batch(
@@ -358,15 +355,11 @@ class HippoProposer:
     def _read(self, sent: SentStep, pending: PendingStep, timeout: float | None,
               sent_at: float | None = None) -> dict[str, list[int]]:
         """The step's chunks; its other news is taken in. A late result's chunks are dropped.
-        ``sent_at``: when the work went, timing the step for the adaptive length."""
+        ``sent_at``: when VPSD's work went (the schedule times the step)."""
         read_at = time.perf_counter()
         result = pending.result(timeout)
-        if self.deadline is not None and sent_at is not None and sent.chunks:
-            worker_seconds = None if result is None else result.prefill_seconds + result.draft_seconds
-            self.deadline.observe(sent_at, read_at, time.perf_counter(), worker_seconds)
-            if result is not None:
-                longest = max((len(c) for c in result.chunks.values()), default=0)
-                self.deadline.observe_drafting(result.draft_seconds, longest)
+        if sent_at is not None and sent.chunks:
+            self.schedule.answered(sent_at, read_at, time.perf_counter(), result)
         if result is None:
             self.late.wait(sent, pending)
             return {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 from hippo_vllm.core.adaptive_length import VerdictDeadline, restart_length
 from hippo_vllm.vllm.target.draft_messages import ChunkPlan
 from hippo_vllm.vllm.metrics.stats import HippoStats
+from hippo_vllm.vllm.protocol import StepResult
 from hippo_vllm.vllm.target.parallel_rounds import ParallelRounds
 from hippo_vllm.vllm.target.step_records import RequestRecord
 
@@ -64,7 +65,6 @@ class ParallelSchedule:
 
     def __init__(self, gamma: int, stats: HippoStats, deadline: VerdictDeadline | None = None):
         self.rounds = ParallelRounds(gamma, stats)
-        self.stats = stats
         self.deadline = deadline
         self.restarts = False  # set for a draft of its own
 
@@ -92,9 +92,25 @@ class ParallelSchedule:
     def _restart_tokens(self) -> int:
         cap = self.rounds.gamma - 1  # what vLLM verifies per step in this schedule
         ratio = self.deadline.cost_ratio() if self.deadline is not None else None
-        if ratio is None or not self.stats.round_drafted_tokens:
+        stats = self.rounds.stats
+        if ratio is None or not stats.round_drafted_tokens:
             return cap
-        return restart_length(self.stats.round_accepted_tokens / self.stats.round_drafted_tokens, ratio, cap)
+        return restart_length(stats.round_accepted_tokens / stats.round_drafted_tokens, ratio, cap)
+
+    def time_budget_s(self) -> float | None:
+        """What the draft's side may spend on this step's chunks (None: every chunk its budget)."""
+        return self.deadline.time_budget_s() if self.deadline is not None else None
+
+    def answered(self, sent_at: float, read_at: float, answered_at: float, result: StepResult | None) -> None:
+        """The answer to chunks sent before the forward was read (``result`` None: not back in
+        time): with the adaptive length, time the target's step, the way back and the draft."""
+        if self.deadline is None:
+            return
+        worker_seconds = None if result is None else result.prefill_seconds + result.draft_seconds
+        self.deadline.observe(sent_at, read_at, answered_at, worker_seconds)
+        if result is not None:
+            longest = max((len(c) for c in result.chunks.values()), default=0)
+            self.deadline.observe_drafting(result.draft_seconds, longest)
 
     def start(self, record: RequestRecord) -> tuple[list[int], ChunkPlan | None]:
         return self.rounds.start(record.req_id, record.sampled), None
