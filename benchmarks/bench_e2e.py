@@ -43,7 +43,8 @@ correction or bonus token, so a run is a round with spec tokens; in VPSD runs sp
 rounds and only the worker sees the chunk's first-token comparison, so MAT comes
 from ``HippoStats``, as do hippo's time breakdown and video counts. Times are wall
 clock of the generation only (engine start excluded): the median of ``--repeats``
-batches after one warm-up batch, every figure of a row taken from that same batch.
+batches after one warm-up batch, every figure of a row taken from that same batch
+but the host figures, which sum over all timed batches (see below).
 
 ``--models trained`` runs the same rows on the target and draft trained on the synthetic
 video task (``hippo_testbed/trained_pair.py``, shipped with the repository) instead of the
@@ -61,7 +62,9 @@ Host time: the model forwards (target and draft, vision encoders included; for
 around the models' own ``forward`` and ``embed_multimodal``; what remains of the
 wall time (minus, with a draft worker, the time the target waited for it), per
 target engine step, is the host work outside the forwards: scheduling, input
-preparation, sampling and verification, and the proposer's own bookkeeping.
+preparation, sampling and verification, and the proposer's own bookkeeping. It is
+summed over all timed batches, the same batches in every row (the median batch is
+another one in each row, with other videos and another number of steps).
 
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--adaptive-cap N] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]

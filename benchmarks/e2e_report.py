@@ -39,6 +39,13 @@ def summarize(config, batches: list[dict], video_total: int, num_prompts: int) -
     waited = hippo["draft_wait_seconds"] if config.worker else 0.0
     times["forwards"] = batch["forward_seconds"]
     times["host"] = wall - batch["forward_seconds"] - waited
+    # The host figures sum over every timed batch: the median batch is a different batch in
+    # each row (other videos with --fresh-videos, other step counts), and one batch's host
+    # time moves with the machine; the sum compares the same work in every row.
+    host_all = sum(b["wall_seconds"] - b["forward_seconds"]
+                   - (b["hippo"]["draft_wait_seconds"] if config.worker else 0.0) for b in batches)
+    steps_all = sum(b["batched_steps"] for b in batches)
+    requests_all = num_prompts * len(batches)
     if config.parallel:
         mat, mat_source = _ratio(hippo["mat_sum"], hippo["mat_runs"]), "HippoStats mat_sum / mat_runs (PEARL runs)"
     elif config.method == "target":
@@ -55,18 +62,19 @@ def summarize(config, batches: list[dict], video_total: int, num_prompts: int) -
         "generated_tokens": tokens, "tokens_per_second": tokens / wall,
         "target_forwards": forwards, "batched_target_steps": batch["batched_steps"],
         "tokens_per_target_forward": _ratio(tokens, forwards),
-        "host_ms_per_target_step": _ratio(1e3 * times["host"], batch["batched_steps"]),
+        "host_ms_per_target_step": _ratio(1e3 * host_all, steps_all),
         # The same split: the steps that prefill a request (its video's processing, hippo's
-        # scoring and view) apart from the decode steps, whose host work is per step.
+        # scoring and view) apart from the decode steps, whose host work is per step (the
+        # median batch's median decode step).
         "host_ms_per_decode_step": (None if batch["host_decode_step_median_seconds"] is None
                                     else 1e3 * batch["host_decode_step_median_seconds"]),
-        "host_ms_prefill_per_request": 1e3 * batch["host_prefill_steps_seconds"] / num_prompts,
+        "host_ms_prefill_per_request": 1e3 * sum(b["host_prefill_steps_seconds"] for b in batches) / requests_all,
         # Inside the engine's steps only: without the requests' rendering before their first
         # step (the video's decoding and HF processing, the same work in every row), which
         # the figure per target step spreads over fewer steps the more a row commits per step.
-        "host_ms_per_engine_step": _ratio(1e3 * batch["host_engine_steps_seconds"], batch["batched_steps"]),
+        "host_ms_per_engine_step": _ratio(1e3 * sum(b["host_engine_steps_seconds"] for b in batches), steps_all),
         # And per request, all of it: what the host spends on a request, however many steps.
-        "host_ms_per_request": 1e3 * times["host"] / num_prompts,
+        "host_ms_per_request": 1e3 * host_all / requests_all,
         "mat": mat, "mat_source": mat_source,
         "spec_acceptance_rate": _ratio(batch["spec_accepted"], batch["spec_drafted"]),
         "video_tokens_seen": seen[0] if seen else None, "video_tokens_total": seen[1] if seen else video_total,
@@ -111,7 +119,8 @@ def print_table(rows: list[dict]) -> None:
           "target/draft: time in target steps / drafting; d.prefill: draft views + draft prefill (scoring\n"
           "included, shown apart; draft_model prefills inside its draft time); overhead: the rest;\n"
           "host/step: wall minus every model forward in this process (and, with a worker, the wait for it),\n"
-          "per target engine step, in ms (split below: decode steps and the steps that prefill).")
+          "per target engine step, in ms, over all timed batches (split below: decode steps and the steps\n"
+          "that prefill).")
 
 
 def times_faster(base: dict, row: dict) -> float:

@@ -10,7 +10,8 @@ README's "Scoring API" section says what each function computes):
 - :func:`holistic_scores` — per-frame min-max normalisation and weighted fusion;
 - :func:`select_tokens` — top-k selection (global or per-frame quota);
 - baselines (attention top-k, uniform, temporal/EVS-like, SpecVLM);
-- :func:`select_video_tokens` — one dispatcher over all pruning methods;
+- :func:`select_video_tokens` — one dispatcher over all pruning methods
+  (``_batch`` variants score several videos of one grid at once);
 - :func:`position_bias`, :func:`boundary_attention_mass` — border-bias metrics.
 """
 
@@ -21,10 +22,16 @@ from hippo_vllm.core.baselines import (
     select_temporal,
     select_uniform,
 )
-from hippo_vllm.core.holistic import SIGNALS, holistic_scores, normalize_per_frame, parse_weights
+from hippo_vllm.core.holistic import (
+    SIGNALS,
+    holistic_scores,
+    holistic_scores_batch,
+    normalize_per_frame,
+    parse_weights,
+)
 from hippo_vllm.core.position_bias import boundary_attention_mass, position_bias
-from hippo_vllm.core.pruning import PRUNING_METHODS, select_video_tokens
-from hippo_vllm.core.selection import SELECTION_MODES, num_kept, select_tokens
+from hippo_vllm.core.pruning import PRUNING_METHODS, select_video_tokens, select_video_tokens_batch
+from hippo_vllm.core.selection import SELECTION_MODES, num_kept, select_tokens, select_tokens_batch
 from hippo_vllm.core.video_grid import VideoGrid
 from hippo_vllm.core.visual_scores import spatial_scores, temporal_scores
 from hippo_vllm.core.vpsd import Mode, RoundStats, VpsdRequest, autoregressive, simulate
@@ -38,6 +45,7 @@ __all__ = [
     "attention_scores",
     "boundary_attention_mass",
     "holistic_scores",
+    "holistic_scores_batch",
     "normalize_per_frame",
     "num_kept",
     "parse_weights",
@@ -46,8 +54,10 @@ __all__ = [
     "select_specvlm",
     "select_temporal",
     "select_tokens",
+    "select_tokens_batch",
     "select_uniform",
     "select_video_tokens",
+    "select_video_tokens_batch",
     "spatial_scores",
     "temporal_scores",
     "Mode",

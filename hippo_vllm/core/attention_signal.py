@@ -195,8 +195,10 @@ class AttentionScoreAccumulator:
         """
         if not self._layer_totals:
             raise RuntimeError("AttentionScoreAccumulator.scores() called before any add_layer()")
-        per_layer_means = [total.prob_sum / total.pair_count for total in self._layer_totals.values()]
-        return torch.stack(per_layer_means).mean(dim=0).to(torch.float32)
+        totals = self._layer_totals.values()
+        sums = torch.stack([total.prob_sum for total in totals])  # [layers, N_v]
+        counts = torch.tensor([float(total.pair_count) for total in totals], dtype=sums.dtype, device=sums.device)
+        return (sums / counts.unsqueeze(1)).mean(dim=0).to(torch.float32)  # one op per step, not per layer
 
     def _check_inputs(
         self, q_text: object, k_video: object, scale: float | None

@@ -20,6 +20,7 @@ import torch
 from hippo_vllm.core.validation import (
     check_crop,
     check_real,
+    check_score_rows,
     check_score_vector,
     check_video_embeds,
 )
@@ -52,10 +53,15 @@ def normalize_per_frame(scores: torch.Tensor, grid: VideoGrid, eps: float = 1e-6
     eps = check_real("eps", eps)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    per_frame = scores.to(torch.float32).reshape(grid.t, grid.tokens_per_frame)
+    return _normalized_frames(scores, grid.tokens_per_frame, eps)
+
+
+def _normalized_frames(scores: torch.Tensor, tokens_per_frame: int, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`normalize_per_frame` of trusted scores, any number of frames (videos stacked, too)."""
+    per_frame = scores.to(torch.float32).reshape(-1, tokens_per_frame)
     low = per_frame.amin(dim=1, keepdim=True)
     high = per_frame.amax(dim=1, keepdim=True)
-    return ((per_frame - low) / (high - low + eps)).reshape(-1)
+    return ((per_frame - low) / (high - low + eps)).reshape(scores.shape)
 
 
 def parse_weights(weights: ScoreWeights) -> dict[str, float]:
@@ -117,10 +123,30 @@ def holistic_scores(
     Returns:
         float32 ``[grid.num_tokens]``.
     """
+    return holistic_scores_batch(
+        None if video_embeds is None else [video_embeds], grid,
+        attn=None if attn is None else [attn], weights=weights, crop=crop,
+    )[0]
+
+
+def holistic_scores_batch(
+    video_embeds: Sequence[torch.Tensor] | None,
+    grid: VideoGrid,
+    attn: Sequence[torch.Tensor] | None = None,
+    weights: ScoreWeights = (1.0, 1.0, 1.0),
+    crop: int = 5,
+) -> torch.Tensor:
+    """:func:`holistic_scores` of several videos of one grid at once: float32 ``[B, grid.num_tokens]``.
+
+    Every score is per frame (s_temp compares frames of the same video only), so the
+    videos are scored as one stack of frames: the same per-call work as one video,
+    which is most of the cost of small videos. ``video_embeds`` and ``attn`` list the
+    videos' tensors as :func:`holistic_scores` takes them (``attn`` for all or none).
+    """
     parsed = parse_weights(weights)
     crop = check_crop(crop)
     if attn is not None:
-        check_score_vector("attn", attn, grid)
+        attn = check_score_rows("attn", attn, grid)
     else:
         parsed["attn"] = 0.0
     if all(weight == 0.0 for weight in parsed.values()):
@@ -130,24 +156,31 @@ def holistic_scores(
         )
     needs_embeds = parsed["temp"] > 0 or parsed["spa"] > 0
     if video_embeds is not None:
-        check_video_embeds(video_embeds, grid)
+        for embeds in video_embeds:
+            check_video_embeds(embeds, grid)
+        if attn is not None and len(video_embeds) != attn.shape[0]:
+            raise ValueError(f"video_embeds lists {len(video_embeds)} videos but attn {attn.shape[0]}")
     elif needs_embeds:
         raise ValueError(
             "video_embeds is None but s_temp/s_spa are enabled "
             f"(weights temp={parsed['temp']}, spa={parsed['spa']}); "
             "pass the embeddings or set both weights to 0"
         )
-
-    device = attn.device if attn is not None else video_embeds.device
-    fused = torch.zeros(grid.num_tokens, dtype=torch.float32, device=device)
+    videos = attn.shape[0] if attn is not None else len(video_embeds)
+    if videos < 1:
+        raise ValueError("holistic_scores_batch needs at least one video")
+    device = attn.device if attn is not None else video_embeds[0].device
+    fused = torch.zeros(videos, grid.num_tokens, dtype=torch.float32, device=device)
+    frame = grid.tokens_per_frame
     if parsed["attn"] > 0:
-        fused += parsed["attn"] * normalize_per_frame(attn, grid)
+        fused += parsed["attn"] * _normalized_frames(attn, frame)
     if needs_embeds:
-        embedding_frames = EmbeddingFrames.from_embeds(video_embeds, grid)
+        stacked = video_embeds[0] if videos == 1 else torch.cat(list(video_embeds))
+        frames = EmbeddingFrames.from_embeds(stacked, VideoGrid(videos * grid.t, grid.h, grid.w))
         if parsed["temp"] > 0:
-            fused += parsed["temp"] * normalize_per_frame(temporal_scores_from_frames(embedding_frames), grid)
+            temporal = temporal_scores_from_frames(frames, frames_per_video=grid.t)
+            fused += parsed["temp"] * _normalized_frames(temporal, frame).reshape(videos, -1)
         if parsed["spa"] > 0:
-            fused += parsed["spa"] * normalize_per_frame(
-                spatial_scores_from_frames(embedding_frames, crop), grid
-            )
+            spatial = spatial_scores_from_frames(frames, crop)
+            fused += parsed["spa"] * _normalized_frames(spatial, frame).reshape(videos, -1)
     return fused

@@ -60,23 +60,34 @@ def select_tokens(
         int64 ``[K]`` flat indices, sorted ascending.
     """
     check_score_vector("scores", scores, grid, allow_inf=True)
+    return select_tokens_batch(scores.unsqueeze(0), grid, keep_ratio, mode)[0]
+
+
+def select_tokens_batch(scores: torch.Tensor, grid: VideoGrid, keep_ratio: float, mode: str = "global") -> torch.Tensor:
+    """:func:`select_tokens` of several videos of one grid: ``scores`` ``[B, grid.num_tokens]``
+    (trusted, as :func:`~hippo_vllm.core.holistic.holistic_scores_batch` returns them),
+    int64 ``[B, K]``, each row ascending."""
     ratio = check_keep_ratio(keep_ratio)
     check_choice("mode", mode, SELECTION_MODES)
+    if scores.dim() != 2 or scores.shape[1] != grid.num_tokens:
+        raise ValueError(f"scores must have shape [B, {grid.num_tokens}] (B videos of {grid}), "
+                         f"got {list(scores.shape)}")
     if mode == "global":
         return top_k_indices(scores, num_kept(grid.num_tokens, ratio))
     quota = num_kept(grid.tokens_per_frame, ratio)
-    per_frame = scores.reshape(grid.t, grid.tokens_per_frame)
-    order = torch.sort(per_frame, dim=1, descending=True, stable=True).indices[:, :quota]
+    per_frame = scores.reshape(scores.shape[0], grid.t, grid.tokens_per_frame)
+    order = torch.sort(per_frame, dim=-1, descending=True, stable=True).indices[..., :quota]
     frame_starts = torch.arange(grid.t, dtype=torch.int64, device=scores.device).unsqueeze(1)
     frame_starts *= grid.tokens_per_frame
-    return torch.sort((order + frame_starts).reshape(-1)).values
+    return torch.sort((order + frame_starts).reshape(scores.shape[0], -1), dim=-1).values
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Ascending int64 indices of the ``k`` largest entries of 1-D ``scores`` (lower index wins ties).
+    """Ascending int64 indices of the ``k`` largest entries of ``scores`` along its last dimension
+    (lower index wins ties; each row of a 2-D ``scores`` on its own).
 
     Inputs are trusted (callers validate); ``torch.topk`` is avoided because
     its tie order is unspecified.
     """
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values

@@ -127,6 +127,26 @@ def check_score_vector(
     return tensor
 
 
+def check_score_rows(name: str, scores: object, grid: VideoGrid) -> torch.Tensor:
+    """Validate a list of finite score vectors of shape ``[grid.num_tokens]`` (one per video);
+    returns them stacked, float32 ``[B, grid.num_tokens]`` (NaN and inf checked once, over all).
+    A lone video's errors name it ``name``, as :func:`check_score_vector` does."""
+    if isinstance(scores, torch.Tensor) or not isinstance(scores, (list, tuple)):
+        raise ValueError(f"{name} must be a list of score tensors, one per video, got {type(scores).__name__}")
+    for index, vector in enumerate(scores):
+        label = name if len(scores) == 1 else f"{name}[{index}]"
+        check_tensor(label, vector)
+        if tuple(vector.shape) != (grid.num_tokens,) or vector.dtype == torch.bool or vector.is_complex():
+            check_score_vector(label, vector, grid)  # raises, naming what is wrong
+    if not scores:
+        raise ValueError(f"{name} must list at least one video's scores, got an empty list")
+    from hippo_vllm.core.video_grid import VideoGrid  # video_grid imports this module
+
+    stacked = torch.stack([vector.to(torch.float32) for vector in scores])
+    check_score_vector(name, stacked.reshape(-1), VideoGrid(len(scores) * grid.t, grid.h, grid.w))
+    return stacked
+
+
 def check_video_embeds(video_embeds: object, grid: VideoGrid) -> torch.Tensor:
     """Validate post-projector video embeddings of shape ``[grid.num_tokens, D]``.
 

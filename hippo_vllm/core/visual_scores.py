@@ -95,11 +95,16 @@ def temporal_scores(video_embeds: torch.Tensor, grid: VideoGrid) -> torch.Tensor
     return temporal_scores_from_frames(EmbeddingFrames.from_embeds(video_embeds, grid))
 
 
-def temporal_scores_from_frames(embedding_frames: EmbeddingFrames) -> torch.Tensor:
-    """s_temp of :class:`EmbeddingFrames`; float32 ``[t·h·w]``."""
+def temporal_scores_from_frames(embedding_frames: EmbeddingFrames, frames_per_video: int | None = None) -> torch.Tensor:
+    """s_temp of :class:`EmbeddingFrames`; float32 ``[t·h·w]``.
+
+    ``frames_per_video``: the frames are several videos of that many frames each,
+    stacked (each video's first frame compares with its own second one); None: one video.
+    """
     inverse_norms = embedding_frames.inverse_norms
     num_frames = inverse_norms.shape[0]
-    if num_frames == 1:
+    per_video = num_frames if frames_per_video is None else frames_per_video
+    if per_video == 1:
         return torch.zeros(inverse_norms.numel(), dtype=torch.float32, device=inverse_norms.device)
     cos_to_previous = torch.empty_like(inverse_norms[1:])
     step = embedding_frames.frames_per_chunk()
@@ -111,7 +116,12 @@ def temporal_scores_from_frames(embedding_frames: EmbeddingFrames) -> torch.Tens
         cos_to_previous[start - 1 : stop - 1] = (
             dots * inverse_norms[start:stop] * inverse_norms[start - 1 : stop - 1]
         )
-    dissimilarity = 1.0 - torch.cat([cos_to_previous[:1], cos_to_previous], dim=0)
+    # Frame f compares with f-1, except a video's first frame, which takes its second frame's value.
+    cos_per_frame = torch.cat([cos_to_previous[:1], cos_to_previous], dim=0)
+    if per_video < num_frames:
+        firsts = torch.arange(per_video, num_frames, per_video, device=inverse_norms.device)
+        cos_per_frame[firsts] = cos_to_previous[firsts]
+    dissimilarity = 1.0 - cos_per_frame
     # dot·(1/|a|)·(1/|b|) can overshoot ±1 by a float32 ulp; keep the documented range.
     return dissimilarity.clamp_(0.0, 2.0).reshape(-1)
 

@@ -339,3 +339,28 @@ def test_bfloat16_draft_loads_and_runs(draft_llm, tiny, refs):
 def test_block_size_must_be_a_kernel_block_size_of_the_backend(draft_llm, tiny):
     with pytest.raises(ValueError, match="block_size 16 is not a kernel block size of CPU_ATTN"):
         DraftEngine(draft_llm[0].llm_engine.vllm_config, tiny.draft, num_blocks=8, block_size=16)
+
+
+def test_a_decode_step_of_token_ids_equals_the_same_step_as_inputs(eng, refs):
+    """run_decode (a chunk's decode steps) gives the logits and KV that run gives the same tokens."""
+    video, text = refs["video"], refs["text"]
+    emb_p, pos_p = _pruned_prompt(eng, video)
+    emb_t, pos_t = _full_prompt(eng, text)
+    for suffix in ("a", "b"):
+        eng.run([DraftInput("p" + suffix, pos_p, inputs_embeds=emb_p),
+                 DraftInput("t" + suffix, pos_t, inputs_embeds=emb_t)])
+    tokens = [video.output[0], text.output[0]]
+    by_inputs = eng.run([_token("pa", video, 0, tokens[0]), _token("ta", text, 0, tokens[1])])
+    positions = torch.stack([video.decode_positions(0)[0, 0], text.decode_positions(0)[0, 0]])
+    by_ids = eng.run_decode(["pb", "tb"], torch.tensor(tokens), positions)
+    torch.testing.assert_close(by_ids, by_inputs, rtol=0, atol=1e-5)
+    assert [eng.length(r) for r in ("pa", "ta")] == [eng.length(r) for r in ("pb", "tb")]
+    # The next step reads the KV each path wrote.
+    nxt = [int(t) for t in by_inputs.argmax(dim=-1)]
+    again = eng.run([_token("pa", video, 1, nxt[0]), _token("ta", text, 1, nxt[1])])
+    torch.testing.assert_close(eng.run_decode(["pb", "tb"], torch.tensor(nxt), positions + 1), again, rtol=0,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="one token and position per request"):
+        eng.run_decode(["pb", "tb"], torch.tensor(nxt), positions[:1])
+    for rid in ("pa", "ta", "pb", "tb"):
+        eng.free(rid)

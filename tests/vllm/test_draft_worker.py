@@ -75,14 +75,14 @@ def draft(worker):
 
 def fail_forwards_with(monkeypatch, engine, req_id, message):
     """Every draft forward that includes ``req_id`` raises RuntimeError(message)."""
-    original = engine._forward
+    original = engine._forward_rows  # every forward of the draft, prefills and decode steps alike
 
-    def forward(inputs):
-        if any(inp.req_id == req_id for inp in inputs):
+    def forward(req_ids, *args):
+        if req_id in req_ids:
             raise RuntimeError(message)
-        return original(inputs)
+        return original(req_ids, *args)
 
-    monkeypatch.setattr(engine, "_forward", forward)
+    monkeypatch.setattr(engine, "_forward_rows", forward)
 
 
 def prefill(req_id, prompt, attention=None):
@@ -225,6 +225,40 @@ def test_a_new_question_about_a_recent_video_builds_its_view_without_encoding(dr
                                   chunks=[ChunkOrder("c", 0, [11], K)]))
     assert fresh.encodes == 1 and fresh.chunks["c"] == follow_up.chunks["b"]
     assert fresh.views[0].keep_rows.tolist() == follow_up.views[0].keep_rows.tolist()
+
+
+def test_the_views_of_a_step_are_scored_together_equal_alone_and_a_bad_one_is_blamed_alone(draft, target,
+                                                                                             monkeypatch):
+    from hippo_vllm.vllm.draft import view as view_module
+
+    video = target[1]["video"]
+    other = other_video(video)
+    tokens = draft.handle(StepWork(0, prefills=[prefill("probe", video)])).views[0].video_tokens
+    draft.handle(StepWork(1, releases=[Release("probe", finished=True)]))
+    ranks = [torch.linspace(0.0, 1.0, tokens)], [torch.linspace(1.0, 0.0, tokens)]
+    asked = [("a", video, ranks[0]), ("b", other, ranks[1]), ("c", video, ranks[1])]
+    alone = {}
+    for seq, (req_id, prompt, attention) in enumerate(asked, start=2):
+        alone[req_id] = draft.handle(StepWork(seq, prefills=[prefill(req_id, prompt, attention)])).views[0]
+        draft.handle(StepWork(10 + seq, releases=[Release(req_id, finished=True)]))
+    calls, select = [], view_module.select_video_tokens_batch
+
+    def recording_select(*args, **kwargs):
+        calls.append(len(kwargs["video_embeds"]))
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(view_module, "select_video_tokens_batch", recording_select)
+    result = draft.handle(StepWork(20, prefills=[prefill(r, p, a) for r, p, a in asked]))
+    assert calls == [3] and result.failures == []  # one scoring call for the step's three videos
+    for view in result.views:
+        assert view.keep_rows.tolist() == alone[view.req_id].keep_rows.tolist()
+        assert view.video_tokens_seen == alone[view.req_id].video_tokens_seen and view.attention_used
+    # One request's s_attn is malformed: the batch fails, each view is built alone, only it is blamed.
+    calls.clear()
+    bad = [torch.linspace(0.0, 1.0, tokens - 1)]
+    result = draft.handle(StepWork(21, prefills=[prefill("d", video, ranks[0]), prefill("e", other, bad)]))
+    assert calls == [2, 1, 1] and [(f.req_id, f.where) for f in result.failures] == [("e", "draft prefill")]
+    assert [v.req_id for v in result.views] == ["d"] and "d" in draft.views and "e" not in draft.views
 
 
 def test_the_prefills_of_a_step_share_a_forward_and_a_failing_one_is_blamed_alone(draft, target, monkeypatch):

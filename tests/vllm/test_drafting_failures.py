@@ -85,10 +85,9 @@ class DraftForwardFault:
         self.victim: str | None = None
         self.raised = 0
         self.others_after = 0  # forwards of other requests after the first failure
-        original = draft_engine._forward
+        original = draft_engine._forward_rows  # every forward of the draft, prefills and decode steps alike
 
-        def forward(inputs):
-            req_ids = [inp.req_id for inp in inputs]
+        def forward(req_ids, *args):
             if self.victim is None:
                 self.victim = req_ids[0]
             elif self.victim in req_ids:
@@ -96,9 +95,9 @@ class DraftForwardFault:
                 raise RuntimeError("injected draft failure")
             elif self.raised:
                 self.others_after += 1
-            return original(inputs)
+            return original(req_ids, *args)
 
-        draft_engine._forward = forward
+        draft_engine._forward_rows = forward
 
 
 def wait_for_metric(llm, name: str, value: float, timeout: float = 5.0) -> None:

@@ -213,11 +213,12 @@ def recording_draft_inputs(llm) -> tuple[dict, list, list]:
     positions tensor its model gets in each forward."""
     worker = draft_worker_of(llm)
     views, inputs, model_positions = {}, [], []
-    build, run, forward = worker.views.build, worker.engine.run, worker.engine.model.forward
+    build_new, run, forward = worker.views.build_new, worker.engine.run, worker.engine.model.forward
 
-    def recording_build(req_id, *args, **kwargs):
-        views[req_id] = build(req_id, *args, **kwargs)
-        return views[req_id]
+    def recording_build_new(requests):  # every new view, built alone or with a step's others
+        built = build_new(requests)
+        views.update((request[0], view) for request, view in zip(requests, built))
+        return built
 
     def recording_run(batch):
         inputs.extend(batch)
@@ -227,7 +228,7 @@ def recording_draft_inputs(llm) -> tuple[dict, list, list]:
         model_positions.append(positions)
         return forward(*args, positions=positions, **kwargs)
 
-    worker.views.build, worker.engine.run = recording_build, recording_run
+    worker.views.build_new, worker.engine.run = recording_build_new, recording_run
     worker.engine.model.forward = recording_forward
     return views, inputs, model_positions
 

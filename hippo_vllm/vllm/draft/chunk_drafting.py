@@ -141,24 +141,19 @@ class ChunkDrafter:
         max_budget = max(r.budget for r in requests)
         chunk = torch.full((len(requests), max_budget), -1, dtype=torch.long, device=first.device)
         chunk[:, 0] = first
+        # Position of each request's first drafted token; step s feeds token s-1 at this + s-1.
+        first_positions = torch.tensor([r.state.output_position(len(r.outputs)) for r in requests])
+        everyone = list(range(len(requests)))
         for step in range(1, max_budget):
             rows = [i for i, r in enumerate(requests) if r.budget > step]
-            step_inputs = []
-            for i in rows:
-                state = requests[i].state
-                position = state.output_position(len(requests[i].outputs) + step - 1)
-                step_inputs.append(
-                    DraftInput(
-                        requests[i].req_id,
-                        torch.full((3, 1), position, dtype=torch.long),
-                        token_ids=chunk[i, step - 1 : step],
-                    )
-                )
+            index = slice(None) if rows == everyone else rows
             try:
-                chunk[rows, step] = engine.run(step_inputs).argmax(dim=-1)
+                logits = engine.run_decode([requests[i].req_id for i in rows], chunk[index, step - 1],
+                                           first_positions[index] + (step - 1))
             except DraftCapacityError:
                 # Out of draft KV: the chunks end here (shorter drafts are still valid).
                 for i in rows:
                     requests[i].budget = step
                 break
+            chunk[index, step] = logits.argmax(dim=-1)
         return chunk

@@ -372,11 +372,33 @@ class DraftEngine:
                     f"!= the draft's row width {self.row_width} (hidden size {self.hidden_size}, "
                     f"{self.deepstack_levels} DeepStack levels)"
                 )
+        return self._run_batch(req_ids, [inp.num_rows for inp in inputs], lambda order: self._forward(inputs, order))
+
+    @torch.inference_mode()
+    def run_decode(self, req_ids: list[str], token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`run` of one token per request: ``token_ids`` ``[R]`` and their positions ``[R]``
+        (text: the three M-RoPE rows equal). A chunk's decode steps take this path: no
+        per-request inputs to build, check and concatenate."""
+        one_each = (len(req_ids),)
+        if len(set(req_ids)) != len(req_ids) or token_ids.shape != one_each or positions.shape != one_each:
+            raise ValueError(f"run_decode: one token and position per request, got {len(req_ids)} requests, "
+                             f"token_ids {tuple(token_ids.shape)}, positions {tuple(positions.shape)}")
+
+        def forward(_order: list[int]) -> torch.Tensor:  # all decodes: no backend reorders them
+            rows = self._with_deepstack(self.model.embed_input_ids(token_ids.to(self.device, torch.int64)), None)
+            return self._forward_rows(req_ids, [1] * len(req_ids), rows,
+                                      positions.to(self.device, torch.int64).expand(3, -1).contiguous())
+
+        return self._run_batch(req_ids, [1] * len(req_ids), forward)
+
+    def _run_batch(self, req_ids: list[str], query_lens: list[int], forward) -> torch.Tensor:
+        """Reserve each request's new rows, then ``forward(order)`` (``order``: the batch order the
+        backend needs, see :meth:`_batch_order`); on any failure the reservation is undone."""
         old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
-        self.kv.reserve({inp.req_id: self.kv.length(inp.req_id) + inp.num_rows for inp in inputs})
+        self.kv.reserve({r: self.kv.length(r) + n for r, n in zip(req_ids, query_lens)})
         try:
             with self._as_draft():
-                return self._forward(inputs)
+                return forward(self._batch_order(query_lens))
         except BaseException:
             # Undo the reservation: KV rows past the old lengths may be half written.
             for r in req_ids:
@@ -386,23 +408,31 @@ class DraftEngine:
                     self.kv.free(r)
             raise
 
-    def _forward(self, inputs: list[DraftInput]) -> torch.Tensor:
-        order = list(range(len(inputs)))
+    def _batch_order(self, query_lens: list[int]) -> list[int]:
+        order = list(range(len(query_lens)))
         threshold = self.kv.builder.reorder_batch_threshold
         if threshold is not None:
             # Backends with a threshold (e.g. FLASHINFER; not CPU_ATTN) split the batch
             # into decodes and prefills assuming the short queries come first.
-            order.sort(key=lambda i: inputs[i].num_rows > threshold)
+            order.sort(key=lambda i: query_lens[i] > threshold)
+        return order
+
+    def _forward(self, inputs: list[DraftInput], order: list[int]) -> torch.Tensor:
         reordered = order != sorted(order)
         batch_inputs = [inputs[i] for i in order] if reordered else inputs
-        query_lens = [inp.num_rows for inp in batch_inputs]
         rows = self._embed_rows(batch_inputs)
         positions = torch.cat([inp.positions for inp in batch_inputs], dim=1).to(self.device, torch.int64)
+        logits = self._forward_rows([inp.req_id for inp in batch_inputs], [inp.num_rows for inp in batch_inputs],
+                                    rows, positions)
         # Back to input order (most batches were never reordered).
-        unorder = torch.tensor(order).argsort().to(self.device) if reordered else slice(None)
+        return logits[torch.tensor(order).argsort().to(self.device)] if reordered else logits
+
+    def _forward_rows(self, req_ids: list[str], query_lens: list[int], rows: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Logits of each request's last row: ``rows`` ``[N, row_width]`` and ``positions`` ``[3, N]``
+        of the requests in batch order, ``query_lens`` rows each (already reserved)."""
         if self.decode_graphs is not None and self.decode_graphs.covers(query_lens):
-            logits = self.decode_graphs.run([inp.req_id for inp in batch_inputs], rows, positions)
-            return self._proposable(logits.clone())[unorder]
+            return self._proposable(self.decode_graphs.run(req_ids, rows, positions).clone())
         embeds = rows[:, : self.hidden_size]
         if self.deepstack_levels:
             # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
@@ -411,7 +441,7 @@ class DraftEngine:
             self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
         if not self.uses_mrope:
             positions = positions[0]  # a 1-D family's three rows are equal
-        batch = self.kv.build_batch([inp.req_id for inp in batch_inputs], query_lens)
+        batch = self.kv.build_batch(req_ids, query_lens)
         cfg = self.draft_vllm_config
         # The current config is the draft's during the forward so custom ops and
         # backends that consult it see the draft's (not the target's) settings.
@@ -421,8 +451,7 @@ class DraftEngine:
             hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
         if len(query_lens) != hidden.shape[0]:  # not one row per input (a decode step): each one's last
             hidden = hidden[torch.tensor(query_lens, device=self.device).cumsum(0) - 1]
-        logits = self._proposable(self.model.compute_logits(hidden).float())
-        return logits[unorder]
+        return self._proposable(self.model.compute_logits(hidden).float())
 
     def _proposable(self, logits: torch.Tensor) -> torch.Tensor:
         if self.proposable_ids < logits.shape[-1]:

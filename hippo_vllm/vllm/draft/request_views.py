@@ -29,7 +29,7 @@ import torch
 from hippo_vllm.config import HippoConfig
 from hippo_vllm.core import VideoGrid
 from hippo_vllm.vllm.protocol import DraftPrompt
-from hippo_vllm.vllm.draft.view import DraftView, build_draft_view
+from hippo_vllm.vllm.draft.view import DraftView, ViewInputs, build_draft_views
 
 RECENT_VIEWS = 256  # draft views remembered by prompt; each is one index tensor
 # Input rows of finished requests remembered with their views, in host memory (a
@@ -142,19 +142,34 @@ class RequestViews:
 
         ``item_embeds`` may be None only when :meth:`reusable` has a view for the prompt.
         """
-        key = _prompt_key(prompt)
         view = self.reusable(prompt, attention)
         if view is None:
             if item_embeds is None:
                 raise ValueError(f"request {req_id!r}: a view to build needs the draft's item embeddings")
-            view = build_draft_view(
-                self.hippo, len(prompt.prompt_token_ids), prompt.mm_features, item_embeds, attention,
-                self.video_grid, self.video_newlines,
-            )
+            return self.build_new([(req_id, prompt, item_embeds, attention)])[0]
+        self._keep(req_id, _prompt_key(prompt), view)
+        return view
+
+    def build_new(
+        self, requests: list[tuple[str, DraftPrompt, list[torch.Tensor], list[torch.Tensor | None] | None]],
+    ) -> list[DraftView]:
+        """New views of several requests (request id, prompt, item embeddings, s_attn), their
+        videos scored together (``build_draft_views``); all or none is kept."""
+        views = build_draft_views(
+            self.hippo,
+            [ViewInputs(len(prompt.prompt_token_ids), prompt.mm_features, item_embeds, attention)
+             for _, prompt, item_embeds, attention in requests],
+            self.video_grid, self.video_newlines,
+        )
+        for (req_id, prompt, _, _), view in zip(requests, views):
+            key = _prompt_key(prompt)
             self._remember(key, view)
+            self._keep(req_id, key, view)
+        return views
+
+    def _keep(self, req_id: str, key: tuple, view: DraftView) -> None:
         self._views[req_id] = view
         self._keys[req_id] = key
-        return view
 
     def _remember(self, key: tuple, view: DraftView) -> None:
         old = self._recent.get(key)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hippo_vllm.config import HippoConfig
-from hippo_vllm.core import VideoGrid, select_video_tokens
+from hippo_vllm.core import VideoGrid, select_video_tokens_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,35 @@ def video_embed_rows(pos: Any) -> torch.Tensor:
     return torch.nonzero(pos.is_embed.cpu()).flatten()
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewInputs:
+    """What one request's view is built from (see :func:`build_draft_views`)."""
+
+    prompt_len: int
+    mm_features: list[Any]
+    item_embeds: list[torch.Tensor]
+    attention: list[torch.Tensor | None] | None
+
+
+@dataclasses.dataclass
+class _VideoToScore:
+    """One video of a view: its prompt rows, and how its kept tokens are chosen."""
+
+    view: int  # index of its request in the batch
+    rows: torch.Tensor  # prompt rows of its frame tokens
+    grid: VideoGrid
+    embeds: torch.Tensor
+    attn: torch.Tensor | None
+    pruning: str
+    weights: dict[str, float]
+    kept: torch.Tensor | None = None
+
+    def batch_key(self) -> tuple:
+        """Videos with equal keys are scored in one call."""
+        return (self.pruning, self.grid, tuple(self.weights.items()), self.attn is None,
+                self.embeds.dtype, self.embeds.shape[1])
+
+
 def build_draft_view(
     hippo: HippoConfig,
     prompt_len: int,
@@ -73,14 +102,60 @@ def build_draft_view(
     ``video_newlines``: rows after each video's frame tokens (and embeddings) that
     hold a newline embedding (``ModelFamily.video_newlines``): always kept.
     """
+    inputs = ViewInputs(prompt_len, mm_features, item_embeds, attention)
+    return build_draft_views(hippo, [inputs], video_grid, video_newlines)[0]
+
+
+def build_draft_views(
+    hippo: HippoConfig,
+    requests: list[ViewInputs],
+    video_grid: Callable[[Any], VideoGrid],
+    video_newlines: int = 0,
+) -> list[DraftView]:
+    """:func:`build_draft_view` of several requests; their videos of one grid (and settings)
+    are scored in one call, which for small videos costs about what one costs. Each
+    view's ``pruning_seconds`` is its share of the whole."""
     start = time.perf_counter()
-    keep = torch.ones(prompt_len, dtype=torch.bool)
-    total = seen = 0
+    videos: list[_VideoToScore] = []
+    attention_used = [True] * len(requests)
+    for index, request in enumerate(requests):
+        attention_used[index] = _plan_videos(hippo, index, request, video_grid, video_newlines, videos)
+    groups: dict[tuple, list[_VideoToScore]] = {}
+    for video in videos:
+        groups.setdefault(video.batch_key(), []).append(video)
+    for group in groups.values():
+        for video, kept in zip(group, _kept_video_tokens(hippo, group)):
+            video.kept = kept
+    share = (time.perf_counter() - start) / max(len(requests), 1)
+    views = []
+    for index, request in enumerate(requests):
+        keep = torch.ones(request.prompt_len, dtype=torch.bool)
+        total = seen = 0
+        for video in (v for v in videos if v.view == index):
+            keep[video.rows] = False
+            keep[video.rows[video.kept]] = True
+            total += int(video.rows.numel())
+            seen += int(video.kept.numel())
+        views.append(DraftView(
+            keep_rows=torch.nonzero(keep).flatten(),
+            prompt_len=request.prompt_len,
+            video_tokens=total,
+            video_tokens_seen=seen,
+            pruning_seconds=share,
+            attention_used=attention_used[index],
+        ))
+    return views
+
+
+def _plan_videos(hippo: HippoConfig, index: int, request: ViewInputs, video_grid: Callable[[Any], VideoGrid],
+                 video_newlines: int, videos: list[_VideoToScore]) -> bool:
+    """Append the request's videos to ``videos``; whether s_attn was there for every one."""
     video_index = 0
     attention_used = True
-    for feature, embeds in zip(mm_features, item_embeds):
+    for feature, embeds in zip(request.mm_features, request.item_embeds):
         if feature.modality != "video":
             continue
+        attention = request.attention
         attn = attention[video_index] if attention else None
         video_index += 1
         grid = video_grid(feature)
@@ -108,36 +183,24 @@ def build_draft_view(
             weights["attn"] = 0.0
         if pruning == "holistic" and not any(weights.values()):
             pruning = "uniform"  # attention was the only enabled signal
-        kept = _kept_video_tokens(hippo, pruning, grid, embeds, attn, weights)
-        rows = pos.offset + local
-        keep[rows] = False
-        keep[rows[kept]] = True
-        total += int(local.numel())
-        seen += int(kept.numel())
-    return DraftView(
-        keep_rows=torch.nonzero(keep).flatten(),
-        prompt_len=prompt_len,
-        video_tokens=total,
-        video_tokens_seen=seen,
-        pruning_seconds=time.perf_counter() - start,
-        attention_used=attention_used,
-    )
+        videos.append(_VideoToScore(index, pos.offset + local, grid, embeds, attn, pruning, weights))
+    return attention_used
 
 
-def _kept_video_tokens(
-    hippo: HippoConfig, pruning: str, grid: VideoGrid, embeds: torch.Tensor, attn: torch.Tensor | None,
-    weights: dict[str, float],
-) -> torch.Tensor:
-    """Indices of one video's kept tokens; none at ``keep_ratio`` 0 (the core keeps at least one)."""
+def _kept_video_tokens(hippo: HippoConfig, videos: list[_VideoToScore]) -> list[torch.Tensor]:
+    """Indices of each video's kept tokens (videos of one batch key); none at ``keep_ratio`` 0
+    (the core keeps at least one)."""
     if hippo.keep_ratio == 0.0:
-        return torch.empty(0, dtype=torch.int64)
-    return select_video_tokens(
-        pruning,
-        grid,
+        return [torch.empty(0, dtype=torch.int64) for _ in videos]
+    first = videos[0]
+    kept = select_video_tokens_batch(
+        first.pruning,
+        first.grid,
         hippo.keep_ratio,
-        video_embeds=embeds,
-        attn=attn,
-        weights=weights,
+        video_embeds=[v.embeds for v in videos],
+        attn=None if first.attn is None else [v.attn for v in videos],
+        weights=first.weights,
         crop=hippo.crop_size,
         selection=hippo.selection,
-    ).cpu()
+    )
+    return [k.cpu() for k in kept]

@@ -188,6 +188,7 @@ class DraftWorker:
                 self._prompts[prefill.req_id] = prefill.prompt
         self._encode_together([(p.req_id, self._prompts[p.req_id].mm_features) for p in prefills
                                if self._needs_encode(p)], result)
+        self._build_views_together([p for p in prefills if self._needs_view(p)], result)
         ready = []
         for prefill in prefills:
             req_id = prefill.req_id
@@ -243,12 +244,12 @@ class DraftWorker:
             raise RuntimeError(f"request {req_id!r} has no draft prompt on the draft's side to prefill")
         engine = self.engine
         engine.free(req_id)
-        item_embeds = self._encoded.pop(req_id, None)  # encoded when the request arrived
-        view = self.views.get(req_id)  # a resumed request keeps its view
+        view = self.views.get(req_id)  # a resumed request keeps its view (or built with others')
         if view is None and self.views.reusable(prompt, attention) is not None:
             view = self._new_view(req_id, prompt, None, attention, result)  # a prefix-cache hit
         if view is not None:
             self._check_room(req_id, view)  # before embedding anything
+        item_embeds = self._encoded.pop(req_id, None)  # encoded when the request arrived, or this step
         embeds = self.views.rows(req_id, engine.device) if view is not None else None
         if embeds is None:
             if item_embeds is None:
@@ -264,12 +265,34 @@ class DraftWorker:
 
     def _new_view(self, req_id: str, prompt: DraftPrompt, item_embeds: list[torch.Tensor] | None,
                   attention: list[torch.Tensor | None] | None, result: StepResult) -> DraftView:
-        # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
-        # encoder appends to it.
-        visual = None if item_embeds is None else [e[:, : self.engine.hidden_size] for e in item_embeds]
-        view = self.views.build(req_id, prompt, visual, attention)
+        view = self.views.build(req_id, prompt, self._visual(item_embeds), attention)
         result.views.append(_report(req_id, view))
         return view
+
+    def _visual(self, item_embeds: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        # Scores see each row's embedding only, not the DeepStack features a Qwen3-VL
+        # encoder appends to it.
+        return None if item_embeds is None else [e[:, : self.engine.hidden_size] for e in item_embeds]
+
+    def _needs_view(self, prefill: Prefill) -> bool:
+        """A new request's prefill whose view is to build from its items (encoded on arrival or this step)."""
+        prompt, req_id = self._prompts.get(prefill.req_id), prefill.req_id
+        return (prompt is not None and req_id in self._encoded and req_id not in self._states
+                and req_id not in self.views and self.views.reusable(prompt, prefill.attention) is None)
+
+    def _build_views_together(self, prefills: list[Prefill], result: StepResult) -> None:
+        """The new views of a step's prefills, their videos scored together. If that fails,
+        each prefill builds its own view, so the request at fault is blamed."""
+        if len(prefills) < 2:
+            return  # its prefill builds it
+        try:
+            views = self.views.build_new([
+                (p.req_id, self._prompts[p.req_id], self._visual(self._encoded[p.req_id]), p.attention)
+                for p in prefills
+            ])
+        except Exception:  # noqa: BLE001 - see the docstring
+            return
+        result.views.extend(_report(p.req_id, view) for p, view in zip(prefills, views))
 
     def _encode(self, mm_features: list, result: StepResult) -> list[torch.Tensor]:
         """The draft encoder's output for each item: recent ones reused, the others encoded
