@@ -45,22 +45,31 @@ class ViewRecorder:
         self.worker = worker = draft_worker_of(llm)
         self.views: dict[str, dict] = {}
         self.answers: dict[str, list[int] | str] = {}
-        views, build = worker.views, worker.views.build
+        views, build, build_new = worker.views, worker.views.build, worker.views.build_new
 
-        def recording_build(req_id, prompt, item_embeds, attention):
-            view = build(req_id, prompt, item_embeds, attention)
+        def record(req_id, prompt, view):
             videos = [f for f in prompt.mm_features if f.modality == "video"]
-            record = {"view": view}
+            entry = {"view": view}
             if len(videos) == 1:
                 pos = videos[0].mm_position
                 video_rows = pos.offset + video_embed_rows(pos)  # the placeholder's video rows
                 kept = torch.nonzero(torch.isin(video_rows, view.keep_rows)).flatten()
                 grid = views.video_grid(videos[0])
-                record.update(kept=kept.tolist(), grid=(grid.t, grid.h, grid.w))
-            self.views[external_id(req_id)] = record
+                entry.update(kept=kept.tolist(), grid=(grid.t, grid.h, grid.w))
+            self.views[external_id(req_id)] = entry
+
+        def recording_build(req_id, prompt, item_embeds, attention):  # a view built alone, or reused
+            view = build(req_id, prompt, item_embeds, attention)
+            record(req_id, prompt, view)
             return view
 
-        views.build = recording_build  # on this instance only
+        def recording_build_new(requests):  # new views, a step's built together
+            built = build_new(requests)
+            for (req_id, prompt, _, _), view in zip(requests, built):
+                record(req_id, prompt, view)
+            return built
+
+        views.build, views.build_new = recording_build, recording_build_new  # on this instance only
         if answer_tokens > 0:
             self._wrap_prefill(answer_tokens, stop_ids)
 

@@ -2,7 +2,7 @@
 
 No vLLM or transformers import happens here (or anywhere below), so the core
 is testable in a second and reusable by another engine. What it offers (the
-README's "Scoring API" section says what each function computes):
+scoring API page, docs/scoring_api.md, says what each function computes):
 
 - :class:`VideoGrid` — token geometry of one video (t-major, then h, then w);
 - :func:`attention_scores` / :class:`AttentionScoreAccumulator` — s_attn;
