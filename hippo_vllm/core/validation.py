@@ -24,6 +24,8 @@ def check_positive_int(name: str, value: object) -> int:
     ``bool`` is rejected although it subclasses ``int``: ``True`` as a size is
     almost always a bug at the call site.
     """
+    if type(value) is int and value >= 1:  # the common case, without the ABC checks below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
     if value < 1:

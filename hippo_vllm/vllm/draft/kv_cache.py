@@ -16,6 +16,7 @@ the target runner's ``kv_caches`` list).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,6 +132,9 @@ class DraftBatch:
     attn_metadata: dict[str, object]
     slot_mapping: dict[str, torch.Tensor]
     num_tokens: int
+
+
+_FEW_ROWS = 16  # batch_rows works out the slots of this many rows of a request in plain ints
 
 
 class DraftKVCache:
@@ -262,8 +266,8 @@ class DraftKVCache:
         for row, (req_id, seq_len, n) in enumerate(zip(req_ids, seq_lens, query_lens)):
             blocks = self._blocks[req_id]
             table[row, : len(blocks)] = blocks
-            if n == 1:
-                slots.append(blocks[(seq_len - 1) // size] * size + (seq_len - 1) % size)
+            if n <= _FEW_ROWS:  # decodes and the refeeds of a chunk: plain ints beat numpy's set-up
+                slots.extend(blocks[i // size] * size + i % size for i in range(seq_len - n, seq_len))
             else:
                 idx = np.arange(seq_len - n, seq_len)
                 slots.extend((np.asarray(blocks)[idx // size] * size + idx % size).tolist())
@@ -276,10 +280,10 @@ class DraftKVCache:
         attend causally to everything before them in the request's draft KV.
         """
         table, seq_lens_cpu, slots = self.batch_rows(req_ids, query_lens)
-        query_start_loc_cpu = torch.zeros(len(req_ids) + 1, dtype=torch.int32)
-        query_start_loc_cpu[1:] = torch.tensor(query_lens, dtype=torch.int32).cumsum(0)
+        # Plain ints where they suffice: this runs once per draft forward.
+        query_start_loc_cpu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
         slot_mapping = slots.to(self.device)
-        num_tokens = int(query_start_loc_cpu[-1])
+        num_tokens = sum(query_lens)
         common = CommonAttentionMetadata(
             query_start_loc=query_start_loc_cpu.to(self.device),
             query_start_loc_cpu=query_start_loc_cpu,
@@ -287,7 +291,7 @@ class DraftKVCache:
             num_reqs=len(req_ids),
             num_actual_tokens=num_tokens,
             max_query_len=max(query_lens),
-            max_seq_len=int(seq_lens_cpu.max()),
+            max_seq_len=max(self._lengths[r] for r in req_ids),
             block_table_tensor=table.to(self.device),
             slot_mapping=slot_mapping,
             causal=True,
