@@ -66,10 +66,15 @@ preparation, sampling and verification, and the proposer's own bookkeeping. It i
 summed over all timed batches, the same batches in every row (the median batch is
 another one in each row, with other videos and another number of steps).
 
+``--interleave`` (with ``--no-worker``) starts every row's engine first and then runs
+each batch in every row in turn, the target first and the others in an order rotating
+by batch: on a machine whose speed drifts between minutes, every row's batches meet
+the same drift, where rows run one after another each meet their own.
+
 Usage: python benchmarks/bench_e2e.py [--out PATH] [--max-tokens N] [--num-prompts N]
        [--num-frames N] [--k K] [--adaptive-cap N] [--repeats N] [--pairs self,self-keep-all,tiny] [--quick]
        [--production] [--models tiny|trained] [--family NAME]
-       [--questions describe,template] [--batch-sizes 1,8]
+       [--questions describe,template] [--batch-sizes 1,8] [--interleave --no-worker]
 """
 
 from __future__ import annotations
@@ -85,19 +90,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
-import re  # noqa: E402
 import tempfile  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the scripts beside this one
-import host_profile  # noqa: E402
-from e2e_report import by_workload, print_note, print_table, summarize, times_faster  # noqa: E402
-from e2e_step_tracker import StepTracker  # noqa: E402
+from e2e_engine_run import EngineRun  # noqa: E402
+from e2e_report import by_workload, print_note, print_table, times_faster  # noqa: E402
 from e2e_rows import DRAFT_CORE, PAIRS, TARGET_CORE, Config, build_configs  # noqa: E402
 from e2e_workloads import (  # noqa: E402
     DESCRIBE_MAX_TOKENS,
@@ -168,55 +170,48 @@ def threads_bound_to(cores: frozenset[int] | None):
 
 
 def run_config(config: Config, workloads: list[Workload], args, references: dict) -> list[dict]:
-    """One engine for ``config``; per workload a row. ``references``: each workload's
-    target outputs (filled by the first config, the target alone)."""
+    """One engine for ``config``; per workload a row. ``references``: each batch's target
+    outputs (filled by the first config, the target alone)."""
     with threads_bound_to(config.cores):
-        return _run_config(config, workloads, args, references)
+        run = EngineRun(config, args, engine_settings(args), _check)
+        try:
+            rows = []
+            for workload in workloads:
+                run.start(workload)
+                for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
+                    run.run_batch(repeat, references)
+                rows.append(run.finish())
+            return rows
+        finally:
+            run.close()
 
 
-def _run_config(config: Config, workloads: list[Workload], args, references: dict) -> list[dict]:
-    from vllm import LLM, SamplingParams
-
-    extra = {"speculative_config": config.speculative_config} if config.speculative_config else {}
-    llm = LLM(model=args.target, **engine_settings(args), **extra)
-    rows = []
+def run_interleaved(configs: list[Config], workloads: list[Workload], args, references: dict) -> list[dict]:
+    """``--interleave``: every config's engine at once, each batch in every row in turn: the
+    target first (its outputs are the batch's reference), the others in an order that
+    rotates by batch, so no row always runs right after the same one."""
+    runs = []
     try:
+        for config in configs:
+            runs.append(EngineRun(config, args, engine_settings(args), _check))
+        rows = []
         for workload in workloads:
-            params = SamplingParams(temperature=0.0, max_tokens=workload.max_tokens, ignore_eos=workload.ignore_eos)
-            stops = frozenset() if workload.ignore_eos else frozenset({args.eos_id})
-            tracker = StepTracker(llm, workload.max_tokens, config.worker, stops)
-            batches = []
-            recorder = None
+            for run in runs:
+                run.start(workload)
+            reference, others = runs[0], runs[1:]
             for repeat in range(args.repeats + 1):  # the first batch warms up and is not timed
-                if repeat == 1 and args.profile is not None:  # the timed batches only
-                    recorder = host_profile.Recorder(args.profile / _slug(f"{config.name}__{workload.name}.txt"))
-                    recorder.start()
-                tracker.reset()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                outputs = llm.generate(workload.batch(repeat), params, use_tqdm=False)
-                wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-                ids = [list(o.outputs[0].token_ids) for o in outputs]
-                reference = (workload.name, repeat if workload.fresh_batches else 0)
-                references.setdefault(reference, ids)
-                check_lossless(f"{config.name} ({workload.name})", repeat, ids, references[reference])
-                if repeat:
-                    batches.append({"wall_seconds": wall, "cpu_seconds": cpu, **tracker.collect()})
-            if recorder is not None:
-                recorder.stop()
-                host_profile.print_summary(recorder.path)
-            tracker.unwrap()
-            video_total = sum(o.prompt_token_ids.count(args.video_pad_id) for o in outputs)
-            rows.append({"workload": workload.name, "fresh_videos": bool(workload.fresh_batches),
-                         **summarize(config, batches, video_total, len(workload.requests))})
+                shift = repeat % len(others) if others else 0
+                for run in [reference, *others[shift:], *others[:shift]]:
+                    run.run_batch(repeat, references)
+            rows += [run.finish() for run in runs]
+        return rows
     finally:
-        llm.llm_engine.engine_core.shutdown()  # now, not at garbage collection
-        del llm
-        gc.collect()
-    return rows
+        for run in runs:
+            run.close()
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+def _check(name: str, repeat: int, ids: list, reference: list) -> None:
+    check_lossless(name, repeat, ids, reference)  # looked up when called (the tests record it)
 
 
 def check_lossless(name: str, repeat: int, ids: list, reference: list) -> None:
@@ -282,6 +277,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=pathlib.Path, default=None,
                         help="folder for py-spy samples of each row's timed batches, summarized after each "
                              "(benchmarks/host_profile.py; needs py-spy)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="start every row's engine first, then run each batch in every row in turn (the "
+                             "target first, the others in an order rotating by batch), so a machine whose "
+                             "speed drifts slows every row alike (with --no-worker; not with --profile)")
     parser.add_argument("--production", action="store_true",
                         help="bfloat16, torch.compile and CUDA graphs, default KV-cache sizing (GPU settings)")
     args = parser.parse_args(argv)
@@ -312,6 +311,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif args.batch_sizes is not None or args.fresh_videos or args.merge_size is not None:
         parser.error("--batch-sizes, --fresh-videos and --merge-size are for --models trained; --num-prompts "
                      "sets the tiny models' batch")
+    if args.interleave and (not args.no_worker or args.profile is not None):
+        parser.error("--interleave runs every row's engine at once on all cores: add --no-worker (the worker "
+                     "rows bind this process's threads to one core) and leave out --profile (it samples the "
+                     "whole process)")
     args.pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     unknown = [p for p in args.pairs if p not in PAIRS]
     if unknown or not args.pairs:
@@ -376,14 +379,17 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise SystemExit(f"--rows: no row named {sorted(unknown)}; the rows are {[c.name for c in configs]}")
         configs = [c for c in configs if c.name == "target" or c.name in wanted]
-    for config in configs:
-        started = time.perf_counter()
-        config_rows = run_config(config, workloads, args, references)
-        for row in config_rows:
-            row["engine_and_batches_seconds"] = time.perf_counter() - started  # every workload's together
-            print(f"  {config.name} ({row['workload']}): {row['wall_seconds']:.3f} s, outputs equal the target's",
-                  flush=True)
-        rows += config_rows
+    if args.interleave:
+        rows = run_interleaved(configs, workloads, args, references)
+    else:
+        for config in configs:
+            started = time.perf_counter()
+            config_rows = run_config(config, workloads, args, references)
+            for row in config_rows:
+                row["engine_and_batches_seconds"] = time.perf_counter() - started  # every workload's together
+                print(f"  {config.name} ({row['workload']}): {row['wall_seconds']:.3f} s, outputs equal the "
+                      "target's", flush=True)
+            rows += config_rows
     for group in by_workload(rows).values():
         for row in group:
             row["speedup_vs_target"] = times_faster(group[0], row)

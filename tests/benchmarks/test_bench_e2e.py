@@ -103,6 +103,44 @@ def test_timings_are_flagged_by_spread_or_idle_cores_counting_only_the_cores_a_r
     assert report.timing_warning({**spread, "fresh_videos": True}, top_share=0.98) is None
 
 
+def test_interleaved_rows_run_each_batch_in_every_row_the_target_first_the_others_rotating(bench, monkeypatch,
+                                                                                           capsys):
+    ran, closed = [], []
+
+    class Recorded:  # bench_e2e.EngineRun's interface: the order of its calls is what is tested
+        def __init__(self, config, args, settings, check):
+            self.name = config.name
+
+        def start(self, workload):
+            self.workload = workload.name
+
+        def run_batch(self, repeat, references):
+            ran.append((self.workload, repeat, self.name))
+
+        def finish(self):
+            return {"workload": self.workload, "name": self.name}
+
+        def close(self):
+            closed.append(self.name)
+
+    monkeypatch.setattr(bench, "EngineRun", Recorded)
+    configs = [bench.Config(name, "hippo") for name in ("target", "a", "b", "c")]
+    workloads = [bench.Workload(name, [], 4) for name in ("w1", "w2")]
+    args = bench.parse_args(["--repeats", "3", "--no-worker", "--interleave"])
+    rows = bench.run_interleaved(configs, workloads, args, {})
+    orders = [[name for w, r, name in ran if (w, r) == (workload, repeat)]
+              for workload in ("w1", "w2") for repeat in range(4)]
+    assert orders == [["target", "a", "b", "c"], ["target", "b", "c", "a"], ["target", "c", "a", "b"],
+                      ["target", "a", "b", "c"]] * 2
+    assert [(row["workload"], row["name"]) for row in rows] == [(w, c.name) for w in ("w1", "w2") for c in configs]
+    assert closed == ["target", "a", "b", "c"]
+    # Every engine runs at once on all cores: not with the rows bound to one core, nor under py-spy.
+    for argv in (["--interleave"], ["--interleave", "--no-worker", "--profile", "prof"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+    assert "--interleave runs every row's engine at once on all cores: add --no-worker" in capsys.readouterr().err
+
+
 def test_production_settings_are_what_a_gpu_user_runs(bench):
     production = bench.engine_settings(bench.parse_args(["--quick", "--production"]))
     assert (production["dtype"], production["enforce_eager"]) == ("bfloat16", False)

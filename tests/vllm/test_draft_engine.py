@@ -341,8 +341,12 @@ def test_block_size_must_be_a_kernel_block_size_of_the_backend(draft_llm, tiny):
         DraftEngine(draft_llm[0].llm_engine.vllm_config, tiny.draft, num_blocks=8, block_size=16)
 
 
-def test_a_decode_step_of_token_ids_equals_the_same_step_as_inputs(eng, refs):
-    """run_decode (a chunk's decode steps) gives the logits and KV that run gives the same tokens."""
+@pytest.mark.parametrize("reorder", [False, True], ids=["in_order", "backend_reorders"])
+def test_steps_of_token_ids_equal_the_same_steps_as_inputs(eng, refs, monkeypatch, reorder):
+    """run_tokens (a chunk's first step) and run_decode (its later ones) give the logits and KV
+    that run gives the same tokens, also when the backend wants the short queries first."""
+    if reorder:  # as FLASHINFER's metadata builder asks; CPU_ATTN itself takes any order
+        monkeypatch.setattr(eng.kv.builder, "reorder_batch_threshold", 1)
     video, text = refs["video"], refs["text"]
     emb_p, pos_p = _pruned_prompt(eng, video)
     emb_t, pos_t = _full_prompt(eng, text)
@@ -355,12 +359,18 @@ def test_a_decode_step_of_token_ids_equals_the_same_step_as_inputs(eng, refs):
     by_ids = eng.run_decode(["pb", "tb"], torch.tensor(tokens), positions)
     torch.testing.assert_close(by_ids, by_inputs, rtol=0, atol=1e-5)
     assert [eng.length(r) for r in ("pa", "ta")] == [eng.length(r) for r in ("pb", "tb")]
-    # The next step reads the KV each path wrote.
+    # The next step reads the KV each path wrote: two tokens for the video request, one for the text.
     nxt = [int(t) for t in by_inputs.argmax(dim=-1)]
-    again = eng.run([_token("pa", video, 1, nxt[0]), _token("ta", text, 1, nxt[1])])
-    torch.testing.assert_close(eng.run_decode(["pb", "tb"], torch.tensor(nxt), positions + 1), again, rtol=0,
-                               atol=1e-5)
-    with pytest.raises(ValueError, match="one token and position per request"):
+    two = DraftInput("pa", torch.cat([video.decode_positions(1), video.decode_positions(2)], dim=1),
+                     token_ids=torch.tensor([nxt[0], 7]))
+    again = eng.run([two, _token("ta", text, 1, nxt[1])])
+    rows = torch.cat([positions[:1] + 1, positions[:1] + 2, positions[1:] + 1])
+    torch.testing.assert_close(eng.run_tokens(["pb", "tb"], [2, 1], torch.tensor([nxt[0], 7, nxt[1]]), rows),
+                               again, rtol=0, atol=1e-5)
+    assert [eng.length(r) for r in ("pa", "ta")] == [eng.length(r) for r in ("pb", "tb")]
+    with pytest.raises(ValueError, match="at least one token per request and a position per token"):
         eng.run_decode(["pb", "tb"], torch.tensor(nxt), positions[:1])
+    with pytest.raises(ValueError, match=r"query_lens \[2, 0\]"):
+        eng.run_tokens(["pb", "tb"], [2, 0], torch.tensor(nxt), positions)
     for rid in ("pa", "ta", "pb", "tb"):
         eng.free(rid)

@@ -312,10 +312,10 @@ def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkey
     assert result.no_room == ["v"] and result.failures == [] and result.chunks == {}
     monkeypatch.undo()
 
-    def full(inputs):
+    def full(new_lengths):
         raise DraftCapacityError("injected: no free blocks")
 
-    monkeypatch.setattr(draft.engine, "run", full)
+    monkeypatch.setattr(draft.engine.kv, "reserve", full)  # where every draft forward takes its KV rows
     result = draft.handle(StepWork(6, chunks=[ChunkOrder("t", 0, [12, 13, 14], K)]))
     assert result.no_room == ["t"] and result.failures == [] and result.chunks == {}
     monkeypatch.undo()

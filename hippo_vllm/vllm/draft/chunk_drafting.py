@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine
 from hippo_vllm.vllm.draft.view import DraftView
 
 
@@ -116,7 +116,7 @@ class ChunkDrafter:
 
     def _draft(self, requests: list[ChunkRequest]) -> torch.Tensor:
         engine = self.engine
-        inputs = []
+        token_ids, positions, query_lens = [], [], []  # the first step's, all requests' rows in order
         for r in requests:
             state = r.state
             assert not state.chunk_in_flight, "a chunk of this request is still in flight"
@@ -129,13 +129,14 @@ class ChunkDrafter:
             engine.truncate(r.req_id, state.view.compact_len + common)
             del state.fed_outputs[common:]
             new = r.outputs[common:]
-            positions = torch.tensor([state.output_position(i) for i in range(common, len(r.outputs))])
-            inputs.append(
-                DraftInput(r.req_id, positions.expand(3, -1), token_ids=torch.tensor(new, dtype=torch.long))
-            )
+            token_ids += new
+            first_position = state.output_position(common)
+            positions += range(first_position, first_position + len(new))
+            query_lens.append(len(new))
         # Run (and allocate) before touching fed_outputs: a capacity error leaves
         # every request consistent (fed_outputs mirrors the KV).
-        first = engine.run(inputs).argmax(dim=-1)
+        first = engine.run_tokens([r.req_id for r in requests], query_lens, torch.tensor(token_ids),
+                                  torch.tensor(positions)).argmax(dim=-1)
         for r in requests:
             r.state.fed_outputs.extend(r.outputs[len(r.state.fed_outputs):])
         max_budget = max(r.budget for r in requests)

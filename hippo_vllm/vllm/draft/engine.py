@@ -19,8 +19,8 @@ How it hooks into vLLM: the model is loaded with
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,57 +34,13 @@ from vllm.utils.math_utils import cdiv
 
 from hippo_vllm.vllm.draft.batching import consecutive_groups
 from hippo_vllm.vllm.draft.decode_graphs import DecodeGraphs
+from hippo_vllm.vllm.draft.draft_input import DraftInput
 from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config, tokenizer_length
 from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 from hippo_vllm.vllm.model_families import family_of
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
-
-
-@dataclass
-class DraftInput:
-    """Rows to append to one request's draft sequence.
-
-    positions: ``[3, n]`` int M-RoPE positions in the *original* (full-sequence)
-        coordinates; text and generated tokens have three equal rows, and so
-        has every row of a 1-D family (the draft's model gets the first row).
-    token_ids: ``[n]`` ids, embedded with the draft's own token embedding, or
-    inputs_embeds: ``[n, row_width]`` rows already embedded (e.g. a compact prompt
-        with kept video rows, from ``DraftEngine.embed_prompt``); for a DeepStack
-        draft each row carries its DeepStack features after its embedding.
-    """
-
-    req_id: str
-    positions: torch.Tensor
-    token_ids: torch.Tensor | None = None
-    inputs_embeds: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.token_ids is None) == (self.inputs_embeds is None):
-            raise ValueError(f"DraftInput {self.req_id!r}: give exactly one of token_ids and inputs_embeds")
-        rows = self.token_ids if self.token_ids is not None else self.inputs_embeds
-        n = rows.shape[0]
-        if n < 1:
-            raise ValueError(f"DraftInput {self.req_id!r} has no rows")
-        if self.positions.dim() != 2 or tuple(self.positions.shape) != (3, n):
-            raise ValueError(
-                f"DraftInput {self.req_id!r}: positions must be [3, {n}] M-RoPE positions, "
-                f"got {tuple(self.positions.shape)}"
-            )
-        if self.token_ids is not None and self.token_ids.dim() != 1:
-            raise ValueError(
-                f"DraftInput {self.req_id!r}: token_ids must be 1-D, got {tuple(self.token_ids.shape)}"
-            )
-        if self.inputs_embeds is not None and self.inputs_embeds.dim() != 2:
-            raise ValueError(
-                f"DraftInput {self.req_id!r}: inputs_embeds must be [n, row_width], "
-                f"got {tuple(self.inputs_embeds.shape)}"
-            )
-
-    @property
-    def num_rows(self) -> int:
-        return self.positions.shape[1]
 
 
 class DraftEngine:
@@ -375,21 +331,37 @@ class DraftEngine:
         return self._run_batch(req_ids, [inp.num_rows for inp in inputs], lambda order: self._forward(inputs, order))
 
     @torch.inference_mode()
+    def run_tokens(self, req_ids: list[str], query_lens: list[int], token_ids: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`run` of token ids only: request ``i`` appends its next ``query_lens[i]`` tokens;
+        ``token_ids`` ``[N]`` and their positions ``[N]`` (text: the three M-RoPE rows equal) in
+        request order. A chunk's steps take this path: no per-request inputs to build, check
+        and concatenate."""
+        num_rows = (sum(query_lens),)
+        if (len(set(req_ids)) != len(req_ids) or len(query_lens) != len(req_ids) or min(query_lens, default=0) < 1
+                or token_ids.shape != num_rows or positions.shape != num_rows):
+            raise ValueError(f"run_tokens: at least one token per request and a position per token, got "
+                             f"{len(req_ids)} requests, query_lens {query_lens}, token_ids "
+                             f"{tuple(token_ids.shape)}, positions {tuple(positions.shape)}")
+
+        def forward(order: list[int]) -> torch.Tensor:
+            reordered = order != sorted(order)
+            batch_ids, lens, ids, pos = req_ids, query_lens, token_ids, positions
+            if reordered:  # the request rows in the backend's order (see _batch_order)
+                starts = [0, *itertools.accumulate(query_lens)]
+                index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order])
+                batch_ids, lens = [req_ids[i] for i in order], [query_lens[i] for i in order]
+                ids, pos = token_ids[index], positions[index]
+            rows = self._with_deepstack(self.model.embed_input_ids(ids.to(self.device, torch.int64)), None)
+            pos = pos.to(self.device, torch.int64).expand(3, -1).contiguous()
+            logits = self._forward_rows(batch_ids, lens, rows, pos)
+            return logits[torch.tensor(order).argsort().to(self.device)] if reordered else logits
+
+        return self._run_batch(req_ids, query_lens, forward)
+
     def run_decode(self, req_ids: list[str], token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`run` of one token per request: ``token_ids`` ``[R]`` and their positions ``[R]``
-        (text: the three M-RoPE rows equal). A chunk's decode steps take this path: no
-        per-request inputs to build, check and concatenate."""
-        one_each = (len(req_ids),)
-        if len(set(req_ids)) != len(req_ids) or token_ids.shape != one_each or positions.shape != one_each:
-            raise ValueError(f"run_decode: one token and position per request, got {len(req_ids)} requests, "
-                             f"token_ids {tuple(token_ids.shape)}, positions {tuple(positions.shape)}")
-
-        def forward(_order: list[int]) -> torch.Tensor:  # all decodes: no backend reorders them
-            rows = self._with_deepstack(self.model.embed_input_ids(token_ids.to(self.device, torch.int64)), None)
-            return self._forward_rows(req_ids, [1] * len(req_ids), rows,
-                                      positions.to(self.device, torch.int64).expand(3, -1).contiguous())
-
-        return self._run_batch(req_ids, [1] * len(req_ids), forward)
+        """:meth:`run_tokens` of one token per request (a chunk's steps after its first)."""
+        return self.run_tokens(req_ids, [1] * len(req_ids), token_ids, positions)
 
     def _run_batch(self, req_ids: list[str], query_lens: list[int], forward) -> torch.Tensor:
         """Reserve each request's new rows, then ``forward(order)`` (``order``: the batch order the
