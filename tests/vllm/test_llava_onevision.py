@@ -26,6 +26,7 @@ from engine_utils import (
 )
 from hippo_vllm.config import HippoConfig, HippoConfigError
 from hippo_vllm.core import VideoGrid
+from hippo_vllm.vllm.draft.draft_input import DraftInput
 from hippo_vllm.vllm.seam.config_rewrite import check_draft_against_target
 from hippo_vllm.vllm.draft.view import build_draft_view
 from hippo_vllm.vllm.model_families import LLAVA_ONEVISION, QWEN2_5_VL, family_of
@@ -209,11 +210,12 @@ def test_self_draft_keeping_every_token_is_lossless_and_accepts_everything(llava
 
 
 def recording_draft_inputs(llm) -> tuple[dict, list, list]:
-    """From now on: each request's draft view, every DraftInput the draft runs, and the
-    positions tensor its model gets in each forward."""
+    """From now on: each request's draft view, every input the draft runs (a chunk's token
+    rows as DraftInputs too), and the positions tensor its model gets in each forward."""
     worker = draft_worker_of(llm)
     views, inputs, model_positions = {}, [], []
-    build_new, run, forward = worker.views.build_new, worker.engine.run, worker.engine.model.forward
+    engine = worker.engine
+    build_new, run, run_tokens, forward = worker.views.build_new, engine.run, engine.run_tokens, engine.model.forward
 
     def recording_build_new(requests):  # every new view, built alone or with a step's others
         built = build_new(requests)
@@ -224,12 +226,17 @@ def recording_draft_inputs(llm) -> tuple[dict, list, list]:
         inputs.extend(batch)
         return run(batch)
 
+    def recording_run_tokens(req_ids, query_lens, token_ids, positions):  # a chunk's steps, as inputs
+        rows = zip(req_ids, token_ids.cpu().split(query_lens), positions.cpu().split(query_lens))
+        inputs.extend(DraftInput(req_id, pos.expand(3, -1), token_ids=ids) for req_id, ids, pos in rows)
+        return run_tokens(req_ids, query_lens, token_ids, positions)
+
     def recording_forward(*args, positions, **kwargs):
         model_positions.append(positions)
         return forward(*args, positions=positions, **kwargs)
 
-    worker.views.build_new, worker.engine.run = recording_build_new, recording_run
-    worker.engine.model.forward = recording_forward
+    worker.views.build_new, engine.run, engine.run_tokens = recording_build_new, recording_run, recording_run_tokens
+    engine.model.forward = recording_forward
     return views, inputs, model_positions
 
 
