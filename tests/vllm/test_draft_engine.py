@@ -19,6 +19,7 @@ from engine_utils import greedy, make_llm, shutdown_llm, text_request, video_req
 from vllm.multimodal.inputs import PlaceholderRange
 
 from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftInput
+from hippo_vllm.vllm.draft.prompt_rows import PromptToEmbed
 
 pytestmark = pytest.mark.engine
 
@@ -191,6 +192,29 @@ def test_embed_prompt_places_the_drafts_own_video_embeddings(eng, refs):
     torch.testing.assert_close(emb[rows[~is_embed]], token_rows, rtol=0, atol=0)
     with pytest.raises(ValueError, match="64 embeddings for 32 placeholder rows"):
         eng.embed_prompt(video.prompt_ids, [masked], item_embeds=[item])
+
+
+def test_embed_prompts_gives_each_prompt_exactly_its_rows_alone_in_one_call(eng, refs, monkeypatch):
+    video, text = refs["video"], refs["text"]
+    (item,) = eng.embed_multimodal(video.mm_features)
+    pos = video.mm_features[0].mm_position
+    kept = torch.cat([torch.arange(pos.offset), torch.arange(pos.offset, pos.offset + pos.length, 5),
+                      torch.arange(pos.offset + pos.length, len(video.prompt_ids))])
+    prompts = [PromptToEmbed(video.prompt_ids, video.mm_features, [item], kept),
+               PromptToEmbed(text.prompt_ids, [], []),
+               PromptToEmbed(video.prompt_ids, video.mm_features, [item]),
+               PromptToEmbed(text.prompt_ids, [], [], torch.arange(0, len(text.prompt_ids), 2))]
+    alone = [eng.embed_prompt(p.token_ids, p.mm_features, p.item_embeds, rows=p.rows) for p in prompts]
+    calls, embed = [], eng.model.embed_input_ids
+    monkeypatch.setattr(eng.model, "embed_input_ids", lambda *a, **k: calls.append(1) or embed(*a, **k))
+    together = eng.embed_prompts(prompts)
+    assert len(calls) == 1 and len(together) == len(prompts)
+    for rows, expected in zip(together, alone):
+        torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    # Each prompt's rows have storage of their own (kept rows must not hold the others').
+    assert len({rows.untyped_storage().data_ptr() for rows in together}) == len(prompts)
+    with pytest.raises(ValueError, match="2 item embeddings for 1 multimodal items"):
+        eng.embed_prompts([prompts[1], PromptToEmbed(video.prompt_ids, video.mm_features, [item, item])])
 
 
 def test_pruned_prompt_is_consistent_across_chunking_and_batching(eng, refs):

@@ -17,6 +17,7 @@ from engine_utils import make_llm, shutdown_llm, text_request, video_request
 from test_draft_engine import NUM_TOKENS, _capture_requests, _greedy_decode
 
 from hippo_vllm.vllm.draft.engine import DraftEngine, DraftInput
+from hippo_vllm.vllm.draft.prompt_rows import PromptToEmbed
 from hippo_vllm.vllm.draft.view import video_embed_rows
 
 pytestmark = pytest.mark.engine
@@ -103,3 +104,20 @@ def test_a_pruned_prompt_keeps_each_rows_deepstack_features_across_chunks(qwen3_
         assert all(float(b.abs().sum()) == 0 for b in eng.model.deepstack_input_embeds)
     finally:
         _free_all(eng)
+
+
+def test_prompts_embedded_together_keep_each_rows_deepstack_features(qwen3_vl):
+    eng, video, text = qwen3_vl
+    (feature,) = video.mm_features
+    (item,) = eng.embed_multimodal(video.mm_features)
+    pos = feature.mm_position
+    kept = torch.cat([torch.arange(pos.offset), pos.offset + video_embed_rows(pos)[::3],
+                      torch.arange(pos.offset + pos.length, len(video.prompt_ids))])
+    prompts = [PromptToEmbed(text.prompt_ids, [], []), PromptToEmbed(video.prompt_ids, [feature], [item], kept),
+               PromptToEmbed(video.prompt_ids, [feature], [item])]
+    alone = [eng.embed_prompt(p.token_ids, p.mm_features, p.item_embeds, rows=p.rows) for p in prompts]
+    for rows, expected in zip(eng.embed_prompts(prompts), alone):
+        assert rows.shape[1] == eng.row_width
+        torch.testing.assert_close(rows, expected, rtol=0, atol=0)
+    # Nothing is left in vLLM's buffer for a forward that follows.
+    assert all(float(b.abs().sum()) == 0 for b in eng.model.deepstack_input_embeds)

@@ -8,6 +8,7 @@ injected into the draft engine to check how each maps into the result.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import pytest
@@ -200,8 +201,6 @@ def test_a_prompt_seen_again_reuses_its_view_and_rows_without_encoding(draft, ta
 
 def other_video(prompt):
     """The prompt with its video as another item (same pixels, another identifier)."""
-    import dataclasses
-
     features = [dataclasses.replace(f, identifier=f.identifier + "-other") for f in prompt.mm_features]
     return dataclasses.replace(prompt, mm_features=features)
 
@@ -259,6 +258,42 @@ def test_the_views_of_a_step_are_scored_together_equal_alone_and_a_bad_one_is_bl
     result = draft.handle(StepWork(21, prefills=[prefill("d", video, ranks[0]), prefill("e", other, bad)]))
     assert calls == [2, 1, 1] and [(f.req_id, f.where) for f in result.failures] == [("e", "draft prefill")]
     assert [v.req_id for v in result.views] == ["d"] and "d" in draft.views and "e" not in draft.views
+
+
+def test_the_rows_of_a_steps_new_views_are_embedded_together_equal_alone_and_a_bad_one_is_blamed_alone(
+        draft, target, monkeypatch):
+    video = target[1]["video"]
+    other = other_video(video)
+    tokens = draft.handle(StepWork(0, prefills=[prefill("probe", video)])).views[0].video_tokens
+    draft.handle(StepWork(1, releases=[Release("probe", finished=True)]))
+    ranks = [torch.linspace(0.0, 1.0, tokens)], [torch.linspace(1.0, 0.0, tokens)]
+    alone = {}
+    for seq, (req_id, prompt, attention) in enumerate([("a", video, ranks[0]), ("b", other, ranks[1])], start=2):
+        draft.handle(StepWork(seq, prefills=[prefill(req_id, prompt, attention)]))
+        alone[req_id] = draft.views.rows(req_id, draft.engine.device).clone()
+        draft.handle(StepWork(10 + seq, releases=[Release(req_id, finished=True)]))
+    calls, embed_prompts = [], draft.engine.embed_prompts
+
+    def recording(prompts):
+        calls.append(len(prompts))
+        if any(f.identifier.endswith("-other-bad") for p in prompts for f in p.mm_features):
+            raise RuntimeError("injected embedding failure")
+        return embed_prompts(prompts)
+
+    monkeypatch.setattr(draft.engine, "embed_prompts", recording)
+    result = draft.handle(StepWork(20, prefills=[prefill("c", video, ranks[0]), prefill("d", other, ranks[1])],
+                                   chunks=[ChunkOrder("c", 0, [11], K), ChunkOrder("d", 0, [11], K)]))
+    assert calls == [2] and result.failures == [] and sorted(result.chunks) == ["c", "d"]
+    for req_id, same in (("c", "a"), ("d", "b")):
+        torch.testing.assert_close(draft.views.rows(req_id, draft.engine.device), alone[same], rtol=0, atol=0)
+    # One request's rows cannot be embedded: the shared call fails, each embeds alone, only it is blamed.
+    calls.clear()
+    bad = dataclasses.replace(other, mm_features=[dataclasses.replace(f, identifier=f.identifier + "-bad")
+                                                for f in other.mm_features])
+    result = draft.handle(StepWork(30, prefills=[prefill("e", video, ranks[0]), prefill("f", bad, ranks[1])],
+                                   chunks=[ChunkOrder("e", 0, [11], K)]))
+    assert calls == [2, 1, 1] and [(f.req_id, f.where) for f in result.failures] == [("f", "draft prefill")]
+    assert list(result.chunks) == ["e"] and draft.engine.length("f") == 0
 
 
 def test_the_prefills_of_a_step_share_a_forward_and_a_failing_one_is_blamed_alone(draft, target, monkeypatch):

@@ -37,6 +37,7 @@ from hippo_vllm.vllm.draft.decode_graphs import DecodeGraphs
 from hippo_vllm.vllm.draft.draft_input import DraftInput
 from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config, tokenizer_length
 from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.draft.prompt_rows import PromptToEmbed, merge_inputs
 from hippo_vllm.vllm.model_families import family_of
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
@@ -246,42 +247,31 @@ class DraftEngine:
         ``rows`` (ascending prompt rows, e.g. a view's kept rows) embeds only those: a
         pruned view of a long video never materialises the whole prompt's rows.
         """
-        ids = token_ids.to(self.device, torch.int64)
-        if rows is not None and not mm_features:
-            ids = ids[rows.to(self.device)]
         mm_features = list(mm_features or ())
-        if not mm_features:
-            with self._as_draft():
-                return self._with_deepstack(self.model.embed_input_ids(ids), None)
-        if item_embeds is None:
+        if mm_features and item_embeds is None:
             item_embeds = self.embed_multimodal(mm_features)
-        if len(item_embeds) != len(mm_features):
-            raise ValueError(f"{len(item_embeds)} item embeddings for {len(mm_features)} multimodal items")
-        # The merge fills placeholder rows in prompt order, so order items by offset.
-        ordered = sorted(zip(mm_features, item_embeds), key=lambda fe: fe[0].mm_position.offset)
-        is_mm = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for feature, emb in ordered:
-            pos, name = feature.mm_position, f"{feature.modality} item {feature.identifier}"
-            if pos.offset + pos.length > ids.shape[0]:
-                raise ValueError(f"{name}: placeholder {pos} lies beyond the {ids.shape[0]}-token prompt")
-            mask = torch.ones(pos.length, dtype=torch.bool) if pos.is_embed is None else pos.is_embed.bool().cpu()
-            if emb.shape[0] != int(mask.sum()):
-                raise ValueError(f"{name}: {emb.shape[0]} embeddings for {int(mask.sum())} placeholder rows")
-            span = is_mm[pos.offset : pos.offset + pos.length]  # a view: `|=` writes into is_mm
-            if bool((span & mask).any()):
-                raise ValueError(f"{name}: placeholder {pos} overlaps another item")
-            span |= mask
-        item_rows = [e.to(self.device) for _, e in ordered]
-        if rows is not None:
-            # The kept rows only: their ids, and of the items' rows (in prompt order, as
-            # the merge fills them) the ones at kept positions.
-            kept = torch.zeros(ids.shape[0], dtype=torch.bool)
-            kept[rows.cpu()] = True
-            item_rows = [torch.cat(item_rows)[kept[is_mm].to(self.device)]]
-            ids, is_mm = ids[rows.to(self.device)], is_mm[rows.cpu()]
+        return self.embed_prompts([PromptToEmbed(token_ids, mm_features, list(item_embeds or ()), rows)])[0]
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: list[PromptToEmbed]) -> list[torch.Tensor]:
+        """:meth:`embed_prompt` of several prompts (their items already encoded) in one
+        embedding call: each prompt gets exactly the rows it gets alone (``prompt_rows``)."""
+        if not prompts:
+            return []
+        merges = [merge_inputs(prompt, self.device) for prompt in prompts]
+        ids = torch.cat([m.ids for m in merges])
+        item_rows = [rows for m in merges for rows in m.item_rows]
         with self._as_draft():
-            embeds = self.model.embed_input_ids(ids, item_rows, is_multimodal=is_mm.to(self.device))
-            return self._with_deepstack(embeds, self._take_deepstack(ids.shape[0]))
+            if not item_rows:
+                embeds = self._with_deepstack(self.model.embed_input_ids(ids), None)
+            else:
+                is_mm = torch.cat([m.is_mm for m in merges]).to(self.device)
+                embeds = self.model.embed_input_ids(ids, item_rows, is_multimodal=is_mm)
+                embeds = self._with_deepstack(embeds, self._take_deepstack(ids.shape[0]))
+        if len(merges) == 1:
+            return [embeds]
+        # Each its own storage: a request's kept rows must not hold the others' alive.
+        return [part.clone() for part in embeds.split([m.num_rows for m in merges])]
 
     def _take_deepstack(self, num_rows: int) -> torch.Tensor | None:
         """``[num_rows, levels * hidden]``: the DeepStack features vLLM's ``embed_input_ids`` just
