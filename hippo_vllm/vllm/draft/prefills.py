@@ -109,8 +109,7 @@ class DraftPrefills:
                 item_embeds = self._encode(prompt.mm_features, result) if prompt.mm_features else []
             if view is None:
                 view = self._new_view(req_id, prompt, item_embeds, attention, result)
-            token_ids = torch.tensor(prompt.prompt_token_ids, dtype=torch.long)
-            embeds = engine.embed_prompt(token_ids, prompt.mm_features, item_embeds, rows=view.keep_rows)
+            embeds = engine.embed_prompts([self._to_embed(req_id, item_embeds, view)])[0]
             self.views.keep_rows(req_id, embeds)
         self._check_room(req_id, view)
         return _PreparedPrefill(req_id, DraftState(view, prompt.mrope_delta), prompt.positions[:, view.keep_rows],
@@ -161,15 +160,17 @@ class DraftPrefills:
         if len(req_ids) < 2:
             return  # its prefill embeds them
         try:
-            rows = self.engine.embed_prompts([
-                PromptToEmbed(torch.tensor(self._prompts[r].prompt_token_ids, dtype=torch.long),
-                              self._prompts[r].mm_features, self._encoded[r], self.views.get(r).keep_rows)
-                for r in req_ids
-            ])
+            rows = self.engine.embed_prompts([self._to_embed(r, self._encoded[r], self.views.get(r)) for r in req_ids])
         except Exception:  # noqa: BLE001 - see the docstring
             return
         for req_id, embeds in zip(req_ids, rows):
             self.views.keep_rows(req_id, embeds)
+
+    def _to_embed(self, req_id: str, item_embeds: list[torch.Tensor], view: DraftView) -> PromptToEmbed:
+        """The request's prompt with its items' encodings, to embed at its view's kept rows."""
+        prompt = self._prompts[req_id]
+        return PromptToEmbed(torch.tensor(prompt.prompt_token_ids, dtype=torch.long), prompt.mm_features,
+                             item_embeds, view.keep_rows)
 
     def _encode(self, mm_features: list, result: StepResult) -> list[torch.Tensor]:
         """The draft encoder's output for each item: recent ones reused, the others encoded
