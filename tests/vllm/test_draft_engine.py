@@ -363,38 +363,3 @@ def test_bfloat16_draft_loads_and_runs(draft_llm, tiny, refs):
 def test_block_size_must_be_a_kernel_block_size_of_the_backend(draft_llm, tiny):
     with pytest.raises(ValueError, match="block_size 16 is not a kernel block size of CPU_ATTN"):
         DraftEngine(draft_llm[0].llm_engine.vllm_config, tiny.draft, num_blocks=8, block_size=16)
-
-
-@pytest.mark.parametrize("reorder", [False, True], ids=["in_order", "backend_reorders"])
-def test_steps_of_token_ids_equal_the_same_steps_as_inputs(eng, refs, monkeypatch, reorder):
-    """run_tokens (a chunk's first step) and run_decode (its later ones) give the logits and KV
-    that run gives the same tokens, also when the backend wants the short queries first."""
-    if reorder:  # as FLASHINFER's metadata builder asks; CPU_ATTN itself takes any order
-        monkeypatch.setattr(eng.kv.builder, "reorder_batch_threshold", 1)
-    video, text = refs["video"], refs["text"]
-    emb_p, pos_p = _pruned_prompt(eng, video)
-    emb_t, pos_t = _full_prompt(eng, text)
-    for suffix in ("a", "b"):
-        eng.run([DraftInput("p" + suffix, pos_p, inputs_embeds=emb_p),
-                 DraftInput("t" + suffix, pos_t, inputs_embeds=emb_t)])
-    tokens = [video.output[0], text.output[0]]
-    by_inputs = eng.run([_token("pa", video, 0, tokens[0]), _token("ta", text, 0, tokens[1])])
-    positions = torch.stack([video.decode_positions(0)[0, 0], text.decode_positions(0)[0, 0]])
-    by_ids = eng.run_decode(["pb", "tb"], torch.tensor(tokens), positions)
-    torch.testing.assert_close(by_ids, by_inputs, rtol=0, atol=1e-5)
-    assert [eng.length(r) for r in ("pa", "ta")] == [eng.length(r) for r in ("pb", "tb")]
-    # The next step reads the KV each path wrote: two tokens for the video request, one for the text.
-    nxt = [int(t) for t in by_inputs.argmax(dim=-1)]
-    two = DraftInput("pa", torch.cat([video.decode_positions(1), video.decode_positions(2)], dim=1),
-                     token_ids=torch.tensor([nxt[0], 7]))
-    again = eng.run([two, _token("ta", text, 1, nxt[1])])
-    rows = torch.cat([positions[:1] + 1, positions[:1] + 2, positions[1:] + 1])
-    torch.testing.assert_close(eng.run_tokens(["pb", "tb"], [2, 1], torch.tensor([nxt[0], 7, nxt[1]]), rows),
-                               again, rtol=0, atol=1e-5)
-    assert [eng.length(r) for r in ("pa", "ta")] == [eng.length(r) for r in ("pb", "tb")]
-    with pytest.raises(ValueError, match="at least one token per request and a position per token"):
-        eng.run_decode(["pb", "tb"], torch.tensor(nxt), positions[:1])
-    with pytest.raises(ValueError, match=r"query_lens \[2, 0\]"):
-        eng.run_tokens(["pb", "tb"], [2, 0], torch.tensor(nxt), positions)
-    for rid in ("pa", "ta", "pb", "tb"):
-        eng.free(rid)

@@ -78,10 +78,10 @@ def fail_forwards_with(monkeypatch, engine, req_id, message):
     """Every draft forward that includes ``req_id`` raises RuntimeError(message)."""
     original = engine._forward_rows  # every forward of the draft, prefills and decode steps alike
 
-    def forward(req_ids, *args):
+    def forward(req_ids, *args, **kwargs):
         if req_id in req_ids:
             raise RuntimeError(message)
-        return original(req_ids, *args)
+        return original(req_ids, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_forward_rows", forward)
 
@@ -109,6 +109,35 @@ def test_prefill_and_chunks_with_deltas_draft_greedily(draft, target):
     assert second.chunks == {"v": chunk[2:3]}
     assert pickle.loads(pickle.dumps(work)).prefills[0].prompt.prompt_token_ids == prompts["video"].prompt_token_ids
     assert pickle.loads(pickle.dumps(first)).chunks == first.chunks
+
+
+def test_a_chunk_whose_later_steps_find_no_room_together_drafts_them_one_at_a_time(draft, target, monkeypatch):
+    """A chunk's later steps take their KV rows at once; where those do not all fit, they go one
+    at a time (the same greedy tokens) and the chunk ends where the room does."""
+    prompts = target[1]
+    orders = [ChunkOrder("v", 0, [11], K), ChunkOrder("t", 0, [12], K)]
+    whole = draft.handle(StepWork(0, prefills=[prefill("v", prompts["video"]), prefill("t", prompts["text"])],
+                                  chunks=orders)).chunks
+    assert {r: len(c) for r, c in whole.items()} == {"v": K, "t": K}
+    reserve, rows, room = draft.engine.kv.reserve, [], [K]  # room: forwards that still find their rows
+
+    def nearly_full(new_lengths):  # room for one row per request and forward, `room` times more
+        grows = max(n - draft.engine.length(r) for r, n in new_lengths.items())
+        rows.append(grows)
+        if grows > 1 or not room[0]:
+            raise DraftCapacityError("injected: no free blocks")
+        room[0] -= 1
+        return reserve(new_lengths)
+
+    monkeypatch.setattr(draft.engine.kv, "reserve", nearly_full)
+    result = draft.handle(StepWork(1, chunks=orders))
+    assert result.chunks == whole and result.no_room == [] and result.failures == []
+    assert rows == [1, K - 1, *[1] * (K - 1)]  # the first step; the later ones at once, then one at a time
+    rows.clear()
+    room[0] = 2  # the first step and one more
+    result = draft.handle(StepWork(2, chunks=orders))
+    assert result.chunks == {r: c[:2] for r, c in whole.items()} and result.no_room == []
+    assert rows == [1, K - 1, 1, 1]
 
 
 def test_a_time_budget_sets_how_many_tokens_the_chunks_hold(draft, target):

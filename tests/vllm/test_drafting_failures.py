@@ -87,7 +87,7 @@ class DraftForwardFault:
         self.others_after = 0  # forwards of other requests after the first failure
         original = draft_engine._forward_rows  # every forward of the draft, prefills and decode steps alike
 
-        def forward(req_ids, *args):
+        def forward(req_ids, *args, **kwargs):
             if self.victim is None:
                 self.victim = req_ids[0]
             elif self.victim in req_ids:
@@ -95,7 +95,7 @@ class DraftForwardFault:
                 raise RuntimeError("injected draft failure")
             elif self.raised:
                 self.others_after += 1
-            return original(req_ids, *args)
+            return original(req_ids, *args, **kwargs)
 
         draft_engine._forward_rows = forward
 

@@ -211,11 +211,13 @@ def test_self_draft_keeping_every_token_is_lossless_and_accepts_everything(llava
 
 def recording_draft_inputs(llm) -> tuple[dict, list, list]:
     """From now on: each request's draft view, every input the draft runs (a chunk's token
-    rows as DraftInputs too), and the positions tensor its model gets in each forward."""
+    rows as DraftInputs too, its later steps' with the tokens they fed), and the positions
+    tensor its model gets in each forward."""
     worker = draft_worker_of(llm)
     views, inputs, model_positions = {}, [], []
     engine = worker.engine
     build_new, run, run_tokens, forward = worker.views.build_new, engine.run, engine.run_tokens, engine.model.forward
+    run_greedy = engine.run_greedy
 
     def recording_build_new(requests):  # every new view, built alone or with a step's others
         built = build_new(requests)
@@ -231,11 +233,20 @@ def recording_draft_inputs(llm) -> tuple[dict, list, list]:
         inputs.extend(DraftInput(req_id, pos.expand(3, -1), token_ids=ids) for req_id, ids, pos in rows)
         return run_tokens(req_ids, query_lens, token_ids, positions)
 
+    def recording_run_greedy(req_ids, token_ids, positions, steps):  # a chunk's later steps, as inputs
+        drafted = run_greedy(req_ids, token_ids, positions, steps)
+        fed = torch.cat([token_ids.cpu().unsqueeze(1), drafted.cpu()[:, :-1]], dim=1)  # step s feeds token s-1
+        for req_id, ids, first in zip(req_ids, fed, positions.cpu()):
+            inputs.extend(DraftInput(req_id, (first + step).reshape(1, 1).expand(3, -1), token_ids=ids[step:step + 1])
+                          for step in range(steps))
+        return drafted
+
     def recording_forward(*args, positions, **kwargs):
         model_positions.append(positions)
         return forward(*args, positions=positions, **kwargs)
 
     worker.views.build_new, engine.run, engine.run_tokens = recording_build_new, recording_run, recording_run_tokens
+    engine.run_greedy = recording_run_greedy
     engine.model.forward = recording_forward
     return views, inputs, model_positions
 

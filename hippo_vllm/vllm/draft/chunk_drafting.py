@@ -144,6 +144,12 @@ class ChunkDrafter:
         chunk[:, 0] = first
         # Position of each request's first drafted token; step s feeds token s-1 at this + s-1.
         first_positions = torch.tensor([r.state.output_position(len(r.outputs)) for r in requests])
+        if max_budget > 1 and all(r.budget == max_budget for r in requests):
+            try:
+                chunk[:, 1:] = engine.run_greedy([r.req_id for r in requests], first, first_positions, max_budget - 1)
+                return chunk
+            except DraftCapacityError:
+                pass  # no room for every step: step by step, the chunks ending where the room does
         everyone = list(range(len(requests)))
         for step in range(1, max_budget):
             rows = [i for i, r in enumerate(requests) if r.budget > step]

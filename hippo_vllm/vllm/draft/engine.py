@@ -19,7 +19,6 @@ How it hooks into vLLM: the model is loaded with
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,15 +35,16 @@ from hippo_vllm.vllm.draft.batching import consecutive_groups
 from hippo_vllm.vllm.draft.decode_graphs import DecodeGraphs
 from hippo_vllm.vllm.draft.draft_input import DraftInput
 from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config, tokenizer_length
-from hippo_vllm.vllm.draft.kv_cache import DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
+from hippo_vllm.vllm.draft.kv_cache import DraftBatch, DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 from hippo_vllm.vllm.draft.prompt_rows import PromptToEmbed, merge_inputs
+from hippo_vllm.vllm.draft.token_forwards import TokenForwards
 from hippo_vllm.vllm.model_families import family_of
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
 __all__ = ["DraftCapacityError", "DraftEngine", "DraftInput"]
 
 
-class DraftEngine:
+class DraftEngine(TokenForwards):
     """A vision-language draft (see model_families) with a private paged KV cache, batched over requests.
 
     Each request's draft sequence is addressed by compact index 0..length-1
@@ -320,39 +320,6 @@ class DraftEngine:
                 )
         return self._run_batch(req_ids, [inp.num_rows for inp in inputs], lambda order: self._forward(inputs, order))
 
-    @torch.inference_mode()
-    def run_tokens(self, req_ids: list[str], query_lens: list[int], token_ids: torch.Tensor,
-                   positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`run` of token ids only: request ``i`` appends its next ``query_lens[i]`` tokens;
-        ``token_ids`` ``[N]`` and their positions ``[N]`` (text: the three M-RoPE rows equal) in
-        request order. A chunk's steps take this path: no per-request inputs to build, check
-        and concatenate."""
-        num_rows = (sum(query_lens),)
-        if (len(set(req_ids)) != len(req_ids) or len(query_lens) != len(req_ids) or min(query_lens, default=0) < 1
-                or token_ids.shape != num_rows or positions.shape != num_rows):
-            raise ValueError(f"run_tokens: at least one token per request and a position per token, got "
-                             f"{len(req_ids)} requests, query_lens {query_lens}, token_ids "
-                             f"{tuple(token_ids.shape)}, positions {tuple(positions.shape)}")
-
-        def forward(order: list[int]) -> torch.Tensor:
-            reordered = order != sorted(order)
-            batch_ids, lens, ids, pos = req_ids, query_lens, token_ids, positions
-            if reordered:  # the request rows in the backend's order (see _batch_order)
-                starts = [0, *itertools.accumulate(query_lens)]
-                index = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order])
-                batch_ids, lens = [req_ids[i] for i in order], [query_lens[i] for i in order]
-                ids, pos = token_ids[index], positions[index]
-            rows = self._with_deepstack(self.model.embed_input_ids(ids.to(self.device, torch.int64)), None)
-            pos = pos.to(self.device, torch.int64).expand(3, -1).contiguous()
-            logits = self._forward_rows(batch_ids, lens, rows, pos)
-            return logits[torch.tensor(order).argsort().to(self.device)] if reordered else logits
-
-        return self._run_batch(req_ids, query_lens, forward)
-
-    def run_decode(self, req_ids: list[str], token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """:meth:`run_tokens` of one token per request (a chunk's steps after its first)."""
-        return self.run_tokens(req_ids, [1] * len(req_ids), token_ids, positions)
-
     def _run_batch(self, req_ids: list[str], query_lens: list[int], forward) -> torch.Tensor:
         """Reserve each request's new rows, then ``forward(order)`` (``order``: the batch order the
         backend needs, see :meth:`_batch_order`); on any failure the reservation is undone."""
@@ -390,12 +357,18 @@ class DraftEngine:
         return logits[torch.tensor(order).argsort().to(self.device)] if reordered else logits
 
     def _forward_rows(self, req_ids: list[str], query_lens: list[int], rows: torch.Tensor,
-                      positions: torch.Tensor) -> torch.Tensor:
-        """Logits of each request's last row: ``rows`` ``[N, row_width]`` and ``positions`` ``[3, N]``
-        of the requests in batch order, ``query_lens`` rows each (already reserved)."""
-        if self.decode_graphs is not None and self.decode_graphs.covers(query_lens):
+                      positions: torch.Tensor, batch: DraftBatch | None = None) -> torch.Tensor:
+        """Logits of each request's last row: ``rows`` ``[N, row_width]`` (or ``[N]`` token ids) and
+        ``positions`` ``[3, N]`` of the requests in batch order, ``query_lens`` rows each (already
+        reserved; ``batch``: their metadata, if already built)."""
+        graphs = self.decode_graphs is not None and self.decode_graphs.covers(query_lens)
+        if rows.dim() == 1 and (graphs or self.deepstack_levels):
+            # Graphs replay input rows; a DeepStack forward takes its (here zero) features with them.
+            rows = self._with_deepstack(self.model.embed_input_ids(rows), None)
+        if graphs:
             return self._proposable(self.decode_graphs.run(req_ids, rows, positions).clone())
-        embeds = rows[:, : self.hidden_size]
+        # Token ids go into the forward, which embeds them itself, as vLLM's own drafts run.
+        ids, embeds = (rows, None) if rows.dim() == 1 else (None, rows[:, : self.hidden_size])
         if self.deepstack_levels:
             # vLLM's Qwen3-VL forward adds its buffer's first N rows to the first decoder
             # layers' outputs (and clears them): fill it with exactly this batch's rows.
@@ -403,14 +376,15 @@ class DraftEngine:
             self.model._set_deepstack_input_embeds(deepstack.permute(1, 0, 2))
         if not self.uses_mrope:
             positions = positions[0]  # a 1-D family's three rows are equal
-        batch = self.kv.build_batch(req_ids, query_lens)
+        if batch is None:
+            batch = self.kv.build_batch(req_ids, query_lens)
         cfg = self.draft_vllm_config
         # The current config is the draft's during the forward so custom ops and
         # backends that consult it see the draft's (not the target's) settings.
         with set_current_vllm_config(cfg), set_forward_context(
             batch.attn_metadata, cfg, num_tokens=batch.num_tokens, slot_mapping=batch.slot_mapping
         ):
-            hidden = self.model(input_ids=None, positions=positions, inputs_embeds=embeds)
+            hidden = self.model(input_ids=ids, positions=positions, inputs_embeds=embeds)
         if len(query_lens) != hidden.shape[0]:  # not one row per input (a decode step): each one's last
             hidden = hidden[torch.tensor(query_lens, device=self.device).cumsum(0) - 1]
         return self._proposable(self.model.compute_logits(hidden).float())

@@ -282,17 +282,30 @@ class DraftKVCache:
         table, seq_lens_cpu, slots = self.batch_rows(req_ids, query_lens)
         # Plain ints where they suffice: this runs once per draft forward.
         query_start_loc_cpu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
-        slot_mapping = slots.to(self.device)
-        num_tokens = sum(query_lens)
+        return self._batch(query_start_loc_cpu, query_start_loc_cpu.to(self.device), seq_lens_cpu,
+                           table.to(self.device), slots.to(self.device), max_query_len=max(query_lens))
+
+    def reserve_steps(self, req_ids: list[str], steps: int) -> DecodeSteps:
+        """Reserve ``steps`` more rows for each request (all or nothing), for as many one-token
+        forwards in a row; the returned plan gives each step's metadata."""
+        base = [self.length(r) for r in req_ids]
+        self.reserve({r: length + steps for r, length in zip(req_ids, base)})
+        return DecodeSteps(self, req_ids, base, steps)
+
+    def _batch(self, query_start_loc_cpu: torch.Tensor, query_start_loc: torch.Tensor, seq_lens_cpu: torch.Tensor,
+               table: torch.Tensor, slot_mapping: torch.Tensor, max_query_len: int) -> DraftBatch:
+        """A forward's metadata from its CPU query starts and sequence lengths and its device
+        query starts, block-table rows and slots."""
+        num_tokens = slot_mapping.shape[0]
         common = CommonAttentionMetadata(
-            query_start_loc=query_start_loc_cpu.to(self.device),
+            query_start_loc=query_start_loc,
             query_start_loc_cpu=query_start_loc_cpu,
             seq_lens=seq_lens_cpu.to(self.device),
-            num_reqs=len(req_ids),
+            num_reqs=seq_lens_cpu.shape[0],
             num_actual_tokens=num_tokens,
-            max_query_len=max(query_lens),
-            max_seq_len=max(self._lengths[r] for r in req_ids),
-            block_table_tensor=table.to(self.device),
+            max_query_len=max_query_len,
+            max_seq_len=int(seq_lens_cpu.max()),
+            block_table_tensor=table,
             slot_mapping=slot_mapping,
             causal=True,
             seq_lens_cpu_upper_bound=seq_lens_cpu,
@@ -304,3 +317,34 @@ class DraftKVCache:
             num_tokens=num_tokens,
         )
 
+
+class DecodeSteps:
+    """``steps`` one-token forwards of a batch of requests, their KV rows reserved at once
+    (``DraftKVCache.reserve_steps``).
+
+    Step ``s`` appends each request's row ``base + s`` (``base``: its length when the rows
+    were reserved), which attends to the request's first ``base + s + 1`` rows. The block
+    table and every step's slots are worked out once, so a step only builds its metadata
+    (a builder may keep it in buffers of its own, so each step's is built when it runs).
+    """
+
+    def __init__(self, kv: DraftKVCache, req_ids: list[str], base: list[int], steps: int):
+        self.kv, self.req_ids, self.steps = kv, req_ids, steps
+        self._base = torch.tensor(base, dtype=torch.int32)
+        self._base_lengths = dict(zip(req_ids, base))
+        table, _, slots = kv.batch_rows(req_ids, [steps] * len(req_ids))
+        self._table = table.to(kv.device)
+        self._slots = slots.reshape(len(req_ids), steps).t().contiguous().to(kv.device)  # [steps, R]
+        self._query_start_loc_cpu = torch.arange(len(req_ids) + 1, dtype=torch.int32)
+        self._query_start_loc = self._query_start_loc_cpu.to(kv.device)
+
+    def batch(self, step: int) -> DraftBatch:
+        if not 0 <= step < self.steps:
+            raise ValueError(f"step {step} of a plan of {self.steps} decode steps")
+        return self.kv._batch(self._query_start_loc_cpu, self._query_start_loc, self._base + (step + 1),
+                              self._table, self._slots[step], max_query_len=1)
+
+    def roll_back(self) -> None:
+        """Every request back to its length before the steps' rows were reserved."""
+        for req_id, length in self._base_lengths.items():
+            self.kv.truncate(req_id, length)
