@@ -181,8 +181,10 @@ class AttentionScoreAccumulator:
         if tuple(prob_sums.shape) != (self._num_video_tokens,):
             raise ValueError(f"prob_sums must be [{self._num_video_tokens}] (video tokens), got {list(prob_sums.shape)}")
         pair_count = check_positive_int("pair_count", pair_count)
-        total = self._layer_totals.setdefault(
-            layer, _LayerTotal(torch.zeros(self._num_video_tokens, dtype=torch.float64, device=prob_sums.device)))
+        total = self._layer_totals.get(layer)
+        if total is None:  # the layer's first sums start its total (no zeros to add them to)
+            self._layer_totals[layer] = _LayerTotal(prob_sums.to(torch.float64, copy=True), pair_count)
+            return
         total.prob_sum += prob_sums.to(torch.float64)
         total.pair_count += pair_count
 

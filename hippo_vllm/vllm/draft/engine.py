@@ -378,12 +378,10 @@ class DraftEngine(TokenForwards):
             positions = positions[0]  # a 1-D family's three rows are equal
         if batch is None:
             batch = self.kv.build_batch(req_ids, query_lens)
-        cfg = self.draft_vllm_config
-        # The current config is the draft's during the forward so custom ops and
-        # backends that consult it see the draft's (not the target's) settings.
-        with set_current_vllm_config(cfg), set_forward_context(
-            batch.attn_metadata, cfg, num_tokens=batch.num_tokens, slot_mapping=batch.slot_mapping
-        ):
+        # Callers run this under _as_draft: the current config is the draft's during the forward,
+        # so custom ops and backends that consult it see the draft's (not the target's) settings.
+        with set_forward_context(batch.attn_metadata, self.draft_vllm_config, num_tokens=batch.num_tokens,
+                                 slot_mapping=batch.slot_mapping):
             hidden = self.model(input_ids=ids, positions=positions, inputs_embeds=embeds)
         if len(query_lens) != hidden.shape[0]:  # not one row per input (a decode step): each one's last
             hidden = hidden[torch.tensor(query_lens, device=self.device).cumsum(0) - 1]
