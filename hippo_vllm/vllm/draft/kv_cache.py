@@ -329,7 +329,7 @@ class DecodeSteps:
     """
 
     def __init__(self, kv: DraftKVCache, req_ids: list[str], base: list[int], steps: int):
-        self.kv, self.req_ids, self.steps = kv, req_ids, steps
+        self.kv, self.steps = kv, steps
         self._base = torch.tensor(base, dtype=torch.int32)
         self._base_lengths = dict(zip(req_ids, base))
         table, _, slots = kv.batch_rows(req_ids, [steps] * len(req_ids))

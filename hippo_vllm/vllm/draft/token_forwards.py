@@ -3,7 +3,9 @@
 A chunk's first step feeds each request's refed and corrected tokens
 (:meth:`TokenForwards.run_tokens`); its later steps feed one drafted token per
 request (:meth:`TokenForwards.run_greedy`). Token ids go into the model's
-forward, which embeds them itself, so these steps build no per-request inputs.
+forward, which embeds them itself (a DeepStack draft and decode graphs take
+embedded rows: ``DraftEngine._forward_rows``), so these steps build no
+per-request inputs.
 
 It reads the engine's ``kv``, ``device``, ``decode_graphs``, ``_run_batch``,
 ``_forward_rows`` and ``_as_draft``.
