@@ -25,6 +25,7 @@ from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine, DraftI
 
 pytestmark = pytest.mark.engine
 
+
 @pytest.mark.parametrize("reorder", [False, True], ids=["in_order", "backend_reorders"])
 def test_steps_of_token_ids_equal_the_same_steps_as_inputs(eng, refs, monkeypatch, reorder):
     """run_tokens (a chunk's first step) and run_decode (its later ones) give the logits and KV
