@@ -144,12 +144,10 @@ class ChunkDrafter:
         chunk[:, 0] = first
         # Position of each request's first drafted token; step s feeds token s-1 at this + s-1.
         first_positions = torch.tensor([r.state.output_position(len(r.outputs)) for r in requests])
-        if max_budget > 1 and all(r.budget == max_budget for r in requests):
-            try:
-                chunk[:, 1:] = engine.run_greedy([r.req_id for r in requests], first, first_positions, max_budget - 1)
-                return chunk
-            except DraftCapacityError:
-                pass  # no room for every step: step by step, the chunks ending where the room does
+        if (max_budget > 1 and all(r.budget == max_budget for r in requests)
+                and self._later_steps_at_once(requests, chunk, first_positions)):
+            return chunk
+        # Step by step (mixed budgets, or no room for every step: the chunks end where the room does).
         everyone = list(range(len(requests)))
         for step in range(1, max_budget):
             rows = [i for i, r in enumerate(requests) if r.budget > step]
@@ -164,3 +162,15 @@ class ChunkDrafter:
                 break
             chunk[index, step] = logits.argmax(dim=-1)
         return chunk
+
+    def _later_steps_at_once(self, requests: list[ChunkRequest], chunk: torch.Tensor,
+                             first_positions: torch.Tensor) -> bool:
+        """Fill ``chunk``'s later columns from ``chunk[:, 0]`` with the steps' KV rows reserved at
+        once (``DraftEngine.run_greedy``); False, nothing changed, when they do not all fit."""
+        try:
+            drafted = self.engine.run_greedy([r.req_id for r in requests], chunk[:, 0], first_positions,
+                                             chunk.shape[1] - 1)
+        except DraftCapacityError:
+            return False
+        chunk[:, 1:] = drafted
+        return True

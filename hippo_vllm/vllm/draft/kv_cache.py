@@ -331,7 +331,6 @@ class DecodeSteps:
     def __init__(self, kv: DraftKVCache, req_ids: list[str], base: list[int], steps: int):
         self.kv, self.steps = kv, steps
         self._base = torch.tensor(base, dtype=torch.int32)
-        self._base_lengths = dict(zip(req_ids, base))
         table, _, slots = kv.batch_rows(req_ids, [steps] * len(req_ids))
         self._table = table.to(kv.device)
         self._slots = slots.reshape(len(req_ids), steps).t().contiguous().to(kv.device)  # [steps, R]
@@ -343,8 +342,3 @@ class DecodeSteps:
             raise ValueError(f"step {step} of a plan of {self.steps} decode steps")
         return self.kv._batch(self._query_start_loc_cpu, self._query_start_loc, self._base + (step + 1),
                               self._table, self._slots[step], max_query_len=1)
-
-    def roll_back(self) -> None:
-        """Every request back to its length before the steps' rows were reserved."""
-        for req_id, length in self._base_lengths.items():
-            self.kv.truncate(req_id, length)

@@ -61,7 +61,8 @@ class TokenForwards:
         Every step's KV rows are reserved first, all or nothing: a ``DraftCapacityError``
         leaves every request as it was, and so does a step that fails. The block table and
         slots are worked out once for all steps (``DecodeSteps``). With decode graphs, each
-        step replays one (they read the KV lengths step by step).
+        step replays one and reserves its own row (graphs read the KV lengths step by step);
+        a failing step, capacity included, still leaves every request as it was.
         """
         if len(set(req_ids)) != len(req_ids) or token_ids.shape != (len(req_ids),) or positions.shape != token_ids.shape:
             raise ValueError(f"run_greedy: one token and position per request, got {len(req_ids)} requests, "
@@ -71,25 +72,23 @@ class TokenForwards:
         drafted = torch.empty((len(req_ids), steps), dtype=torch.int64, device=self.device)
         tokens = token_ids.to(self.device, torch.int64)
         first_rows = _rows3(positions, self.device)
-        if self.decode_graphs is not None and self.decode_graphs.covers([1] * len(req_ids)):
-            lengths = [self.kv.length(r) for r in req_ids]
-            try:
-                for step in range(steps):
-                    tokens = drafted[:, step] = self.run_decode(req_ids, tokens, first_rows[0] + step).argmax(dim=-1)
-            except BaseException:
-                for req_id, length in zip(req_ids, lengths):
-                    self.kv.truncate(req_id, length)
-                raise
-            return drafted
-        plan = self.kv.reserve_steps(req_ids, steps)
+        lengths = [self.kv.length(r) for r in req_ids]
+        # Decode graphs read the KV lengths step by step: each step reserves its own row then.
+        graphs = self.decode_graphs is not None and self.decode_graphs.covers([1] * len(req_ids))
+        plan = None if graphs else self.kv.reserve_steps(req_ids, steps)
         ones = [1] * len(req_ids)
         try:
             with self._as_draft():
                 for step in range(steps):
-                    logits = self._forward_rows(req_ids, ones, tokens, first_rows + step, batch=plan.batch(step))
+                    if plan is None:
+                        logits = self.run_decode(req_ids, tokens, first_rows[0] + step)
+                    else:
+                        logits = self._forward_rows(req_ids, ones, tokens, first_rows + step, batch=plan.batch(step))
                     tokens = drafted[:, step] = logits.argmax(dim=-1)
         except BaseException:
-            plan.roll_back()  # KV rows past the old lengths may be half written
+            # Every request back to its length before: KV rows past it may be half written.
+            for req_id, length in zip(req_ids, lengths):
+                self.kv.truncate(req_id, length)
             raise
         return drafted
 
