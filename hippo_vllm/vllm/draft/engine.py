@@ -323,13 +323,19 @@ class DraftEngine(TokenForwards):
     def _run_batch(self, req_ids: list[str], query_lens: list[int], forward) -> torch.Tensor:
         """Reserve each request's new rows, then ``forward(order)`` (``order``: the batch order the
         backend needs, see :meth:`_batch_order`); on any failure the reservation is undone."""
-        old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
-        self.kv.reserve({r: self.kv.length(r) + n for r, n in zip(req_ids, query_lens)})
-        try:
+        with self._undone_on_failure(req_ids):
+            self.kv.reserve({r: self.kv.length(r) + n for r, n in zip(req_ids, query_lens)})
             with self._as_draft():
                 return forward(self._batch_order(query_lens))
+
+    @contextlib.contextmanager
+    def _undone_on_failure(self, req_ids: list[str]) -> Iterator[None]:
+        """If the block fails, every request goes back to its length before it (a new one is
+        freed): KV rows past the old lengths may be half written."""
+        old_lengths = {r: self.kv.length(r) for r in req_ids if r in self.kv}
+        try:
+            yield
         except BaseException:
-            # Undo the reservation: KV rows past the old lengths may be half written.
             for r in req_ids:
                 if r in old_lengths:
                     self.kv.truncate(r, old_lengths[r])

@@ -8,7 +8,7 @@ embedded rows: ``DraftEngine._forward_rows``), so these steps build no
 per-request inputs.
 
 It reads the engine's ``kv``, ``device``, ``decode_graphs``, ``_run_batch``,
-``_forward_rows`` and ``_as_draft``.
+``_forward_rows``, ``_undone_on_failure`` and ``_as_draft``.
 """
 
 from __future__ import annotations
@@ -72,12 +72,11 @@ class TokenForwards:
         drafted = torch.empty((len(req_ids), steps), dtype=torch.int64, device=self.device)
         tokens = token_ids.to(self.device, torch.int64)
         first_rows = _rows3(positions, self.device)
-        lengths = [self.kv.length(r) for r in req_ids]
         # Decode graphs read the KV lengths step by step: each step reserves its own row then.
         graphs = self.decode_graphs is not None and self.decode_graphs.covers([1] * len(req_ids))
-        plan = None if graphs else self.kv.reserve_steps(req_ids, steps)
         ones = [1] * len(req_ids)
-        try:
+        with self._undone_on_failure(req_ids):
+            plan = None if graphs else self.kv.reserve_steps(req_ids, steps)
             with self._as_draft():
                 for step in range(steps):
                     if plan is None:
@@ -85,11 +84,6 @@ class TokenForwards:
                     else:
                         logits = self._forward_rows(req_ids, ones, tokens, first_rows + step, batch=plan.batch(step))
                     tokens = drafted[:, step] = logits.argmax(dim=-1)
-        except BaseException:
-            # Every request back to its length before: KV rows past it may be half written.
-            for req_id, length in zip(req_ids, lengths):
-                self.kv.truncate(req_id, length)
-            raise
         return drafted
 
 
