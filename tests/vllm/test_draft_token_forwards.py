@@ -1,9 +1,9 @@
 """The draft engine's forwards of token ids only (``draft/token_forwards.py``): a chunk's steps.
 
 ``run_tokens`` / ``run_decode`` must give the logits and KV that ``run`` gives the same tokens
-as inputs (which embeds them itself), and ``run_greedy``, a chunk's later steps with their KV
-rows reserved at once, exactly what those steps give one at a time, or leave every request as
-it was.
+as inputs (which embeds them itself), and ``run_greedy``, a chunk's steps with their KV rows
+reserved at once, exactly what those steps give one at a time, or leave every request as it
+was.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_steps_of_token_ids_equal_the_same_steps_as_inputs(eng, refs, monkeypatc
 
 def _prefill_pair(eng, refs, suffix: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """A pruned video request and a text request prefilled as ``p<suffix>`` / ``t<suffix>``, with
-    the first generated token of each and its position (what a chunk's later steps start from)."""
+    the first generated token of each and its position (what a chunk's steps start from)."""
     video, text = refs["video"], refs["text"]
     emb_p, pos_p = _pruned_prompt(eng, video)
     emb_t, pos_t = _full_prompt(eng, text)
@@ -74,35 +74,48 @@ def _prefill_pair(eng, refs, suffix: str) -> tuple[list[str], torch.Tensor, torc
     return ids, tokens, positions
 
 
-def _one_at_a_time(eng, ids, tokens, positions, steps: int) -> torch.Tensor:
-    drafted = []
-    for step in range(steps):
-        tokens = eng.run_decode(ids, tokens, positions + step).argmax(dim=-1)
-        drafted.append(tokens)
+def _one_at_a_time(eng, ids, query_lens, tokens, positions, steps: int) -> torch.Tensor:
+    """The chunk's steps one forward each: the first feeds ``tokens``, each later one the last argmax."""
+    drafted = [eng.run_tokens(ids, query_lens, tokens, positions).argmax(dim=-1)]
+    after = positions[torch.tensor(query_lens).cumsum(0) - 1] + 1  # each request's next position
+    for step in range(steps - 1):
+        drafted.append(eng.run_decode(ids, drafted[-1], after + step).argmax(dim=-1))
     return torch.stack(drafted, dim=1)
 
 
-def test_greedy_steps_equal_the_same_steps_one_at_a_time_and_reserve_once(eng, refs, monkeypatch):
-    """The same tokens and logits, every step's rows reserved at once, and the KV the next step reads."""
+@pytest.mark.parametrize("first", ["one_row_each", "rows_backend_reorders"])
+def test_greedy_steps_equal_the_same_steps_one_at_a_time_and_reserve_once(eng, refs, monkeypatch, first):
+    """The same tokens and logits, every step's rows reserved at once, and the KV the next step
+    reads; also with a first step of several rows for one request, which a backend that wants
+    the short queries first puts last (the whole chunk keeps that order)."""
     steps = 3
     ids_a, tokens, positions = _prefill_pair(eng, refs, "a")
     ids_b, _, _ = _prefill_pair(eng, refs, "b")
+    query_lens = [1, 1]
+    if first == "rows_backend_reorders":  # the video request refeeds its token and one more
+        monkeypatch.setattr(eng.kv.builder, "reorder_batch_threshold", 1)
+        query_lens = [2, 1]
+        tokens = torch.tensor([int(tokens[0]), 7, int(tokens[1])])
+        positions = torch.stack([positions[0], positions[0] + 1, positions[1]])
     logits, forward = [], eng._forward_rows
     monkeypatch.setattr(eng, "_forward_rows", lambda *a, **kw: logits.append(forward(*a, **kw)) or logits[-1])
-    expected = _one_at_a_time(eng, ids_a, tokens, positions, steps)
+    expected = _one_at_a_time(eng, ids_a, query_lens, tokens, positions, steps)
     reservations = []
     reserve = eng.kv.reserve
     monkeypatch.setattr(eng.kv, "reserve", lambda lengths: reservations.append(dict(lengths)) or reserve(lengths))
-    drafted = eng.run_greedy(ids_b, tokens, positions, steps)
+    drafted = eng.run_greedy(ids_b, query_lens, tokens, positions, steps)
     assert torch.equal(drafted, expected)
-    # Each step attended to exactly the rows it does one at a time.
-    torch.testing.assert_close(torch.stack(logits[steps:]), torch.stack(logits[:steps]), rtol=0, atol=1e-5)
+    # Each step attended to exactly the rows it does one at a time. The first forwards' rows are
+    # in the backend's order on both paths; the later steps' are in it only on run_greedy's.
+    order = [1, 0] if first == "rows_backend_reorders" else [0, 1]
+    one_by_one = [logits[0], *(step_logits[order] for step_logits in logits[1:steps])]
+    torch.testing.assert_close(torch.stack(logits[steps:]), torch.stack(one_by_one), rtol=0, atol=1e-5)
     monkeypatch.undo()
     # Every step's rows in one reservation, and the lengths the steps one at a time leave.
-    assert reservations == [{r: eng.length(r) for r in ids_b}]
+    assert len(reservations) == 1 and reservations[0] == {r: eng.length(r) for r in ids_b}
     assert [eng.length(r) for r in ids_a] == [eng.length(r) for r in ids_b]
     # The next step reads the KV each path wrote.
-    after = positions + steps
+    after = positions[torch.tensor(query_lens).cumsum(0) - 1] + steps
     torch.testing.assert_close(eng.run_decode(ids_b, drafted[:, -1], after),
                                eng.run_decode(ids_a, expected[:, -1], after), rtol=0, atol=1e-5)
     for rid in ids_a + ids_b:
@@ -118,7 +131,7 @@ def test_greedy_steps_without_room_or_with_a_failing_step_leave_every_request_as
     token, position = torch.tensor([text.output[0]]), text.decode_positions(0)[0]
     before = (small.length("t"), small.num_used_blocks)
     with pytest.raises(DraftCapacityError, match="needs 1 more blocks of 32 tokens but only 0 of 2"):
-        small.run_greedy(["t"], token, position, 2 * BLOCK - len(text.prompt_ids) + 1)
+        small.run_greedy(["t"], [1], token, position, 2 * BLOCK - len(text.prompt_ids) + 1)
     assert (small.length("t"), small.num_used_blocks) == before
 
     forward, calls = small._forward_rows, []
@@ -131,18 +144,20 @@ def test_greedy_steps_without_room_or_with_a_failing_step_leave_every_request_as
 
     monkeypatch.setattr(small, "_forward_rows", second_step_fails)
     with pytest.raises(RuntimeError, match="injected draft failure"):
-        small.run_greedy(["t"], token, position, 3)
+        small.run_greedy(["t"], [1], token, position, 3)
     assert (small.length("t"), small.num_used_blocks) == before
     monkeypatch.undo()
     # Nothing of the failed steps stays behind: the same steps now give what they give one at a time.
-    drafted = small.run_greedy(["t"], token, position, 3)
+    drafted = small.run_greedy(["t"], [1], token, position, 3)
     small.truncate("t", before[0])
-    assert torch.equal(drafted, _one_at_a_time(small, ["t"], token, position, 3))
+    assert torch.equal(drafted, _one_at_a_time(small, ["t"], [1], token, position, 3))
 
 
 def test_bad_greedy_steps_are_refused_with_the_values_named(eng):
     with pytest.raises(ValueError, match=r"steps must be >= 1, got 0"):
-        eng.run_greedy(["x"], torch.tensor([1]), torch.tensor([4]), 0)
-    with pytest.raises(ValueError, match=r"one token and position per request, got 2 requests, token_ids \(1,\)"):
-        eng.run_greedy(["x", "y"], torch.tensor([1]), torch.tensor([4]), 2)
+        eng.run_greedy(["x"], [1], torch.tensor([1]), torch.tensor([4]), 0)
+    with pytest.raises(ValueError, match=r"a position per token, got 2 requests, query_lens \[1, 1\], token_ids \(1,\)"):
+        eng.run_greedy(["x", "y"], [1, 1], torch.tensor([1]), torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match=r"run_greedy: at least one token per request.*query_lens \[2, 0\]"):
+        eng.run_greedy(["x", "y"], [2, 0], torch.tensor([1, 2]), torch.tensor([4, 5]), 2)
     assert eng.num_requests == 0

@@ -111,9 +111,9 @@ def test_prefill_and_chunks_with_deltas_draft_greedily(draft, target):
     assert pickle.loads(pickle.dumps(first)).chunks == first.chunks
 
 
-def test_a_chunk_whose_later_steps_find_no_room_together_drafts_them_one_at_a_time(draft, target, monkeypatch):
-    """A chunk's later steps take their KV rows at once; where those do not all fit, they go one
-    at a time (the same greedy tokens) and the chunk ends where the room does."""
+def test_a_chunk_whose_steps_find_no_room_together_drafts_them_one_at_a_time(draft, target, monkeypatch):
+    """A chunk's steps take their KV rows at once; where those do not all fit, they go one at a
+    time (the same greedy tokens) and the chunk ends where the room does."""
     prompts = target[1]
     orders = [ChunkOrder("v", 0, [11], K), ChunkOrder("t", 0, [12], K)]
     whole = draft.handle(StepWork(0, prefills=[prefill("v", prompts["video"]), prefill("t", prompts["text"])],
@@ -132,12 +132,12 @@ def test_a_chunk_whose_later_steps_find_no_room_together_drafts_them_one_at_a_ti
     monkeypatch.setattr(draft.engine.kv, "reserve", nearly_full)
     result = draft.handle(StepWork(1, chunks=orders))
     assert result.chunks == whole and result.no_room == [] and result.failures == []
-    assert rows == [1, K - 1, *[1] * (K - 1)]  # the first step; the later ones at once, then one at a time
+    assert rows == [K, *[1] * K]  # every step at once, then the first step and each later one alone
     rows.clear()
     room[0] = 2  # the first step and one more
     result = draft.handle(StepWork(2, chunks=orders))
     assert result.chunks == {r: c[:2] for r, c in whole.items()} and result.no_room == []
-    assert rows == [1, K - 1, 1, 1]
+    assert rows == [K, 1, 1, 1]
 
 
 def test_a_time_budget_sets_how_many_tokens_the_chunks_hold(draft, target):

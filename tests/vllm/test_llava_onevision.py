@@ -228,17 +228,21 @@ def recording_draft_inputs(llm) -> tuple[dict, list, list]:
         inputs.extend(batch)
         return run(batch)
 
-    def recording_run_tokens(req_ids, query_lens, token_ids, positions):  # a chunk's steps, as inputs
+    def record_token_rows(req_ids, query_lens, token_ids, positions):  # a chunk's step, as inputs
         rows = zip(req_ids, token_ids.cpu().split(query_lens), positions.cpu().split(query_lens))
         inputs.extend(DraftInput(req_id, pos.expand(3, -1), token_ids=ids) for req_id, ids, pos in rows)
+
+    def recording_run_tokens(req_ids, query_lens, token_ids, positions):
+        record_token_rows(req_ids, query_lens, token_ids, positions)
         return run_tokens(req_ids, query_lens, token_ids, positions)
 
-    def recording_run_greedy(req_ids, token_ids, positions, steps):  # a chunk's later steps, as inputs
-        drafted = run_greedy(req_ids, token_ids, positions, steps)
-        fed = torch.cat([token_ids.cpu().unsqueeze(1), drafted.cpu()[:, :-1]], dim=1)  # step s feeds token s-1
-        for req_id, ids, first in zip(req_ids, fed, positions.cpu()):
-            inputs.extend(DraftInput(req_id, (first + step).reshape(1, 1).expand(3, -1), token_ids=ids[step:step + 1])
-                          for step in range(steps))
+    def recording_run_greedy(req_ids, query_lens, token_ids, positions, steps):  # a whole chunk, as inputs
+        drafted = run_greedy(req_ids, query_lens, token_ids, positions, steps)
+        record_token_rows(req_ids, query_lens, token_ids, positions)  # its first step
+        lasts = torch.tensor(query_lens).cumsum(0) - 1
+        for req_id, fed, after in zip(req_ids, drafted.cpu()[:, :-1], positions.cpu()[lasts] + 1):
+            inputs.extend(DraftInput(req_id, (after + step).reshape(1, 1).expand(3, -1), token_ids=fed[step:step + 1])
+                          for step in range(steps - 1))  # later step s feeds the argmax of the step before
         return drafted
 
     def recording_forward(*args, positions, **kwargs):

@@ -133,21 +133,21 @@ class ChunkDrafter:
             first_position = state.output_position(common)
             positions += range(first_position, first_position + len(new))
             query_lens.append(len(new))
+        req_ids, token_ids, positions = [r.req_id for r in requests], torch.tensor(token_ids), torch.tensor(positions)
         # Run (and allocate) before touching fed_outputs: a capacity error leaves
         # every request consistent (fed_outputs mirrors the KV).
-        first = engine.run_tokens([r.req_id for r in requests], query_lens, torch.tensor(token_ids),
-                                  torch.tensor(positions)).argmax(dim=-1)
-        for r in requests:
-            r.state.fed_outputs.extend(r.outputs[len(r.state.fed_outputs):])
         max_budget = max(r.budget for r in requests)
+        if all(r.budget == max_budget for r in requests):
+            chunk = self._at_once(requests, query_lens, token_ids, positions, max_budget)
+            if chunk is not None:
+                return chunk
+        # Mixed budgets, or no room for every step: step by step (the chunks end where the room does).
+        first = engine.run_tokens(req_ids, query_lens, token_ids, positions).argmax(dim=-1)
+        self._fed(requests)
         chunk = torch.full((len(requests), max_budget), -1, dtype=torch.long, device=first.device)
         chunk[:, 0] = first
         # Position of each request's first drafted token; step s feeds token s-1 at this + s-1.
         first_positions = torch.tensor([r.state.output_position(len(r.outputs)) for r in requests])
-        if (max_budget > 1 and all(r.budget == max_budget for r in requests)
-                and self._later_steps_at_once(requests, chunk, first_positions)):
-            return chunk
-        # Step by step (mixed budgets, or no room for every step: the chunks end where the room does).
         everyone = list(range(len(requests)))
         for step in range(1, max_budget):
             rows = [i for i, r in enumerate(requests) if r.budget > step]
@@ -163,14 +163,19 @@ class ChunkDrafter:
             chunk[index, step] = logits.argmax(dim=-1)
         return chunk
 
-    def _later_steps_at_once(self, requests: list[ChunkRequest], chunk: torch.Tensor,
-                             first_positions: torch.Tensor) -> bool:
-        """Fill ``chunk``'s later columns from ``chunk[:, 0]`` with the steps' KV rows reserved at
-        once (``DraftEngine.run_greedy``); False, nothing changed, when they do not all fit."""
+    def _at_once(self, requests: list[ChunkRequest], query_lens: list[int], token_ids: torch.Tensor,
+                 positions: torch.Tensor, steps: int) -> torch.Tensor | None:
+        """The whole chunk with its KV rows reserved at once (``DraftEngine.run_greedy``); None,
+        nothing changed, when they do not all fit."""
         try:
-            drafted = self.engine.run_greedy([r.req_id for r in requests], chunk[:, 0], first_positions,
-                                             chunk.shape[1] - 1)
+            chunk = self.engine.run_greedy([r.req_id for r in requests], query_lens, token_ids, positions, steps)
         except DraftCapacityError:
-            return False
-        chunk[:, 1:] = drafted
-        return True
+            return None
+        self._fed(requests)
+        return chunk
+
+    @staticmethod
+    def _fed(requests: list[ChunkRequest]) -> None:
+        """The first step fed each request's outputs: ``fed_outputs`` mirrors the KV again."""
+        for r in requests:
+            r.state.fed_outputs.extend(r.outputs[len(r.state.fed_outputs):])

@@ -285,12 +285,13 @@ class DraftKVCache:
         return self._batch(query_start_loc_cpu, query_start_loc_cpu.to(self.device), seq_lens_cpu,
                            table.to(self.device), slots.to(self.device), max_query_len=max(query_lens))
 
-    def reserve_steps(self, req_ids: list[str], steps: int) -> DecodeSteps:
-        """Reserve ``steps`` more rows for each request (all or nothing), for as many one-token
-        forwards in a row; the returned plan gives each step's metadata."""
+    def reserve_chunk(self, req_ids: list[str], query_lens: list[int], later_steps: int) -> ChunkSteps:
+        """Reserve a chunk's rows at once (all or nothing): each request's ``query_lens[r]`` rows of
+        its first forward and one row for each of ``later_steps`` one-token forwards after it;
+        the returned plan gives each forward's metadata."""
         base = [self.length(r) for r in req_ids]
-        self.reserve({r: length + steps for r, length in zip(req_ids, base)})
-        return DecodeSteps(self, req_ids, base, steps)
+        self.reserve({r: length + n + later_steps for r, length, n in zip(req_ids, base, query_lens)})
+        return ChunkSteps(self, req_ids, base, query_lens, later_steps)
 
     def _batch(self, query_start_loc_cpu: torch.Tensor, query_start_loc: torch.Tensor, seq_lens_cpu: torch.Tensor,
                table: torch.Tensor, slot_mapping: torch.Tensor, max_query_len: int) -> DraftBatch:
@@ -318,27 +319,43 @@ class DraftKVCache:
         )
 
 
-class DecodeSteps:
-    """``steps`` one-token forwards of a batch of requests, their KV rows reserved at once
-    (``DraftKVCache.reserve_steps``).
+class ChunkSteps:
+    """A chunk's forwards, their KV rows reserved at once (``DraftKVCache.reserve_chunk``): a first
+    forward of ``query_lens[r]`` rows per request, then ``later_steps`` one-token forwards.
 
-    Step ``s`` appends each request's row ``base + s`` (``base``: its length when the rows
-    were reserved), which attends to the request's first ``base + s + 1`` rows. The block
-    table and every step's slots are worked out once, so a step only builds its metadata
-    (a builder may keep it in buffers of its own, so each step's is built when it runs).
+    With ``base`` a request's length when the rows were reserved, the first forward appends
+    rows ``base .. base + n - 1`` and later step ``s`` row ``base + n + s``, each attending to
+    every row before it. The block table and every forward's slots are worked out once, so a
+    forward only builds its metadata (a builder may keep it in buffers of its own, so each
+    forward's is built when it runs).
     """
 
-    def __init__(self, kv: DraftKVCache, req_ids: list[str], base: list[int], steps: int):
-        self.kv, self.steps = kv, steps
-        self._base = torch.tensor(base, dtype=torch.int32)
-        table, _, slots = kv.batch_rows(req_ids, [steps] * len(req_ids))
+    def __init__(self, kv: DraftKVCache, req_ids: list[str], base: list[int], query_lens: list[int],
+                 later_steps: int):
+        self.kv, self.later_steps, self._query_lens = kv, later_steps, query_lens
+        rows = [n + later_steps for n in query_lens]
+        table, _, slots = kv.batch_rows(req_ids, rows)
         self._table = table.to(kv.device)
-        self._slots = slots.reshape(len(req_ids), steps).t().contiguous().to(kv.device)  # [steps, R]
-        self._query_start_loc_cpu = torch.arange(len(req_ids) + 1, dtype=torch.int32)
-        self._query_start_loc = self._query_start_loc_cpu.to(kv.device)
+        starts = [end - count for end, count in zip(itertools.accumulate(rows), rows)]
+        first = [i for start, n in zip(starts, query_lens) for i in range(start, start + n)]
+        self._first_slots = slots[first].to(kv.device)
+        self._first_start_loc_cpu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
+        self._fed = torch.tensor([b + n for b, n in zip(base, query_lens)], dtype=torch.int32)  # after the first
+        if later_steps:
+            later = [[start + n + step for start, n in zip(starts, query_lens)] for step in range(later_steps)]
+            self._later_slots = slots[torch.tensor(later)].to(kv.device)  # [later_steps, R]
+            self._one_start_loc_cpu = torch.arange(len(req_ids) + 1, dtype=torch.int32)
+            self._one_start_loc = self._one_start_loc_cpu.to(kv.device)
 
-    def batch(self, step: int) -> DraftBatch:
-        if not 0 <= step < self.steps:
-            raise ValueError(f"step {step} of a plan of {self.steps} decode steps")
-        return self.kv._batch(self._query_start_loc_cpu, self._query_start_loc, self._base + (step + 1),
-                              self._table, self._slots[step], max_query_len=1)
+    def first(self) -> DraftBatch:
+        """The first forward's metadata."""
+        start_loc = self._first_start_loc_cpu
+        return self.kv._batch(start_loc, start_loc.to(self.kv.device), self._fed, self._table, self._first_slots,
+                              max_query_len=max(self._query_lens))
+
+    def later(self, step: int) -> DraftBatch:
+        """Later step ``step``'s metadata (0-based: the forward right after the first is step 0)."""
+        if not 0 <= step < self.later_steps:
+            raise ValueError(f"later step {step} of a chunk of {self.later_steps} later steps")
+        return self.kv._batch(self._one_start_loc_cpu, self._one_start_loc, self._fed + (step + 1),
+                              self._table, self._later_slots[step], max_query_len=1)
