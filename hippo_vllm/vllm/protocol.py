@@ -75,6 +75,20 @@ class ChunkOrder:
     budget: int
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (list comparisons run in C: outputs can be long)."""
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low] holds
+    if a[:high] == b[:high]:
+        return high  # the usual case: one extends the other
+    while low < high - 1:
+        mid = (low + high) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
 @dataclasses.dataclass
 class StepWork:
     """One target step's drafting work, applied in this order: releases, encodes, prefills, chunks."""

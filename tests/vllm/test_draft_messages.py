@@ -10,8 +10,8 @@ import random
 
 import torch
 
-from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep, common_prefix
-from hippo_vllm.vllm.protocol import DraftPrompt, StepResult, ViewReport
+from hippo_vllm.vllm.protocol import DraftPrompt, StepResult, ViewReport, common_prefix
+from hippo_vllm.vllm.target.draft_messages import ChunkPlan, DraftMessages, SentStep
 
 
 class Sent:

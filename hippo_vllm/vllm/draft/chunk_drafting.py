@@ -28,6 +28,7 @@ import torch
 
 from hippo_vllm.vllm.draft.engine import DraftCapacityError, DraftEngine
 from hippo_vllm.vllm.draft.view import DraftView
+from hippo_vllm.vllm.protocol import common_prefix
 
 
 @dataclasses.dataclass
@@ -120,12 +121,9 @@ class ChunkDrafter:
         for r in requests:
             state = r.state
             assert not state.chunk_in_flight, "a chunk of this request is still in flight"
-            common = 0
             # Keep the fed tokens that match, but always refeed the last assumed
             # token: its logits give the first drafted token.
-            limit = min(len(state.fed_outputs), len(r.outputs) - 1)
-            while common < limit and state.fed_outputs[common] == r.outputs[common]:
-                common += 1
+            common = common_prefix(state.fed_outputs, r.outputs[:-1])
             engine.truncate(r.req_id, state.view.compact_len + common)
             del state.fed_outputs[common:]
             new = r.outputs[common:]

@@ -19,6 +19,7 @@ How it hooks into vLLM: the model is loaded with
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -390,7 +391,7 @@ class DraftEngine(TokenForwards):
                                  slot_mapping=batch.slot_mapping):
             hidden = self.model(input_ids=ids, positions=positions, inputs_embeds=embeds)
         if len(query_lens) != hidden.shape[0]:  # not one row per input (a decode step): each one's last
-            hidden = hidden[torch.tensor(query_lens, device=self.device).cumsum(0) - 1]
+            hidden = hidden[torch.tensor(list(itertools.accumulate(query_lens)), device=self.device) - 1]
         return self._proposable(self.model.compute_logits(hidden).float())
 
     def _proposable(self, logits: torch.Tensor) -> torch.Tensor:

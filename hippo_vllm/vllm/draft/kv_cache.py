@@ -183,6 +183,7 @@ class DraftKVCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._blocks: dict[str, list[int]] = {}
         self._lengths: dict[str, int] = {}
+        self._one_token_starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- bookkeeping -----------------------------------------------------------------
 
@@ -283,7 +284,17 @@ class DraftKVCache:
         # Plain ints where they suffice: this runs once per draft forward.
         query_start_loc_cpu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
         return self._batch(query_start_loc_cpu, query_start_loc_cpu.to(self.device), seq_lens_cpu,
-                           table.to(self.device), slots.to(self.device), max_query_len=max(query_lens))
+                           table.to(self.device), slots.to(self.device), max_query_len=max(query_lens),
+                           max_seq_len=max(self._lengths[r] for r in req_ids))
+
+    def one_token_starts(self, num_reqs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query starts of ``num_reqs`` one-token queries, on the CPU and on the device (kept:
+        every later step of a chunk takes them)."""
+        starts = self._one_token_starts.get(num_reqs)
+        if starts is None:
+            cpu = torch.arange(num_reqs + 1, dtype=torch.int32)
+            starts = self._one_token_starts[num_reqs] = (cpu, cpu.to(self.device))
+        return starts
 
     def reserve_chunk(self, req_ids: list[str], query_lens: list[int], later_steps: int) -> ChunkSteps:
         """Reserve a chunk's rows at once (all or nothing): each request's ``query_lens[r]`` rows of
@@ -294,9 +305,10 @@ class DraftKVCache:
         return ChunkSteps(self, req_ids, base, query_lens, later_steps)
 
     def _batch(self, query_start_loc_cpu: torch.Tensor, query_start_loc: torch.Tensor, seq_lens_cpu: torch.Tensor,
-               table: torch.Tensor, slot_mapping: torch.Tensor, max_query_len: int) -> DraftBatch:
+               table: torch.Tensor, slot_mapping: torch.Tensor, max_query_len: int, max_seq_len: int) -> DraftBatch:
         """A forward's metadata from its CPU query starts and sequence lengths and its device
-        query starts, block-table rows and slots."""
+        query starts, block-table rows and slots (the longest query and sequence as ints, which
+        the callers know without reading a tensor)."""
         num_tokens = slot_mapping.shape[0]
         common = CommonAttentionMetadata(
             query_start_loc=query_start_loc,
@@ -305,7 +317,7 @@ class DraftKVCache:
             num_reqs=seq_lens_cpu.shape[0],
             num_actual_tokens=num_tokens,
             max_query_len=max_query_len,
-            max_seq_len=int(seq_lens_cpu.max()),
+            max_seq_len=max_seq_len,
             block_table_tensor=table,
             slot_mapping=slot_mapping,
             causal=True,
@@ -340,22 +352,22 @@ class ChunkSteps:
         first = [i for start, n in zip(starts, query_lens) for i in range(start, start + n)]
         self._first_slots = slots[first].to(kv.device)
         self._first_start_loc_cpu = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32)
-        self._fed = torch.tensor([b + n for b, n in zip(base, query_lens)], dtype=torch.int32)  # after the first
+        fed = [b + n for b, n in zip(base, query_lens)]  # each request's length after the first forward
+        self._fed, self._max_fed = torch.tensor(fed, dtype=torch.int32), max(fed)
         if later_steps:
             later = [[start + n + step for start, n in zip(starts, query_lens)] for step in range(later_steps)]
             self._later_slots = slots[torch.tensor(later)].to(kv.device)  # [later_steps, R]
-            self._one_start_loc_cpu = torch.arange(len(req_ids) + 1, dtype=torch.int32)
-            self._one_start_loc = self._one_start_loc_cpu.to(kv.device)
 
     def first(self) -> DraftBatch:
         """The first forward's metadata."""
         start_loc = self._first_start_loc_cpu
         return self.kv._batch(start_loc, start_loc.to(self.kv.device), self._fed, self._table, self._first_slots,
-                              max_query_len=max(self._query_lens))
+                              max_query_len=max(self._query_lens), max_seq_len=self._max_fed)
 
     def later(self, step: int) -> DraftBatch:
         """Later step ``step``'s metadata (0-based: the forward right after the first is step 0)."""
         if not 0 <= step < self.later_steps:
             raise ValueError(f"later step {step} of a chunk of {self.later_steps} later steps")
-        return self.kv._batch(self._one_start_loc_cpu, self._one_start_loc, self._fed + (step + 1),
-                              self._table, self._later_slots[step], max_query_len=1)
+        return self.kv._batch(*self.kv.one_token_starts(len(self._query_lens)), self._fed + (step + 1),
+                              self._table, self._later_slots[step], max_query_len=1,
+                              max_seq_len=self._max_fed + step + 1)

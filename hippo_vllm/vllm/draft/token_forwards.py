@@ -62,16 +62,17 @@ class TokenForwards:
         order = self._batch_order(query_lens)
         req_ids, query_lens, token_ids, positions = _in_order(order, req_ids, query_lens, token_ids, positions)
         drafted = torch.empty((len(req_ids), steps), dtype=torch.int64, device=self.device)
+        first_rows = _rows3(positions, self.device)
         # Each request's position after its last fed token: where its first drafted token goes.
-        next_rows = _rows3(positions[torch.tensor(list(itertools.accumulate(query_lens))) - 1] + 1, self.device)
+        next_rows = first_rows[:, [end - 1 for end in itertools.accumulate(query_lens)]] + 1
         # Decode graphs read the KV lengths step by step: each later step reserves its own row then.
         graphs = self.decode_graphs is not None and self.decode_graphs.covers([1] * len(req_ids))
         ones = [1] * len(req_ids)
         with self._undone_on_failure(req_ids):
             plan = self.kv.reserve_chunk(req_ids, query_lens, 0 if graphs else steps - 1)
             with self._as_draft():
-                logits = self._forward_rows(req_ids, query_lens, token_ids.to(self.device, torch.int64),
-                                            _rows3(positions, self.device), batch=plan.first())
+                logits = self._forward_rows(req_ids, query_lens, token_ids.to(self.device, torch.int64), first_rows,
+                                            batch=plan.first())
                 tokens = drafted[:, 0] = logits.argmax(dim=-1)
                 for step in range(steps - 1):
                     if graphs:

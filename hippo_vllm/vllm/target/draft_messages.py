@@ -23,7 +23,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from hippo_vllm.vllm.protocol import ChunkOrder, DraftPrompt, Encode, Prefill, Release, StepResult, StepWork
+from hippo_vllm.vllm.protocol import (
+    ChunkOrder,
+    DraftPrompt,
+    Encode,
+    Prefill,
+    Release,
+    StepResult,
+    StepWork,
+    common_prefix,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,20 +62,6 @@ class SentStep:
         prefilled = [p.req_id for p in work.prefills]
         return cls(work.seq, frozenset(prefilled),
                    tuple(dict.fromkeys(prefilled + [c.req_id for c in work.chunks])), bool(work.chunks))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (list comparisons run in C: outputs can be long)."""
-    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low] holds
-    if a[:high] == b[:high]:
-        return high  # the usual case: one extends the other
-    while low < high - 1:
-        mid = (low + high) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid
-    return low
 
 
 class DraftMessages:
