@@ -8,6 +8,8 @@ was.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_draft_engine import (  # noqa: F401 - shared fixtures
@@ -118,6 +120,35 @@ def test_greedy_steps_equal_the_same_steps_one_at_a_time_and_reserve_once(eng, r
     after = positions[torch.tensor(query_lens).cumsum(0) - 1] + steps
     torch.testing.assert_close(eng.run_decode(ids_b, drafted[:, -1], after),
                                eng.run_decode(ids_a, expected[:, -1], after), rtol=0, atol=1e-5)
+    for rid in ids_a + ids_b:
+        eng.free(rid)
+
+
+def test_greedy_steps_with_decode_graphs_reserve_each_later_row_as_its_graph_replays(eng, refs, monkeypatch):
+    """Decode graphs read the KV lengths step by step: the first step's rows are reserved first,
+    then each later step's row right before its graph replays, and the tokens are the same.
+    (The graphs themselves need CUDA; here a stand-in replays the same forward eagerly.)"""
+    steps = 3
+    ids_a, tokens, positions = _prefill_pair(eng, refs, "a")
+    ids_b, _, _ = _prefill_pair(eng, refs, "b")
+    expected = _one_at_a_time(eng, ids_a, [1, 1], tokens, positions, steps)
+    replayed = []
+
+    def replay(req_ids, rows, positions3):  # what a captured graph computes, run eagerly
+        replayed.append([eng.length(r) for r in req_ids])
+        monkeypatch.setattr(eng, "decode_graphs", None)
+        try:
+            return eng._forward_rows(req_ids, [1] * len(req_ids), rows, positions3)
+        finally:
+            monkeypatch.setattr(eng, "decode_graphs", graphs)
+
+    graphs = SimpleNamespace(covers=lambda query_lens: all(n == 1 for n in query_lens), run=replay)
+    monkeypatch.setattr(eng, "decode_graphs", graphs)
+    before = [eng.length(r) for r in ids_b]
+    drafted = eng.run_greedy(ids_b, [1, 1], tokens, positions, steps)
+    assert torch.equal(drafted, expected)
+    # Every replay saw exactly its own row reserved, one more each step.
+    assert replayed == [[n + step + 1 for n in before] for step in range(steps)]
     for rid in ids_a + ids_b:
         eng.free(rid)
 

@@ -71,8 +71,9 @@ class TokenForwards:
         with self._undone_on_failure(req_ids):
             plan = self.kv.reserve_chunk(req_ids, query_lens, 0 if graphs else steps - 1)
             with self._as_draft():
+                # With decode graphs a one-token first step replays one, which builds its own metadata.
                 logits = self._forward_rows(req_ids, query_lens, token_ids.to(self.device, torch.int64), first_rows,
-                                            batch=plan.first())
+                                            batch=None if graphs else plan.first())
                 tokens = drafted[:, 0] = logits.argmax(dim=-1)
                 for step in range(steps - 1):
                     if graphs:
