@@ -136,7 +136,7 @@ class ChunkDrafter:
         # every request consistent (fed_outputs mirrors the KV).
         max_budget = max(r.budget for r in requests)
         if all(r.budget == max_budget for r in requests):
-            chunk = self._at_once(requests, query_lens, token_ids, positions, max_budget)
+            chunk = self._at_once(requests, req_ids, query_lens, token_ids, positions, max_budget)
             if chunk is not None:
                 return chunk
         # Mixed budgets, or no room for every step: step by step (the chunks end where the room does).
@@ -161,12 +161,12 @@ class ChunkDrafter:
             chunk[index, step] = logits.argmax(dim=-1)
         return chunk
 
-    def _at_once(self, requests: list[ChunkRequest], query_lens: list[int], token_ids: torch.Tensor,
-                 positions: torch.Tensor, steps: int) -> torch.Tensor | None:
+    def _at_once(self, requests: list[ChunkRequest], req_ids: list[str], query_lens: list[int],
+                 token_ids: torch.Tensor, positions: torch.Tensor, steps: int) -> torch.Tensor | None:
         """The whole chunk with its KV rows reserved at once (``DraftEngine.run_greedy``); None,
         nothing changed, when they do not all fit."""
         try:
-            chunk = self.engine.run_greedy([r.req_id for r in requests], query_lens, token_ids, positions, steps)
+            chunk = self.engine.run_greedy(req_ids, query_lens, token_ids, positions, steps)
         except DraftCapacityError:
             return None
         self._fed(requests)

@@ -38,7 +38,7 @@ from hippo_vllm.vllm.draft.draft_input import DraftInput
 from hippo_vllm.vllm.draft.draft_config import make_draft_vllm_config, tokenizer_length
 from hippo_vllm.vllm.draft.kv_cache import DraftBatch, DraftCapacityError, DraftKVCache, draft_kv_bytes_per_token
 from hippo_vllm.vllm.draft.prompt_rows import PromptToEmbed, merge_inputs
-from hippo_vllm.vllm.draft.token_forwards import TokenForwards
+from hippo_vllm.vllm.draft.token_forwards import TokenForwards, in_request_order
 from hippo_vllm.vllm.model_families import family_of
 from hippo_vllm.vllm.tensor_parallel import draft_tensor_parallel
 
@@ -361,7 +361,7 @@ class DraftEngine(TokenForwards):
         logits = self._forward_rows([inp.req_id for inp in batch_inputs], [inp.num_rows for inp in batch_inputs],
                                     rows, positions)
         # Back to input order (most batches were never reordered).
-        return logits[torch.tensor(order).argsort().to(self.device)] if reordered else logits
+        return in_request_order(logits, order)
 
     def _forward_rows(self, req_ids: list[str], query_lens: list[int], rows: torch.Tensor,
                       positions: torch.Tensor, batch: DraftBatch | None = None) -> torch.Tensor:

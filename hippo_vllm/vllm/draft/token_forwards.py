@@ -33,7 +33,7 @@ class TokenForwards:
         def forward(order: list[int]) -> torch.Tensor:
             batch_ids, lens, ids, pos = _in_order(order, req_ids, query_lens, token_ids, positions)
             logits = self._forward_rows(batch_ids, lens, ids.to(self.device, torch.int64), _rows3(pos, self.device))
-            return logits[_inverse(order, self.device)] if order != sorted(order) else logits
+            return in_request_order(logits, order)
 
         return self._run_batch(req_ids, query_lens, forward)
 
@@ -81,7 +81,7 @@ class TokenForwards:
                     else:
                         logits = self._forward_rows(req_ids, ones, tokens, next_rows + step, batch=plan.later(step))
                     tokens = drafted[:, step + 1] = logits.argmax(dim=-1)
-        return drafted[_inverse(order, self.device)] if order != sorted(order) else drafted
+        return in_request_order(drafted, order)
 
 
 def _check_rows(name: str, req_ids: list[str], query_lens: list[int], token_ids: torch.Tensor,
@@ -104,9 +104,12 @@ def _in_order(order: list[int], req_ids: list[str], query_lens: list[int], token
     return [req_ids[i] for i in order], [query_lens[i] for i in order], token_ids[index], positions[index]
 
 
-def _inverse(order: list[int], device: torch.device) -> torch.Tensor:
-    """Indexes that put rows in ``order`` back in request order."""
-    return torch.tensor(order).argsort().to(device)
+def in_request_order(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``rows`` of the requests in ``order`` (the backend's, see ``DraftEngine._batch_order``) back
+    in request order (as given when that was their order)."""
+    if order == sorted(order):
+        return rows
+    return rows[torch.tensor(order).argsort().to(rows.device)]
 
 
 def _rows3(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
