@@ -257,7 +257,8 @@ KEY_MEANINGS: dict[str, str] = {
         "`max(keep_ratio, 0.25)` of the tokens the target's KV cache holds, at most `max_num_seqs` × "
         "(`max_model_len` + γ + 1). It comes out of the KV cache memory (`gpu_memory_utilization` or "
         "`kv_cache_memory_bytes` covers target and draft); in process, so does the draft's working memory, "
-        "measured at start with one dummy encode of the largest item and one prefill piece "
+        "measured at start with one dummy encode of the items vLLM's own profiling encodes at once "
+        "(its largest items) and one prefill piece "
         "(`max_num_batched_tokens` rows); when it is full, drafting pauses for the requests that do not fit"
     ),
     "draft_worker": (

@@ -23,7 +23,7 @@ from hippo_vllm.config import HippoConfig
 from hippo_vllm.vllm.draft.decode_graphs import decode_buckets
 from hippo_vllm.vllm.draft.engine import DraftInput
 from hippo_vllm.vllm.draft.worker import DraftWorker
-from hippo_vllm.vllm.seam.model_runner import largest_dummy_item
+from hippo_vllm.vllm.seam.model_runner import encoder_profile_batch
 
 pytestmark = [
     pytest.mark.engine,
@@ -47,8 +47,8 @@ def hippo(tiny) -> HippoConfig:
 
 def test_the_drafts_working_memory_is_measured_before_its_cache(target, tiny):
     worker = DraftWorker(target.llm_engine.vllm_config, hippo(tiny))
-    item = largest_dummy_item(target.llm_engine.model_executor.driver_worker.worker.model_runner)
-    headroom = worker.measure_headroom(item)
+    batch = encoder_profile_batch(target.llm_engine.model_executor.driver_worker.worker.model_runner)
+    headroom = worker.measure_headroom(batch)
     print(f"draft working memory: {headroom / 2**20:.1f} MiB (prefill piece {worker.headroom_tokens} rows)")
     assert headroom > 0 and worker.engine.kv is None
     worker.allocate_kv_cache(16)

@@ -395,20 +395,27 @@ def test_errors_are_blamed_on_their_request_or_on_the_step(draft, target, monkey
 
 
 def test_the_draft_measures_its_working_memory_then_warms_up_when_its_cache_is_allocated(target, tiny):
-    from hippo_vllm.vllm.seam.model_runner import largest_dummy_item
+    from hippo_vllm.vllm.seam.model_runner import encoder_profile_batch
 
     llm, _ = target
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     warm = DraftWorker(llm.llm_engine.vllm_config, HippoConfig(model=str(tiny.draft), num_speculative_tokens=K))
     forwards, run = [], warm.engine.run
     warm.engine.run = lambda inputs: (forwards.append([i.num_rows for i in inputs]), run(inputs))[1]
     encoded, embed = [], warm.engine.model.embed_multimodal
-    warm.engine.model.embed_multimodal = lambda **batch: encoded.append(batch) or embed(**batch)
-    item = largest_dummy_item(llm.llm_engine.model_executor.driver_worker.worker.model_runner)
-    assert item is not None
-    # One dummy item through the vision tower and one prefill piece, in a throwaway cache;
-    # no allocator statistics on the CPU, so nothing measured.
-    assert warm.measure_headroom(item) == 0
+    warm.engine.model.embed_multimodal = lambda **batch: encoded.append(embed(**batch)) or encoded[-1]
+    batch = encoder_profile_batch(runner)
+    assert batch is not None
+    # vLLM's own profiling batch (as many of the largest items as its encoder budget lets one
+    # step encode) in one call through the vision tower, and one prefill piece, in a throwaway
+    # cache; no allocator statistics on the CPU, so nothing measured.
+    assert warm.measure_headroom(batch) == 0
     assert forwards == [[warm.headroom_tokens]] and len(encoded) == 1
+    modality = runner.mm_budget.get_modality_with_max_tokens()
+    items = runner.mm_budget.mm_max_items_per_batch[modality]
+    assert items > 1 and len(encoded[0]) == items
+    # Later steps encode their items together up to the rows measured here.
+    assert warm.engine.encode_batch_rows == items * runner.mm_budget.mm_max_toks_per_item[modality]
     assert warm.engine.kv is None
     forwards.clear()
     warm.allocate_kv_cache(8)

@@ -85,8 +85,9 @@ class DraftEngine(TokenForwards):
         self.block_size = block_size
         self.kv: DraftKVCache | None = None
         self.decode_graphs: DecodeGraphs | None = None  # see capture_decode_graphs
-        # Rows of items encoded together (embed_multimodal): the largest item's, once measured
-        # (measure_headroom); until then the draft's prefill piece, its largest forward.
+        # Rows of items encoded together (embed_multimodal): those of the batch vLLM's profiling
+        # encodes, once measured (measure_headroom); until then the draft's prefill piece, its
+        # largest forward.
         sched = target_vllm_config.scheduler_config
         self.encode_batch_rows = min(sched.max_num_batched_tokens, model_config.max_model_len)
         cfg = self.draft_vllm_config
@@ -129,9 +130,9 @@ class DraftEngine(TokenForwards):
     def measure_headroom(self, num_tokens: int, mm_batch: dict[str, Any] | None = None) -> int:
         """Device bytes a draft step takes beyond its weights and KV cache, measured.
 
-        Runs what the draft's largest step runs: one multimodal item through the
-        vision encoder (``mm_batch``: batched kwargs of one item, e.g. the target
-        runner's profiling dummy; items are encoded one at a time) and a prefill
+        Runs what the draft's largest step runs: the vision encoder on ``mm_batch``
+        (batched kwargs of the items encoded at once, e.g. the batch vLLM's profile run
+        encodes; later steps encode their items together up to those rows) and a prefill
         of ``num_tokens`` rows (the draft's prefill piece), in a throwaway KV cache
         of just those rows, and returns the peak allocation above what was
         allocated before. vLLM's profile run measured the target's activations
@@ -152,8 +153,8 @@ class DraftEngine(TokenForwards):
             if mm_batch:
                 with self._as_draft():
                     out = self.model.embed_multimodal(**mm_batch)
-                # Items are encoded together up to this item's size: the memory measured here.
-                self.encode_batch_rows = max(int(e.shape[0]) for e in out)
+                # Items are encoded together up to these items' rows: the memory measured here.
+                self.encode_batch_rows = sum(int(e.shape[0]) for e in out)
             ids = torch.arange(num_tokens, dtype=torch.long) % self.proposable_ids
             positions = torch.arange(num_tokens, dtype=torch.long).expand(3, -1).clone()
             self.run([DraftInput(self.HEADROOM_REQUEST, positions, token_ids=ids)])
@@ -210,9 +211,9 @@ class DraftEngine(TokenForwards):
         ``mm_features`` are vLLM ``MultiModalFeatureSpec`` (``runner.requests[rid].mm_features``),
         of one request or several; output order is input order. Consecutive items are
         encoded together while their placeholder rows add up to no more than
-        ``encode_batch_rows`` (the largest item the draft's working memory was measured
+        ``encode_batch_rows`` (the rows of the items the draft's working memory was measured
         with): items together hold all their vision activations at once, memory vLLM's
-        profiling never counted for the draft, so a larger item goes alone.
+        profiling never counted for the draft, so a larger group is split.
         """
         for f in mm_features:
             if f.data is None:

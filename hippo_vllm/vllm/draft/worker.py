@@ -96,7 +96,7 @@ class DraftWorker(DraftPrefills):
 
     def measure_headroom(self, mm_batch: dict[str, Any] | None = None) -> int:
         """Device bytes the draft's largest step needs beyond weights and KV cache:
-        one item's encode and one prefill piece (see ``DraftEngine.measure_headroom``)."""
+        one encode of the profiling batch and one prefill piece (see ``DraftEngine.measure_headroom``)."""
         return self.engine.measure_headroom(self.headroom_tokens, mm_batch)
 
     @property
@@ -150,8 +150,10 @@ class DraftWorker(DraftPrefills):
             for release in work.releases:
                 self._release(release)
             start = time.perf_counter()
-            self._encode_together([(e.req_id, e.mm_features) for e in work.encodes], result)  # on arrival
-            self._prefill_all(work.prefills, result)
+            if work.encodes:  # on arrival
+                self._encode_together([(e.req_id, e.mm_features) for e in work.encodes], result)
+            if work.prefills:  # most steps only draft
+                self._prefill_all(work.prefills, result)
             result.prefill_seconds = time.perf_counter() - start
             start = time.perf_counter()
             length = self._draft(work.chunks, result, work.time_budget_s, elapsed_s=start - received)

@@ -137,28 +137,32 @@ def reserve_draft_kv_cache(runner: Any, available_bytes: int) -> int:
     Called by the hippo workers' ``determine_available_memory``, so one memory
     budget (gpu_memory_utilization or kv_cache_memory_bytes) covers target and
     draft: the draft's KV cache and its working memory, measured by one dummy
-    encode of the largest item and one prefill piece. A runner without the draft gives up nothing; vLLM sizes every rank's
-    cache by the smallest figure of all workers.
+    encode of the batch vLLM's own profiling encodes and one prefill piece. A
+    runner without the draft gives up nothing; vLLM sizes every rank's cache by
+    the smallest figure of all workers.
     """
     drafter = getattr(runner, "drafter", None)
     if not isinstance(drafter, HippoProposer):
         return available_bytes
     return available_bytes - drafter.reserve_draft_kv_cache(
-        available_bytes, target_kv_bytes_per_token(runner), largest_dummy_item(runner))
+        available_bytes, target_kv_bytes_per_token(runner), encoder_profile_batch(runner))
 
 
-def largest_dummy_item(runner: Any) -> dict[str, Any] | None:
-    """Batched kwargs of one multimodal item of the largest size the target takes, or None.
+def encoder_profile_batch(runner: Any) -> dict[str, Any] | None:
+    """Batched kwargs of the dummy items vLLM's profile run encodes at once, or None.
 
-    vLLM's own profiling dummy (``_get_mm_dummy_batch`` of the modality with the most
-    tokens per item, as ``profile_run`` builds it), for one item: the draft's vision
-    tower reads the target's processor outputs and encodes items one at a time.
+    vLLM profiles the target's vision encoder with ``mm_max_items_per_batch`` items of the
+    largest size (``profile_run``: ``_get_mm_dummy_batch`` of the modality with the most
+    tokens per item), as many as its encoder budget lets one step encode. The draft's
+    tower reads the target's processor outputs, so it measures the same batch and then
+    encodes a step's items together up to those rows, as the target's encoder does.
     """
     budget = getattr(runner, "mm_budget", None)
     mm_config = runner.model_config.multimodal_config
     if budget is None or not budget.mm_max_toks_per_item or (mm_config and mm_config.skip_mm_profiling):
         return None  # a text-only target, or multimodal profiling switched off by the user
-    return runner._get_mm_dummy_batch(budget.get_modality_with_max_tokens(), 1)
+    modality = budget.get_modality_with_max_tokens()
+    return runner._get_mm_dummy_batch(modality, budget.mm_max_items_per_batch[modality])
 
 
 @functools.cache

@@ -53,9 +53,9 @@ class DraftKVBudget:
     def reserve_bytes(self, available_bytes: int, target_bytes_per_token: float, headroom_bytes: int = 0) -> int:
         """Bytes of ``available_bytes`` the draft takes; the target's KV cache keeps the rest.
 
-        ``headroom_bytes``: the draft's measured activation peak (one item's encode
-        and one prefill piece), which vLLM's profile run did not see; it comes off
-        first. For "auto" the target's token count T then solves
+        ``headroom_bytes``: the draft's measured activation peak (one encode of vLLM's
+        profiling batch and one prefill piece), which vLLM's profile run did not see;
+        it comes off first. For "auto" the target's token count T then solves
         ``T * target_bytes_per_token + share * T * draft_bytes_per_token = available - headroom``.
         """
         kv_bytes = available_bytes - headroom_bytes
@@ -91,7 +91,7 @@ class DraftKVBudget:
     def reserve_for(self, draft: Any, available_bytes: int, target_bytes_per_token: float,
                     mm_batch: dict[str, Any] | None = None) -> int:
         """What ``draft`` (a ``DraftBackend``) takes of vLLM's KV memory: its KV cache and
-        its measured working memory (``mm_batch``: one dummy item to encode, see
+        its measured working memory (``mm_batch``: the dummy items to encode at once, see
         ``DraftEngine.measure_headroom``). 0 for a draft in a worker of its own: its
         cache is in that worker's memory, on its device."""
         if not draft.shares_target_memory:
@@ -99,7 +99,7 @@ class DraftKVBudget:
         headroom = draft.measure_headroom(mm_batch)
         reserved = self.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
         logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
-                    "memory: one item's encode and one prefill piece)", reserved / 2**30, headroom / 2**30)
+                    "memory: one encode of the profiling batch and one prefill piece)", reserved / 2**30, headroom / 2**30)
         return reserved
 
     def allocate_for(self, draft: Any, target_tokens: int) -> None:
