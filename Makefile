@@ -15,7 +15,7 @@ scoring-demo: setup
 test: setup
 	@$(PY) -m pytest
 
-# The tests that start no in-process engine (about a minute): for a quick loop.
+# The tests that start no in-process engine (about two minutes): for a quick loop.
 test-quick: setup
 	@$(PY) -m pytest -m "not engine"
 
