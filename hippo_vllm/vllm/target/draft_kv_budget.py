@@ -99,7 +99,8 @@ class DraftKVBudget:
         headroom = draft.measure_headroom(mm_batch)
         reserved = self.reserve_bytes(available_bytes, target_bytes_per_token, headroom)
         logger.info("hippo: %.3f GiB of the KV memory set aside for the draft (%.3f GiB measured working "
-                    "memory: one encode of the profiling batch and one prefill piece)", reserved / 2**30, headroom / 2**30)
+                    "memory: one encode of the profiling batch and one prefill piece)",
+                    reserved / 2**30, headroom / 2**30)
         return reserved
 
     def allocate_for(self, draft: Any, target_tokens: int) -> None:
