@@ -132,8 +132,6 @@ def forward(model, batch: Batch, video_embeds=None) -> tuple["torch.Tensor", "to
     return logits.reshape(rows, suffix_len, -1), video_embeds
 
 
-
-
 def new_model(text: TextSpec, vision: VisionSpec, tok, seed: int):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration

@@ -179,7 +179,8 @@ class AttentionScoreAccumulator:
         ``layer`` (what :meth:`add_layer` sums itself; a fused kernel computes them elsewhere)."""
         prob_sums = check_tensor("prob_sums", prob_sums)
         if tuple(prob_sums.shape) != (self._num_video_tokens,):
-            raise ValueError(f"prob_sums must be [{self._num_video_tokens}] (video tokens), got {list(prob_sums.shape)}")
+            raise ValueError(f"prob_sums must be [{self._num_video_tokens}] (video tokens), "
+                             f"got {list(prob_sums.shape)}")
         pair_count = check_positive_int("pair_count", pair_count)
         total = self._layer_totals.get(layer)
         if total is None:  # the layer's first sums start its total (no zeros to add them to)

@@ -85,4 +85,3 @@ def temporarily_patched(owner: Any, name: str, replacement: Any) -> Iterator[str
         yield target
     finally:
         setattr(owner, name, original)
-

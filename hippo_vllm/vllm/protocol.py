@@ -187,4 +187,3 @@ def result_on_host(result: StepResult) -> StepResult:
         return result
     views = [dataclasses.replace(view, keep_rows=view.keep_rows.cpu()) for view in result.views]
     return dataclasses.replace(result, views=views)
-

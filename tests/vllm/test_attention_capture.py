@@ -157,7 +157,6 @@ def test_every_chunking_of_a_prompt_gives_the_oracles_s_attn():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{chunks}, seed {seed}: {m}")
 
 
-
 def test_an_fp8_query_is_scored_at_the_models_temperature():
     # With an fp8 KV cache vLLM 0.33 hands impl.forward the query as fp8(query / q_scale);
     # s_attn must come from query itself, not from the quantised values.

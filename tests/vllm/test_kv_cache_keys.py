@@ -22,6 +22,7 @@ from hippo_vllm.core import AttentionScoreAccumulator
 from hippo_vllm.ops import KeyLayout, gather_video_keys, video_key_colsum
 from hippo_vllm.vllm.target import kv_cache_keys
 
+
 def cpu_impl(num_heads, num_kv_heads, head_size, kv_cache_dtype):
     """vLLM's CPU attention impl, without the engine config its constructor reads."""
     impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)

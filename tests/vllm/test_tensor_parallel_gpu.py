@@ -59,4 +59,3 @@ def test_tensor_parallel_a_fault_that_switches_drafting_off_keeps_every_rank_sum
         assert generate_ids(llm, requests, max_tokens=24) == baseline
         assert any(llm.collective_rpc(disabled))
         assert generate_ids(llm, requests, max_tokens=24) == baseline  # new prefills, drafting off
-

@@ -272,7 +272,8 @@ class DraftKVCache:
             else:
                 idx = np.arange(seq_len - n, seq_len)
                 slots.extend((np.asarray(blocks)[idx // size] * size + idx % size).tolist())
-        return torch.from_numpy(table), torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(slots, dtype=torch.int64)
+        return (torch.from_numpy(table), torch.tensor(seq_lens, dtype=torch.int32),
+                torch.tensor(slots, dtype=torch.int64))
 
     def build_batch(self, req_ids: list[str], query_lens: list[int]) -> DraftBatch:
         """Metadata for appending ``query_lens[r]`` tokens to each (already reserved) request.

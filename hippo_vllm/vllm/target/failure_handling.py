@@ -23,7 +23,6 @@ logger = get_logger(__name__)
 class FailureHandling:
     """The proposer's failure paths; see the module docstring."""
 
-
     def _request_failed(self, failure: DraftFailure) -> None:
         """Drafting failed for one request: it goes on without speculation."""
         self.failures.record(failure, [failure.req_id])
@@ -96,4 +95,3 @@ class FailureHandling:
         if self.capture is not None and not keep_capture:
             with contextlib.suppress(Exception):
                 self.capture.end_step()
-

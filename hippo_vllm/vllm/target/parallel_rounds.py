@@ -6,13 +6,15 @@ about to verify), assuming S will all be accepted (:meth:`ParallelRounds.launch`
 returns the orders; the proposer sends them to the draft's side with the step's
 work). With the draft in the target's process it is drafted in sequence with the
 target's forward, not beside it; the schedule is PEARL's, the overlap needs the
-draft on a device of its own. After sampling, with the chunks as token lists, the pure round logic of ``hippo_vllm.core.vpsd`` decides per request:
-if S was accepted and the target's own token equals the chunk's first token, the
-rest of the chunk is the next step's spec tokens (optimistic, γ−1 of them);
-otherwise the next step carries none while the draft restarts from the corrected
-token (conservative), or, with a draft of its own, the target waits for a short chunk
-drafted from the corrected token and verifies it next step (:meth:`ParallelRounds.restart`). Requests in both modes share one batched step; vLLM's
-scheduler takes per-request spec lengths as they come.
+draft on a device of its own. After sampling, with the chunks as token lists, the
+pure round logic of ``hippo_vllm.core.vpsd`` decides per request: if S was
+accepted and the target's own token equals the chunk's first token, the rest of
+the chunk is the next step's spec tokens (optimistic, γ−1 of them); otherwise the
+next step carries none while the draft restarts from the corrected token
+(conservative), or, with a draft of its own, the target waits for a short chunk
+drafted from the corrected token and verifies it next step
+(:meth:`ParallelRounds.restart`). Requests in both modes share one batched step;
+vLLM's scheduler takes per-request spec lengths as they come.
 
 vLLM may run a step without calling the drafter (when some request of the batch
 is within γ tokens of ``max_model_len``); then it schedules placeholder spec
